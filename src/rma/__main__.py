@@ -1,0 +1,6 @@
+"""``python -m rma``."""
+
+from rma.cli.main import run
+
+if __name__ == "__main__":
+    run()

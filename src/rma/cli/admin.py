@@ -1,0 +1,453 @@
+"""``rma admin ...``: the operator's commands over the admin API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from rma.cli.options import (
+    AdminKeyOpt,
+    CaFileOpt,
+    CoordinatorOpt,
+    JsonOpt,
+    make_client,
+    parse_duration,
+)
+from rma.cli.output import ago, coloured, err, out, print_json, run_async, table
+
+app = typer.Typer(
+    help="Operate the pool: workers, join tokens, API keys, stats, events.", no_args_is_help=True
+)
+tokens_app = typer.Typer(help="Join tokens for workers.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for clients.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(keys_app, name="keys")
+
+StatusOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--status", help="Only workers in this status: online, offline, draining, left, removed."
+    ),
+]
+WorkerIdArg = Annotated[str, typer.Argument(help="The worker's id (see `rma admin workers`).")]
+
+
+def _services_cell(services: list[Any]) -> str:
+    if not services:
+        return "-"
+    return " ".join(f"{s.name}{'✓' if s.healthy else '✗'}" for s in services)
+
+
+def _show_workers(workers: list[Any]) -> None:
+    table(
+        None,
+        ["ID", "NAME", "STATUS", "TIER", "SERVICES", "CPU", "MEM", "TRANSPORT", "HEARTBEAT"],
+        [
+            [
+                w.id,
+                w.name,
+                coloured(w.status.value),
+                w.tier_name,
+                _services_cell(w.services),
+                f"{w.load.cpu_percent:.0f}%",
+                f"{w.load.memory_percent:.0f}%",
+                w.transport.value,
+                ago(w.last_heartbeat_at),
+            ]
+            for w in workers
+        ],
+    )
+    if not workers:
+        err.print("no workers yet: create a join token with `rma admin tokens create`")
+
+
+@app.command()
+def workers(
+    status: StatusOpt = None,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """List the pool's workers."""
+    valid = {"online", "offline", "draining", "left", "removed"}
+    if status is not None and status not in valid:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(sorted(valid))}", param_hint="--status"
+        )
+
+    async def go() -> list[Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.workers(status)
+
+    result = run_async(go, json_mode=json)
+    print_json(result) if json else _show_workers(result)
+
+
+@app.command()
+def worker(
+    worker_id: WorkerIdArg,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Show one worker in full."""
+
+    async def go() -> Any:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.worker(worker_id)
+
+    w = run_async(go, json_mode=json)
+    if json:
+        print_json(w)
+        return
+    caps = w.capabilities
+    out.print(
+        f"[bold]{w.name}[/bold] ({w.id})  {coloured(w.status.value)}  tier {w.tier} ({w.tier_name})"
+    )
+    out.print(
+        f"  transport {w.transport.value}, version {w.version or '?'}, last heartbeat {ago(w.last_heartbeat_at)}"
+    )
+    gpus = ", ".join(f"{g.name} {g.memory_mb} MB" for g in caps.gpus) or "none"
+    out.print(
+        f"  {caps.cpu_cores} cores, {caps.memory_mb} MB RAM, {caps.disk_free_mb} MB disk, GPUs: {gpus}"
+    )
+    out.print(f"  labels: {', '.join(f'{k}={v}' for k, v in w.labels.items()) or 'none'}")
+    out.print(f"  assigned: {', '.join(w.assignments) or 'nothing'}")
+    for s in w.services:
+        out.print(
+            f"    {s.name}: {s.state.value}{' healthy' if s.healthy else ''}, {s.inflight} in flight"
+        )
+
+
+def _worker_action(
+    action: str,
+    worker_id: str,
+    json: bool,
+    coordinator: str | None,
+    admin_key: str | None,
+    ca_file: Any,
+) -> None:
+    async def go() -> Any:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await getattr(c, action)(worker_id)
+
+    w = run_async(go, json_mode=json)
+    if json:
+        print_json(w)
+    else:
+        err.print(f"worker {w.name} ({w.id}) is now {coloured(w.status.value)}")
+
+
+@app.command()
+def drain(
+    worker_id: WorkerIdArg,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Stop sending new requests to a worker (it keeps running)."""
+    _worker_action("drain", worker_id, json, coordinator, admin_key, ca_file)
+
+
+@app.command()
+def undrain(
+    worker_id: WorkerIdArg,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Send requests to a drained worker again."""
+    _worker_action("undrain", worker_id, json, coordinator, admin_key, ca_file)
+
+
+@app.command()
+def remove(
+    worker_id: WorkerIdArg,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Remove a worker from the pool; its credential stops working."""
+    _worker_action("remove", worker_id, json, coordinator, admin_key, ca_file)
+
+
+# --- tokens --------------------------------------------------------------------------------------
+
+
+@tokens_app.command("create")
+def tokens_create(
+    ttl: Annotated[str, typer.Option(help="How long it is valid: 90s, 30m, 12h, 7d.")] = "30m",
+    uses: Annotated[
+        int | None, typer.Option(min=1, help="How many workers may join with it [default: 1].")
+    ] = 1,
+    unlimited: Annotated[
+        bool, typer.Option("--unlimited", help="Any number of joins until it expires.")
+    ] = False,
+    label: Annotated[str, typer.Option(help="A note for yourself (who it is for).")] = "",
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Create a join token; its secret is printed once."""
+    seconds = parse_duration(ttl)
+
+    async def go() -> Any:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.create_token(seconds, None if unlimited else uses, label)
+
+    t = run_async(go, json_mode=json)
+    if json:
+        print_json(t)
+        return
+    out.print(t.token)
+    err.print(
+        f"join token {t.id}: {('unlimited' if t.uses is None else t.uses)} use(s), expires {t.expires_at:%Y-%m-%d %H:%M} UTC. "
+        "It is shown only now. On the worker: rma worker join --coordinator URL --token <token>"
+    )
+
+
+@tokens_app.command("list")
+def tokens_list(
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """List join tokens (never their secrets)."""
+
+    async def go() -> list[Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.tokens()
+
+    rows = run_async(go, json_mode=json)
+    if json:
+        print_json(rows)
+        return
+    table(
+        None,
+        ["ID", "LABEL", "STATUS", "USED", "EXPIRES"],
+        [
+            [
+                t.id,
+                t.label,
+                coloured(t.status),
+                f"{t.used}/{'∞' if t.uses is None else t.uses}",
+                f"{t.expires_at:%Y-%m-%d %H:%M}",
+            ]
+            for t in rows
+        ],
+    )
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id.")],
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Revoke a join token: no more workers can join with it."""
+
+    async def go() -> Any:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.revoke_token(token_id)
+
+    t = run_async(go, json_mode=json)
+    print_json(t) if json else err.print(f"join token {t.id} revoked")
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for.")] = "",
+    rpm: Annotated[
+        int | None,
+        typer.Option(min=0, help="Requests per minute; 0 unlimited [default: the coordinator's]."),
+    ] = None,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Create a client API key; its secret is printed once."""
+
+    async def go() -> Any:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.create_key(name, rpm)
+
+    k = run_async(go, json_mode=json)
+    if json:
+        print_json(k)
+        return
+    out.print(k.key)
+    err.print(
+        f"API key {k.id} ({k.rpm or 'unlimited'} requests/min). It is shown only now: "
+        "export RMA_API_KEY=<key>, or pass it as the openai SDK's api_key."
+    )
+
+
+@keys_app.command("list")
+def keys_list(
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """List API keys (never their secrets)."""
+
+    async def go() -> list[Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.keys()
+
+    rows = run_async(go, json_mode=json)
+    if json:
+        print_json(rows)
+        return
+    table(
+        None,
+        ["ID", "NAME", "RPM", "STATUS", "LAST USED"],
+        [
+            [
+                k.id,
+                k.name,
+                k.rpm or "∞",
+                coloured("revoked" if k.revoked else "active"),
+                ago(k.last_used_at),
+            ]
+            for k in rows
+        ],
+    )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id.")],
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Revoke a client API key at once."""
+
+    async def go() -> Any:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.revoke_key(key_id)
+
+    k = run_async(go, json_mode=json)
+    print_json(k) if json else err.print(f"API key {k.id} revoked")
+
+
+# --- stats and events ----------------------------------------------------------------------------
+
+
+@app.command()
+def stats(
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Pool totals: workers by status and tier, services, usage."""
+
+    async def go() -> dict[str, Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.stats()
+
+    s = run_async(go, json_mode=json)
+    if json:
+        print_json(s)
+        return
+    w = s["workers"]
+    out.print(
+        f"[bold]workers[/bold] {w['total']}: "
+        + ", ".join(f"{k} {v}" for k, v in w["by_status"].items() if v)
+    )
+    table(
+        "services",
+        ["SERVICE", "TIER", "WANTED", "ASSIGNED", "HEALTHY"],
+        [
+            [x["name"], x["tier"], x["wanted"] or "all", x["assigned"], x["healthy"]]
+            for x in s["services"]
+        ],
+    )
+    usage = s.get("usage")
+    if usage:
+        table(
+            "usage (by service)",
+            ["SERVICE", "REQUESTS", "ERRORS", "TOKENS", "P50 MS", "P95 MS"],
+            [
+                [u["service"], u["requests"], u["errors"], u["tokens"], u["p50_ms"], u["p95_ms"]]
+                for u in usage.get("by_service", [])
+            ],
+        )
+        table(
+            "usage (by worker)",
+            ["WORKER", "REQUESTS", "ERRORS", "TOKENS", "P50 MS", "P95 MS"],
+            [
+                [u["worker"], u["requests"], u["errors"], u["tokens"], u["p50_ms"], u["p95_ms"]]
+                for u in usage.get("by_worker", [])
+            ],
+        )
+
+
+@app.command()
+def events(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing events as they happen.")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="How many recent events.")] = 50,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Recent pool events; with --follow, one line (or JSON object) per event as it happens."""
+
+    def show(e: Any) -> None:
+        if json and follow:
+            import json as _json
+
+            print(_json.dumps(e.model_dump(mode="json")), flush=True)
+        else:
+            out.print(f"{e.ts:%H:%M:%S} [bold]{e.kind:<13}[/bold] {e.message}", soft_wrap=True)
+
+    async def go() -> list[Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            if not follow:
+                return await c.events(limit)
+            async for e in c.follow_events():
+                show(e)
+            return []
+
+    rows = run_async(go, json_mode=json)
+    if not follow:
+        if json:
+            print_json(rows)
+        else:
+            for e in rows:
+                show(e)
+
+
+@app.command()
+def top(
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+    refresh: Annotated[
+        float, typer.Option(min=0.2, help="Seconds between polls when events cannot stream.")
+    ] = 2.0,
+) -> None:
+    """The live dashboard (Textual): workers, services, load, events."""
+    from rma.tui import run_top
+
+    run_top(lambda: make_client(coordinator, admin_key, ca_file=ca_file), refresh=refresh)

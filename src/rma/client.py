@@ -1,0 +1,303 @@
+"""The one HTTP client for the coordinator's API, used by the CLI, the dashboard and the agent.
+
+Light on purpose: httpx and pydantic only, so ``rma infer`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from rma import __version__
+from rma.schemas.api import (
+    ApiKeyCreated,
+    ApiKeyPublic,
+    EventPublic,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+    TokenCreated,
+    TokenPublic,
+    WorkerPublic,
+)
+
+
+class RmaError(Exception):
+    """A failed call: the coordinator's ``{"error": {code, message}}`` or a transport failure."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.status is not None:
+            body["status"] = self.status
+        return {"error": body}
+
+
+def tls_verify(ca_file: Path | str | None = None, insecure: bool = False) -> ssl.SSLContext | bool:
+    """Certificate verification: on by default, a private CA with ``ca_file``."""
+    if insecure:
+        return False
+    if ca_file:
+        return ssl.create_default_context(cafile=str(ca_file))
+    return True
+
+
+def error_from_response(resp: httpx.Response) -> RmaError:
+    try:
+        body = resp.json()
+        err = body["error"]
+        return RmaError(str(err["code"]), str(err["message"]), resp.status_code)
+    except (ValueError, KeyError, TypeError):
+        text = resp.text.strip()[:200] or resp.reason_phrase
+        return RmaError("http_error", f"HTTP {resp.status_code}: {text}", resp.status_code)
+
+
+def transport_error(exc: httpx.HTTPError, base_url: str) -> RmaError:
+    if isinstance(exc, httpx.ConnectError):
+        return RmaError("unreachable", f"cannot reach the coordinator at {base_url}: {exc}")
+    if isinstance(exc, httpx.TimeoutException):
+        return RmaError("timeout", f"the coordinator at {base_url} did not answer in time")
+    return RmaError("transport", f"{type(exc).__name__}: {exc}")
+
+
+class CoordinatorClient:
+    """Async client.  ``async with CoordinatorClient(url, admin_key=...) as c: await c.workers()``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        admin_key: str | None = None,
+        api_key: str | None = None,
+        credential: str | None = None,
+        timeout: float = 30.0,
+        verify: ssl.SSLContext | bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.admin_key = admin_key
+        self.api_key = api_key
+        self.credential = credential
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            verify=verify,
+            transport=transport,
+            headers={"user-agent": f"rma/{__version__}"},
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    def _auth(self, role: str) -> dict[str, str]:
+        secret = {"admin": self.admin_key, "client": self.api_key, "worker": self.credential}[role]
+        if role == "admin" and not secret:
+            raise RmaError(
+                "no_admin_key",
+                "no admin key: pass --admin-key, set RMA_ADMIN_KEY, or run on the coordinator's "
+                "machine where <data-dir>/admin.key is read",
+            )
+        return {"authorization": f"Bearer {secret}"} if secret else {}
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        role: str = "admin",
+        json_body: Any = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """One call; returns the decoded JSON body (``None`` for 204) or raises :class:`RmaError`."""
+        try:
+            resp = await self._http.request(
+                method, path, json=json_body, params=params, headers=self._auth(role)
+            )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.base_url) from None
+        if resp.status_code >= 400:
+            raise error_from_response(resp)
+        if resp.status_code == 204 or not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            raise RmaError(
+                "bad_response", f"the coordinator sent non-JSON: {resp.text[:200]}"
+            ) from None
+
+    # --- workers (the agent) -----------------------------------------------------------------------
+
+    async def register(self, req: RegisterRequest) -> RegisterResponse:
+        data = await self.request(
+            "POST", "/api/worker/register", role="worker", json_body=req.model_dump(mode="json")
+        )
+        resp = RegisterResponse.model_validate(data)
+        self.credential = resp.credential
+        return resp
+
+    async def heartbeat(self, req: HeartbeatRequest) -> HeartbeatResponse:
+        data = await self.request(
+            "POST", "/api/worker/heartbeat", role="worker", json_body=req.model_dump(mode="json")
+        )
+        resp = HeartbeatResponse.model_validate(data)
+        if resp.credential:
+            self.credential = resp.credential
+        return resp
+
+    async def leave(self) -> None:
+        await self.request("POST", "/api/worker/leave", role="worker")
+
+    # --- admin ---------------------------------------------------------------------------------------
+
+    async def workers(self, status: str | None = None) -> list[WorkerPublic]:
+        params = {"status": status} if status else None
+        data = await self.request("GET", "/api/admin/workers", params=params)
+        return [WorkerPublic.model_validate(w) for w in data]
+
+    async def worker(self, worker_id: str) -> WorkerPublic:
+        return WorkerPublic.model_validate(
+            await self.request("GET", f"/api/admin/workers/{worker_id}")
+        )
+
+    async def drain(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{worker_id}/drain")
+        return WorkerPublic.model_validate(data)
+
+    async def undrain(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{worker_id}/undrain")
+        return WorkerPublic.model_validate(data)
+
+    async def remove(self, worker_id: str) -> WorkerPublic:
+        return WorkerPublic.model_validate(
+            await self.request("DELETE", f"/api/admin/workers/{worker_id}")
+        )
+
+    async def create_token(self, ttl: float, uses: int | None, label: str) -> TokenCreated:
+        body = {"ttl": ttl, "uses": uses, "label": label}
+        return TokenCreated.model_validate(
+            await self.request("POST", "/api/admin/tokens", json_body=body)
+        )
+
+    async def tokens(self) -> list[TokenPublic]:
+        return [
+            TokenPublic.model_validate(t) for t in await self.request("GET", "/api/admin/tokens")
+        ]
+
+    async def revoke_token(self, token_id: str) -> TokenPublic:
+        return TokenPublic.model_validate(
+            await self.request("DELETE", f"/api/admin/tokens/{token_id}")
+        )
+
+    async def create_key(self, name: str, rpm: int | None) -> ApiKeyCreated:
+        body = {"name": name, "rpm": rpm}
+        return ApiKeyCreated.model_validate(
+            await self.request("POST", "/api/admin/keys", json_body=body)
+        )
+
+    async def keys(self) -> list[ApiKeyPublic]:
+        return [
+            ApiKeyPublic.model_validate(k) for k in await self.request("GET", "/api/admin/keys")
+        ]
+
+    async def revoke_key(self, key_id: str) -> ApiKeyPublic:
+        return ApiKeyPublic.model_validate(
+            await self.request("DELETE", f"/api/admin/keys/{key_id}")
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self.request("GET", "/api/admin/stats")
+        return data
+
+    async def events(self, limit: int = 100) -> list[EventPublic]:
+        data = await self.request("GET", "/api/admin/events", params={"limit": limit})
+        return [EventPublic.model_validate(e) for e in data]
+
+    async def follow_events(self, since: int | None = None) -> AsyncIterator[EventPublic]:
+        """Yield events as they happen (SSE); ends when the connection does."""
+        params: dict[str, Any] = {"follow": "true"}
+        if since is not None:
+            params["since"] = since
+        try:
+            async with self._http.stream(
+                "GET",
+                "/api/admin/events",
+                params=params,
+                headers=self._auth("admin"),
+                timeout=httpx.Timeout(None, connect=10.0),
+            ) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise error_from_response(resp)
+                async for line in resp.aiter_lines():
+                    if line.startswith("data:"):
+                        yield EventPublic.model_validate(json.loads(line[5:].strip()))
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.base_url) from None
+
+    # --- clients -------------------------------------------------------------------------------------
+
+    async def models(self) -> list[dict[str, Any]]:
+        data = await self.request("GET", "/v1/models", role="client")
+        return list(data.get("data", []))
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        data: dict[str, Any] = await self.request(
+            "POST", "/v1/chat/completions", role="client", json_body={**body, "stream": False}
+        )
+        return data
+
+    async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yield the chunks of a streamed chat completion; a final SSE ``error`` raises."""
+        try:
+            async with self._http.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={**body, "stream": True},
+                headers=self._auth("client"),
+                timeout=httpx.Timeout(None, connect=10.0),
+            ) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise error_from_response(resp)
+                event = "message"
+                async for line in resp.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        payload = line[5:].strip()
+                        if payload == "[DONE]":
+                            return
+                        chunk = json.loads(payload)
+                        if event == "error" or "error" in chunk:
+                            err = chunk.get("error", chunk)
+                            raise RmaError(
+                                str(err.get("code", "stream_error")), str(err.get("message", err))
+                            )
+                        yield chunk
+                    elif not line:
+                        event = "message"
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.base_url) from None

@@ -1,0 +1,1 @@
+"""The coordinator: registry, scheduler, gateway, sweeper and admin API (FastAPI + SQLModel)."""

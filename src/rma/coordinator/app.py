@@ -1,0 +1,90 @@
+"""The app factory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from rma import __version__
+from rma.coordinator.auth import FailureLimiter
+from rma.coordinator.clock import Clock
+from rma.coordinator.errors import BodyLimitMiddleware, install_error_handlers
+from rma.coordinator.metrics import Metrics
+from rma.coordinator.pool import Pool
+from rma.coordinator.routes import admin, ops, worker
+from rma.coordinator.sweeper import Sweeper
+from rma.settings import CoordinatorSettings
+
+#: Route prefixes that carry client payloads (bigger bodies allowed).
+GATEWAY_PREFIXES = ("/v1/", "/api/services/")
+
+
+def create_app(
+    settings: CoordinatorSettings | None = None,
+    *,
+    clock: Clock | None = None,
+    pool: Pool | None = None,
+    run_sweeper: bool = True,
+) -> FastAPI:
+    settings = settings or CoordinatorSettings()
+    pool = pool or Pool(settings, clock=clock)
+    sweeper = Sweeper(pool)
+    background: list[Callable[[], Any]] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import anyio
+
+        await anyio.to_thread.run_sync(pool.bootstrap)
+        tasks = [asyncio.create_task(sweeper.run())] if run_sweeper else []
+        tasks += [asyncio.create_task(start()) for start in app.state.background]
+        try:
+            yield
+        finally:
+            for closer in app.state.on_shutdown:
+                await closer()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    app = FastAPI(
+        title="rma coordinator",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.pool = pool
+    app.state.sweeper = sweeper
+    app.state.metrics = Metrics()
+    app.state.auth_limiter = FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window)
+    app.state.stats_extensions = []
+    app.state.background = background
+    app.state.on_shutdown = []
+    install_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default=settings.max_body_bytes,
+        limits={p: settings.max_gateway_body_bytes for p in GATEWAY_PREFIXES},
+    )
+    app.include_router(ops.router)
+    app.include_router(worker.router)
+    app.include_router(admin.router)
+    _mount_gateway(app)
+    return app
+
+
+def _mount_gateway(app: FastAPI) -> None:
+    """The client-facing gateway (``/v1/*``, ``/api/services/*``) and the tunnel hub, when present."""
+    try:
+        from rma.coordinator.gateway.mount import mount
+    except ImportError:
+        return
+    mount(app)

@@ -1,0 +1,127 @@
+"""Who is calling: admin, worker or client; failed attempts rate-limited per address."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from rma.coordinator import security
+from rma.coordinator.errors import APIError
+from rma.coordinator.pool import Pool
+from rma.coordinator.registry import WorkerState
+
+
+class FailureLimiter:
+    """At most ``limit`` failed authentications per address per ``window`` seconds."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._fails: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _prune(self, q: deque[float], now: float) -> None:
+        while q and q[0] <= now - self.window:
+            q.popleft()
+
+    def check(self, addr: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            q = self._fails.get(addr)
+            if q is None:
+                return
+            self._prune(q, now)
+            if len(q) >= self.limit:
+                retry = max(1, math.ceil(q[0] + self.window - now))
+                raise APIError(
+                    429,
+                    f"too many failed authentications from {addr}; retry in {retry} s",
+                    headers={"Retry-After": str(retry)},
+                )
+            if not q:
+                del self._fails[addr]
+
+    def fail(self, addr: str) -> None:
+        with self._lock:
+            self._fails.setdefault(addr, deque()).append(time.monotonic())
+
+
+def pool_of(request: Request) -> Pool:
+    pool: Pool = request.app.state.pool
+    return pool
+
+
+def client_addr(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def role_of(secret: str) -> str:
+    """Which role a secret looks like, by its shape (for a helpful 403)."""
+    if secret.startswith(security.ADMIN_PREFIX):
+        return "admin"
+    if secret.startswith(security.KEY_PREFIX):
+        return "client"
+    if secret.startswith(security.TOKEN_PREFIX):
+        return "join token"
+    if secret.count(".") == 2 and secret.startswith("eyJ"):
+        return "worker"
+    return "unknown"
+
+
+def _unauthorized(request: Request, message: str, code: str = "unauthorized") -> APIError:
+    request.app.state.auth_limiter.fail(client_addr(request))
+    return APIError(401, message, code, headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(request: Request) -> None:
+    request.app.state.auth_limiter.check(client_addr(request))
+    secret = bearer(request)
+    if secret is None:
+        raise _unauthorized(request, "admin key required (Authorization: Bearer <admin key>)")
+    if pool_of(request).credentials.is_admin(secret):
+        return
+    role = role_of(secret)
+    if role in ("client", "worker", "join token"):
+        if (
+            role == "worker"
+            or pool_of(request).credentials.check_key(secret)
+            or role == "join token"
+        ):
+            raise APIError(403, f"a {role} credential cannot use the admin API", "forbidden")
+    raise _unauthorized(request, "invalid admin key")
+
+
+def require_worker(request: Request) -> tuple[WorkerState, float]:
+    request.app.state.auth_limiter.check(client_addr(request))
+    secret = bearer(request)
+    if secret is None:
+        raise _unauthorized(
+            request, "worker credential required (Authorization: Bearer <credential>)"
+        )
+    role = role_of(secret)
+    if role in ("admin", "client"):
+        raise APIError(403, f"an {role} key cannot act as a worker", "forbidden")
+    try:
+        return pool_of(request).authenticate_worker(secret)
+    except APIError as exc:
+        if exc.status == 401:
+            request.app.state.auth_limiter.fail(client_addr(request))
+        raise
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+WorkerDep = Annotated[tuple[WorkerState, float], Depends(require_worker)]
+PoolDep = Annotated[Pool, Depends(pool_of)]

@@ -1,0 +1,1 @@
+"""The client-facing gateway: OpenAI-compatible routes, worker choice, failover, streaming."""

@@ -1,0 +1,388 @@
+"""The pool: the coordinator's composition root and its control-plane operations.
+
+Everything here is synchronous and runs in FastAPI's thread pool (database calls); the request
+path (the gateway) only reads :attr:`Pool.registry`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlmodel import select
+
+from rma import __version__
+from rma.catalog import Catalog, TierPolicy, TierRefused, assign, load_catalog
+from rma.coordinator import security
+from rma.coordinator.clock import Clock
+from rma.coordinator.credentials import Credentials
+from rma.coordinator.db import make_engine, migrate, session
+from rma.coordinator.errors import APIError
+from rma.coordinator.events import EventBus
+from rma.coordinator.registry import Registry, WorkerState
+from rma.coordinator.tables import Worker
+from rma.schemas.api import (
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+    ServiceSpec,
+    ServiceStatus,
+    WorkerPublic,
+)
+from rma.schemas.enums import Tier, WorkerStatus
+from rma.settings import CoordinatorSettings
+
+
+class Pool:
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        *,
+        clock: Clock | None = None,
+        engine: Engine | None = None,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.engine = engine or make_engine(settings.db_url)
+        self.catalog = catalog or load_catalog(settings.catalog)
+        self.policy = TierPolicy(
+            gpu_min_vram_mb=settings.gpu_min_vram_mb,
+            service_min_memory_mb=settings.service_min_memory_mb,
+            service_min_cores=settings.service_min_cores,
+            data_min_memory_mb=settings.data_min_memory_mb,
+        )
+        self.registry = Registry()
+        self.events = EventBus(self.engine, self.clock)
+        self.credentials = Credentials(self.engine, self.clock, settings.default_rpm)
+        self.started_at = self.clock.time()
+        #: Called with a worker id when its status changes (the gateway drops its tunnel, ...).
+        self.on_status_change: list[Callable[[WorkerState], None]] = []
+        self._ready = False
+
+    @property
+    def admin_key_file(self) -> Any:
+        return self.settings.data_dir / "admin.key"
+
+    def bootstrap(self) -> str | None:
+        """Migrate, load secrets and the routing table.  Returns a newly made admin key, once."""
+        if self._ready:
+            return None
+        if self.settings.db_url.startswith("sqlite"):
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        migrate(self.engine)
+        created = self.credentials.bootstrap(self.admin_key_file)
+        with session(self.engine) as s:
+            self.registry.load(s.exec(select(Worker)).all())
+        self.started_at = self.clock.time()
+        self._ready = True
+        return created
+
+    # --- registration ------------------------------------------------------------------------------
+
+    def _reclaim(self, req: RegisterRequest, secret: str | None) -> Worker | None:
+        """The worker's old record, when it proves it is that worker."""
+        if not req.worker_id or not secret:
+            return None
+        with session(self.engine) as s:
+            row = s.get(Worker, req.worker_id)
+        if row is None or not row.secret_hash or not security.same_hash(secret, row.secret_hash):
+            return None
+        if row.status == WorkerStatus.REMOVED:
+            raise APIError(
+                401,
+                "this worker was removed by the operator; join again with a new token",
+                "removed",
+            )
+        return row
+
+    def register(self, req: RegisterRequest) -> RegisterResponse:
+        now = self.clock.time()
+        old = self._reclaim(req, req.worker_secret)
+        token_id: str | None = None
+        if old is None:
+            if not req.token:
+                raise APIError(
+                    401, "a join token is required (rma admin tokens create)", "invalid_token"
+                )
+            token_id = self.credentials.check_token(req.token)
+        try:
+            tier = self.policy.tier_for(req.capabilities)
+        except TierRefused as exc:
+            raise APIError(422, f"registration refused: {exc}", "tier_refused") from None
+        worker_id = old.id if old else secrets.token_hex(8)
+        current = list(old.assignments) if old else []
+        with self.registry.lock:
+            names = assign(
+                tier=tier,
+                caps=req.capabilities,
+                labels=req.labels,
+                catalog=self.catalog,
+                replicas=self.registry.replica_counts(exclude=worker_id),
+                runnable=req.runnable,
+                current=current,
+            )
+            if token_id is not None:
+                self.credentials.consume_token(token_id)
+            new_secret = None if old else "rma_worker_" + secrets.token_urlsafe(32)
+            row = old or Worker(
+                id=worker_id,
+                registered_at=now,
+                secret_hash=security.hash_secret(new_secret or ""),
+                token_id=token_id,
+                name=req.name,
+                status=WorkerStatus.ONLINE,
+                tier=int(tier),
+                capabilities={},
+                labels={},
+                services=[],
+                assignments=[],
+                load={},
+                transport=req.transport.value,
+                status_changed_at=now,
+            )
+            row.name = req.name
+            row.status = WorkerStatus.ONLINE
+            row.tier = int(tier)
+            row.capabilities = req.capabilities.model_dump(mode="json")
+            row.labels = dict(req.labels)
+            row.services = []
+            row.assignments = names
+            row.transport = req.transport.value
+            row.endpoint = req.endpoint
+            row.version = req.version
+            row.last_heartbeat_at = now
+            row.status_changed_at = now
+            with session(self.engine) as s:
+                s.merge(row)
+            state = WorkerState.from_row(row)
+            self.registry.put(state)
+        kind = "rejoined" if old else "joined"
+        self.events.emit(
+            kind,
+            f"worker {req.name} {kind} as tier {tier.label} with {', '.join(names) or 'no services'}",
+            worker_id,
+            {"tier": int(tier), "assignments": names, "transport": req.transport.value},
+        )
+        self._notify(state)
+        credential, expires = security.issue_credential(
+            self.credentials.signing_key, worker_id, now, self.settings.credential_ttl
+        )
+        return RegisterResponse(
+            worker_id=worker_id,
+            tier=int(tier),
+            tier_name=tier.label,
+            credential=credential,
+            credential_expires_at=datetime.fromtimestamp(expires, UTC),
+            heartbeat_interval=self.settings.heartbeat_interval,
+            assignments=[self.catalog[n] for n in names],
+            worker_secret=new_secret,
+        )
+
+    # --- worker credentials -----------------------------------------------------------------------
+
+    def authenticate_worker(self, credential: str) -> tuple[WorkerState, float]:
+        """The worker a credential belongs to and the credential's expiry.
+
+        401 when it is invalid or expired, or the worker was removed.
+        """
+        try:
+            cred = security.verify_credential(
+                self.credentials.signing_key, credential, self.clock.time()
+            )
+        except security.CredentialError as exc:
+            raise APIError(401, str(exc), "invalid_credential") from None
+        state = self.registry.get(cred.worker_id)
+        if state is None:
+            raise APIError(
+                401, "this coordinator does not know the worker; register again", "unknown_worker"
+            )
+        if state.status is WorkerStatus.REMOVED:
+            raise APIError(401, "this worker was removed by the operator", "removed")
+        return state, cred.expires_at
+
+    # --- heartbeats -------------------------------------------------------------------------------
+
+    def heartbeat(
+        self, state: WorkerState, req: HeartbeatRequest, credential_expires: float
+    ) -> HeartbeatResponse:
+        now = self.clock.time()
+        transitions: list[tuple[str, str, dict[str, Any]]] = []
+        with self.registry.lock:
+            if state.status is WorkerStatus.LEFT:
+                raise APIError(409, "this worker has left; register again", "left")
+            before = state.status
+            if req.draining or (before is WorkerStatus.DRAINING):
+                state.status = WorkerStatus.DRAINING
+            else:
+                state.status = WorkerStatus.ONLINE
+            if state.status is not before:
+                state.status_changed_at = now
+                transitions.append(
+                    (
+                        "online" if state.status is WorkerStatus.ONLINE else "draining",
+                        f"worker {state.name} is {state.status.value} (was {before.value})",
+                        {"from": before.value},
+                    )
+                )
+            old_services = state.services
+            state.services = {s.name: s for s in req.services}
+            for svc in req.services:
+                prev = old_services.get(svc.name)
+                if prev is None or prev.state != svc.state or prev.healthy != svc.healthy:
+                    word = "healthy" if svc.healthy else svc.state.value
+                    transitions.append(
+                        (
+                            "service",
+                            f"{svc.name} on {state.name} is {word}",
+                            {
+                                "service": svc.name,
+                                "state": svc.state.value,
+                                "healthy": svc.healthy,
+                                "message": svc.message,
+                            },
+                        )
+                    )
+            state.load = req.load
+            state.last_heartbeat_at = now
+            self._save(state)
+        for kind, message, data in transitions:
+            self.events.emit(kind, message, state.id, data)
+        if transitions:
+            self._notify(state)
+        resp = HeartbeatResponse(
+            assignments=self.assignments_of(state),
+            heartbeat_interval=self.settings.heartbeat_interval,
+            status=state.status,
+        )
+        if credential_expires - now < self.settings.credential_ttl / 2:
+            token, exp = security.issue_credential(
+                self.credentials.signing_key, state.id, now, self.settings.credential_ttl
+            )
+            resp.credential = token
+            resp.credential_expires_at = datetime.fromtimestamp(exp, UTC)
+        return resp
+
+    def assignments_of(self, state: WorkerState) -> list[ServiceSpec]:
+        if state.status in (WorkerStatus.REMOVED, WorkerStatus.LEFT):
+            return []
+        return [self.catalog[n] for n in state.assignments if n in self.catalog]
+
+    def leave(self, state: WorkerState) -> None:
+        self._set_status(state, WorkerStatus.LEFT, "left", f"worker {state.name} left the pool")
+
+    # --- admin actions ----------------------------------------------------------------------------
+
+    def get(self, worker_id: str) -> WorkerState:
+        state = self.registry.get(worker_id)
+        if state is None:
+            raise APIError(404, f"no worker {worker_id!r}")
+        return state
+
+    def drain(self, worker_id: str) -> WorkerPublic:
+        state = self.get(worker_id)
+        if state.status not in (WorkerStatus.ONLINE, WorkerStatus.DRAINING, WorkerStatus.OFFLINE):
+            raise APIError(
+                409, f"worker {state.name} is {state.status.value}; only a live worker can drain"
+            )
+        self._set_status(
+            state, WorkerStatus.DRAINING, "drained", f"worker {state.name} is draining"
+        )
+        return state.to_public()
+
+    def undrain(self, worker_id: str) -> WorkerPublic:
+        state = self.get(worker_id)
+        if state.status is not WorkerStatus.DRAINING:
+            raise APIError(409, f"worker {state.name} is {state.status.value}, not draining")
+        self._set_status(
+            state, WorkerStatus.ONLINE, "undrained", f"worker {state.name} takes requests again"
+        )
+        return state.to_public()
+
+    def remove(self, worker_id: str) -> WorkerPublic:
+        state = self.get(worker_id)
+        if state.status is WorkerStatus.REMOVED:
+            raise APIError(409, f"worker {state.name} is already removed")
+        self._set_status(
+            state,
+            WorkerStatus.REMOVED,
+            "removed",
+            f"worker {state.name} was removed by the operator",
+        )
+        return state.to_public()
+
+    # --- shared helpers ---------------------------------------------------------------------------
+
+    def _set_status(
+        self,
+        state: WorkerState,
+        status: WorkerStatus,
+        kind: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        with self.registry.lock:
+            before = state.status
+            if before is status:
+                return
+            state.status = status
+            state.status_changed_at = self.clock.time()
+            if status in (WorkerStatus.LEFT, WorkerStatus.REMOVED):
+                state.services = {
+                    n: ServiceStatus(name=n, state=s.state, healthy=False, endpoint=s.endpoint)
+                    for n, s in state.services.items()
+                }
+            self._save(state)
+        self.events.emit(kind, message, state.id, {"from": before.value, **(data or {})})
+        self._notify(state)
+
+    def _save(self, state: WorkerState) -> None:
+        with session(self.engine) as s:
+            row = s.get(Worker, state.id)
+            if row is None:
+                return
+            row.status = state.status.value
+            row.services = [v.model_dump(mode="json") for v in state.services.values()]
+            row.assignments = list(state.assignments)
+            row.load = state.load.model_dump(mode="json")
+            row.last_heartbeat_at = state.last_heartbeat_at
+            row.status_changed_at = state.status_changed_at
+            s.add(row)
+
+    def _notify(self, state: WorkerState) -> None:
+        for hook in list(self.on_status_change):
+            hook(state)
+
+    # --- reporting --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        workers = self.registry.all()
+        by_status = {s.value: 0 for s in WorkerStatus}
+        by_tier = {t.label: 0 for t in Tier}
+        for w in workers:
+            by_status[w.status.value] += 1
+            if w.status in (WorkerStatus.ONLINE, WorkerStatus.DRAINING):
+                by_tier[Tier(w.tier).label] += 1
+        healthy = self.registry.healthy_counts()
+        assigned = self.registry.replica_counts()
+        services = [
+            {
+                "name": spec.name,
+                "tier": spec.tier,
+                "kind": spec.kind,
+                "wanted": spec.replicas,
+                "assigned": assigned.get(spec.name, 0),
+                "healthy": healthy.get(spec.name, 0),
+            }
+            for spec in self.catalog.values()
+        ]
+        return {
+            "version": __version__,
+            "uptime_s": round(self.clock.time() - self.started_at, 1),
+            "workers": {"total": len(workers), "by_status": by_status, "by_tier": by_tier},
+            "services": services,
+        }

@@ -1,0 +1,132 @@
+"""The routing table: every worker's state in memory, rebuilt from the database at start.
+
+The request path reads only this; heartbeats and admin actions write it (from worker threads),
+so compound updates hold a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from rma.coordinator.tables import Worker
+from rma.schemas.api import Capabilities, Load, ServiceStatus, WorkerPublic
+from rma.schemas.enums import Tier, Transport, WorkerStatus
+
+#: Statuses whose workers still hold their assignments (count as replicas).
+HOLDING = (WorkerStatus.ONLINE, WorkerStatus.DRAINING, WorkerStatus.OFFLINE)
+
+
+@dataclass(slots=True)
+class WorkerState:
+    id: str
+    name: str
+    status: WorkerStatus
+    tier: int
+    transport: Transport
+    capabilities: Capabilities
+    labels: dict[str, str]
+    assignments: list[str]
+    services: dict[str, ServiceStatus] = field(default_factory=dict)
+    load: Load = field(default_factory=Load)
+    endpoint: str | None = None
+    trusted: bool = False
+    version: str = ""
+    registered_at: float = 0.0
+    last_heartbeat_at: float | None = None
+    status_changed_at: float = 0.0
+
+    def serves(self, service: str) -> bool:
+        """Online, and this service reported healthy."""
+        if self.status is not WorkerStatus.ONLINE:
+            return False
+        st = self.services.get(service)
+        return st is not None and st.healthy
+
+    @classmethod
+    def from_row(cls, row: Worker) -> WorkerState:
+        return cls(
+            id=row.id,
+            name=row.name,
+            status=WorkerStatus(row.status),
+            tier=row.tier,
+            transport=Transport(row.transport),
+            capabilities=Capabilities.model_validate(row.capabilities),
+            labels=dict(row.labels),
+            assignments=list(row.assignments),
+            services={s["name"]: ServiceStatus.model_validate(s) for s in row.services},
+            load=Load.model_validate(row.load),
+            endpoint=row.endpoint,
+            trusted=row.trusted,
+            version=row.version,
+            registered_at=row.registered_at,
+            last_heartbeat_at=row.last_heartbeat_at,
+            status_changed_at=row.status_changed_at,
+        )
+
+    def to_public(self) -> WorkerPublic:
+        return WorkerPublic(
+            id=self.id,
+            name=self.name,
+            status=self.status,
+            tier=self.tier,
+            tier_name=Tier(self.tier).label,
+            capabilities=self.capabilities,
+            labels=self.labels,
+            services=list(self.services.values()),
+            assignments=list(self.assignments),
+            load=self.load,
+            transport=self.transport,
+            trusted=self.trusted,
+            version=self.version,
+            endpoint=self.endpoint,
+            registered_at=_dt(self.registered_at),
+            last_heartbeat_at=_dt(self.last_heartbeat_at) if self.last_heartbeat_at else None,
+        )
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._workers: dict[str, WorkerState] = {}
+        self.lock = threading.RLock()
+
+    def load(self, rows: Iterable[Worker]) -> None:
+        with self.lock:
+            self._workers = {r.id: WorkerState.from_row(r) for r in rows}
+
+    def put(self, state: WorkerState) -> None:
+        with self.lock:
+            self._workers[state.id] = state
+
+    def get(self, worker_id: str) -> WorkerState | None:
+        return self._workers.get(worker_id)
+
+    def all(self) -> list[WorkerState]:
+        return list(self._workers.values())
+
+    def routable(self, service: str) -> list[WorkerState]:
+        """Workers that may take a new request for ``service`` right now."""
+        return [w for w in list(self._workers.values()) if w.serves(service)]
+
+    def replica_counts(self, exclude: str | None = None) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for w in list(self._workers.values()):
+            if w.id == exclude or w.status not in HOLDING:
+                continue
+            for name in w.assignments:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def healthy_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for w in list(self._workers.values()):
+            for name in w.services:
+                if w.serves(name):
+                    counts[name] = counts.get(name, 0) + 1
+        return counts

@@ -1,0 +1,151 @@
+"""``/api/admin/*``: the operator's API (admin key)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from rma.coordinator.auth import AdminDep, PoolDep
+from rma.coordinator.errors import APIError
+from rma.schemas.api import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyPublic,
+    EventPublic,
+    TokenCreate,
+    TokenCreated,
+    TokenPublic,
+    WorkerPublic,
+)
+from rma.schemas.enums import WorkerStatus
+
+router = APIRouter(prefix="/api/admin", tags=["admin"])
+
+
+@router.get("/workers")
+def list_workers(
+    _: AdminDep, pool: PoolDep, status: Annotated[WorkerStatus | None, Query()] = None
+) -> list[WorkerPublic]:
+    workers = sorted(pool.registry.all(), key=lambda w: (w.name, w.id))
+    return [w.to_public() for w in workers if status is None or w.status is status]
+
+
+@router.get("/workers/{worker_id}")
+def get_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.get(worker_id).to_public()
+
+
+@router.delete("/workers/{worker_id}")
+def remove_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.remove(worker_id)
+
+
+@router.post("/workers/{worker_id}/drain")
+def drain_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.drain(worker_id)
+
+
+@router.post("/workers/{worker_id}/undrain")
+def undrain_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.undrain(worker_id)
+
+
+@router.get("/tokens")
+def list_tokens(_: AdminDep, pool: PoolDep) -> list[TokenPublic]:
+    return pool.credentials.list_tokens()
+
+
+@router.post("/tokens", status_code=201)
+def create_token(body: TokenCreate, _: AdminDep, pool: PoolDep) -> TokenCreated:
+    created = pool.credentials.create_token(body.ttl, body.uses, body.label)
+    pool.events.emit(
+        "token_created", f"join token {created.id} created", data={"label": body.label}
+    )
+    return created
+
+
+@router.delete("/tokens/{token_id}")
+def revoke_token(token_id: str, _: AdminDep, pool: PoolDep) -> TokenPublic:
+    revoked = pool.credentials.revoke_token(token_id)
+    pool.events.emit("token_revoked", f"join token {token_id} revoked")
+    return revoked
+
+
+@router.get("/keys")
+def list_keys(_: AdminDep, pool: PoolDep) -> list[ApiKeyPublic]:
+    return pool.credentials.list_keys()
+
+
+@router.post("/keys", status_code=201)
+def create_key(body: ApiKeyCreate, _: AdminDep, pool: PoolDep) -> ApiKeyCreated:
+    created = pool.credentials.create_key(body.name, body.rpm)
+    pool.events.emit("key_created", f"API key {created.id} created", data={"name": body.name})
+    return created
+
+
+@router.delete("/keys/{key_id}")
+def revoke_key(key_id: str, _: AdminDep, pool: PoolDep) -> ApiKeyPublic:
+    revoked = pool.credentials.revoke_key(key_id)
+    pool.events.emit("key_revoked", f"API key {key_id} revoked")
+    return revoked
+
+
+@router.get("/stats")
+def stats(_: AdminDep, pool: PoolDep, request: Request) -> dict[str, Any]:
+    data = pool.stats()
+    for extend in request.app.state.stats_extensions:
+        data.update(extend())
+    return data
+
+
+@router.get("/events", response_model=None)
+async def events(
+    _: AdminDep,
+    pool: PoolDep,
+    request: Request,
+    follow: bool = False,
+    since: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> list[EventPublic] | StreamingResponse:
+    import anyio
+
+    backlog = await anyio.to_thread.run_sync(pool.events.recent, limit, since)
+    if not follow:
+        return backlog
+    queue = pool.events.subscribe()
+
+    async def stream() -> AsyncIterator[bytes]:
+        last = backlog[-1].id if backlog else (since or 0)
+        try:
+            for ev in backlog:
+                yield _sse(ev)
+            yield b": connected\n\n"
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), timeout=15)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                if ev.id > last:
+                    last = ev.id
+                    yield _sse(ev)
+        finally:
+            pool.events.unsubscribe(queue)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+def _sse(ev: EventPublic) -> bytes:
+    return f"id: {ev.id}\nevent: {ev.kind}\ndata: {json.dumps(ev.model_dump(mode='json'))}\n\n".encode()
+
+
+__all__ = ["APIError", "router"]

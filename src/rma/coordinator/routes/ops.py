@@ -1,0 +1,31 @@
+"""Operations: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+
+from rma.coordinator.auth import PoolDep
+from rma.coordinator.db import ping
+from rma.coordinator.errors import APIError
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(pool: PoolDep) -> dict[str, str]:
+    if not await anyio.to_thread.run_sync(ping, pool.engine):
+        raise APIError(503, "the database is not reachable", "db_unreachable")
+    return {"status": "ready"}
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
+    text = request.app.state.metrics.render(request.app.state.pool)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")

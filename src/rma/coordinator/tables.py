@@ -1,0 +1,86 @@
+"""The coordinator's database tables.  Times are UNIX seconds (float): portable across databases.
+
+Change a table -> add an Alembic revision in ``migrations/versions`` (a test compares them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Column
+from sqlmodel import Field, SQLModel
+
+
+class Worker(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(index=True, max_length=64)
+    status: str = Field(index=True, max_length=16)
+    tier: int
+    capabilities: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    labels: dict[str, str] = Field(sa_column=Column(JSON, nullable=False))
+    services: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    assignments: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    load: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    transport: str = Field(max_length=16)
+    endpoint: str | None = Field(default=None, max_length=500)
+    trusted: bool = False
+    version: str = Field(default="", max_length=50)
+    registered_at: float
+    last_heartbeat_at: float | None = None
+    status_changed_at: float
+    token_id: str | None = Field(default=None, max_length=32)
+    secret_hash: str = Field(default="", max_length=128)
+
+
+class JoinToken(SQLModel, table=True):
+    __tablename__ = "join_token"
+    id: str = Field(primary_key=True, max_length=32)
+    secret_hash: str = Field(max_length=128)
+    label: str = Field(default="", max_length=200)
+    created_at: float
+    expires_at: float
+    uses: int | None = None
+    used: int = 0
+    revoked: bool = False
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+    id: str = Field(primary_key=True, max_length=32)
+    secret_hash: str = Field(max_length=128)
+    name: str = Field(default="", max_length=200)
+    rpm: int = 0
+    created_at: float
+    revoked: bool = False
+    last_used_at: float | None = None
+
+
+class Setting(SQLModel, table=True):
+    """Coordinator-wide values: the admin key's hash, the credential signing key."""
+
+    key: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=512)
+
+
+class Event(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    ts: float = Field(index=True)
+    kind: str = Field(index=True, max_length=32)
+    worker_id: str | None = Field(default=None, index=True, max_length=64)
+    message: str = Field(max_length=1000)
+    data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+
+
+class Usage(SQLModel, table=True):
+    """One gateway request: who asked, which worker served it, how it went."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: float = Field(index=True)
+    key_id: str | None = Field(default=None, index=True, max_length=32)
+    service: str = Field(index=True, max_length=64)
+    worker_id: str | None = Field(default=None, index=True, max_length=64)
+    status: int
+    latency_ms: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 1

@@ -1,0 +1,265 @@
+"""Request and response models of the coordinator's HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rma.schemas.enums import ServiceState, Transport, WorkerStatus
+
+__all__ = [
+    "ApiKeyCreate",
+    "ApiKeyCreated",
+    "ApiKeyPublic",
+    "Capabilities",
+    "ErrorBody",
+    "ErrorDetail",
+    "EventPublic",
+    "GpuInfo",
+    "HeartbeatRequest",
+    "HeartbeatResponse",
+    "Load",
+    "RegisterRequest",
+    "RegisterResponse",
+    "Resources",
+    "ServiceSpec",
+    "ServiceStatus",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenPublic",
+    "WorkerPublic",
+]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``{"error": {"code": ..., "message": ...}}``."""
+
+    error: ErrorDetail
+
+
+# --- hardware and load ---------------------------------------------------------------------------
+
+
+class GpuInfo(BaseModel):
+    name: str = Field(max_length=200)
+    memory_mb: int = Field(ge=0)
+    memory_free_mb: int | None = Field(None, ge=0)
+    utilization_percent: float | None = Field(None, ge=0, le=100)
+    driver: str | None = Field(None, max_length=100)
+    uuid: str | None = Field(None, max_length=100)
+    index: int | None = Field(None, ge=0)
+
+
+class Capabilities(BaseModel):
+    """What a worker's machine has (``rma worker detect``)."""
+
+    cpu_cores: int = Field(ge=1, le=4096)
+    memory_mb: int = Field(ge=0)
+    disk_free_mb: int = Field(0, ge=0)
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
+    docker: bool = False
+    os: str = Field("", max_length=100)
+    arch: str = Field("", max_length=50)
+    cpu_model: str | None = Field(None, max_length=200)
+    memory_available_mb: int | None = Field(None, ge=0)
+
+    @property
+    def max_vram_mb(self) -> int:
+        return max((g.memory_mb for g in self.gpus), default=0)
+
+
+class Load(BaseModel):
+    cpu_percent: float = Field(0.0, ge=0, le=100 * 4096)
+    memory_percent: float = Field(0.0, ge=0, le=100)
+    gpu_percent: float | None = Field(None, ge=0, le=100)
+    gpu_memory_percent: float | None = Field(None, ge=0, le=100)
+
+
+# --- the catalog ---------------------------------------------------------------------------------
+
+
+class Resources(BaseModel):
+    memory_mb: int = Field(0, ge=0)
+    cpu_cores: float = Field(0, ge=0)
+    vram_mb: int = Field(0, ge=0)
+
+
+class ServiceSpec(BaseModel):
+    """One catalog entry; also what an assignment carries to the agent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=_NAME)
+    description: str = ""
+    tier: int = Field(2, ge=1, le=3)
+    kind: Literal["openai", "http", "tcp"] = "http"
+    models: list[str] = Field(default_factory=list)
+    image: str | None = None
+    command: list[str] | None = None
+    extra: str | None = Field(
+        None, description="The pip extra (or module) the process command needs."
+    )
+    requires: list[str] = Field(
+        default_factory=list, description="Python modules the process command imports."
+    )
+    port: int = Field(8000, ge=1, le=65535)
+    health: str = Field("/health", description='GET path answering 200 when ready, or "tcp".')
+    gpu: bool = False
+    replicas: int = Field(0, ge=0)
+    resources: Resources = Field(default_factory=Resources)
+    env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Worker labels required to host it."
+    )
+    volumes: dict[str, str] = Field(
+        default_factory=dict, description="Container path -> volume name."
+    )
+
+    @property
+    def tier_name(self) -> str:
+        return {1: "gpu", 2: "service", 3: "data"}[self.tier]
+
+
+# --- workers -------------------------------------------------------------------------------------
+
+
+class RegisterRequest(_Strict):
+    token: str | None = Field(
+        None, max_length=200, description="Join token; optional when worker_id re-joins."
+    )
+    name: str = Field(pattern=_NAME)
+    capabilities: Capabilities
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    version: str = Field("", max_length=50)
+    worker_id: str | None = Field(None, max_length=64)
+    worker_secret: str | None = Field(
+        None, max_length=200, description="Proves worker_id on re-join."
+    )
+    transport: Transport = Transport.TUNNEL
+    endpoint: str | None = Field(
+        None, max_length=500, description="Base URL for the direct transport."
+    )
+    runnable: list[str] | None = Field(None, max_length=256)
+
+
+class RegisterResponse(BaseModel):
+    worker_id: str
+    tier: int
+    tier_name: str
+    credential: str
+    credential_expires_at: datetime
+    heartbeat_interval: float
+    assignments: list[ServiceSpec]
+    worker_secret: str | None = Field(
+        None, description="Given on the first join only: keep it (0600) to re-join as this worker."
+    )
+
+
+class ServiceStatus(BaseModel):
+    name: str = Field(pattern=_NAME)
+    state: ServiceState
+    healthy: bool = False
+    inflight: int = Field(0, ge=0)
+    endpoint: str | None = Field(None, max_length=500)
+    message: str | None = Field(None, max_length=1000)
+
+
+class HeartbeatRequest(_Strict):
+    load: Load = Field(default_factory=Load)
+    services: list[ServiceStatus] = Field(default_factory=list, max_length=256)
+    draining: bool = False
+
+
+class HeartbeatResponse(BaseModel):
+    assignments: list[ServiceSpec]
+    heartbeat_interval: float
+    status: WorkerStatus
+    credential: str | None = None
+    credential_expires_at: datetime | None = None
+
+
+class WorkerPublic(BaseModel):
+    id: str
+    name: str
+    status: WorkerStatus
+    tier: int
+    tier_name: str
+    capabilities: Capabilities
+    labels: dict[str, str]
+    services: list[ServiceStatus]
+    assignments: list[str]
+    load: Load
+    transport: Transport
+    trusted: bool
+    version: str
+    endpoint: str | None
+    registered_at: datetime
+    last_heartbeat_at: datetime | None
+
+
+# --- secrets -------------------------------------------------------------------------------------
+
+
+class TokenCreate(_Strict):
+    ttl: float = Field(1800.0, gt=0, le=366 * 86400, description="Seconds until it expires.")
+    uses: int | None = Field(
+        1, ge=1, description="How many registrations it allows; null: unlimited."
+    )
+    label: str = Field("", max_length=200)
+
+
+class TokenPublic(BaseModel):
+    id: str
+    label: str
+    created_at: datetime
+    expires_at: datetime
+    uses: int | None
+    used: int
+    revoked: bool
+    status: Literal["active", "expired", "used", "revoked"]
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="The secret; shown once.")
+
+
+class ApiKeyCreate(_Strict):
+    name: str = Field("", max_length=200)
+    rpm: int | None = Field(
+        None, ge=0, le=1_000_000, description="Requests per minute; 0 unlimited."
+    )
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    name: str
+    rpm: int
+    created_at: datetime
+    revoked: bool
+    last_used_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="The secret; shown once.")
+
+
+class EventPublic(BaseModel):
+    id: int
+    ts: datetime
+    kind: str
+    worker_id: str | None
+    message: str
+    data: dict[str, Any] = Field(default_factory=dict)

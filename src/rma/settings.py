@@ -1,0 +1,287 @@
+"""Settings, one class per role.
+
+Precedence everywhere: command-line flag > ``RMA_*`` environment variable > TOML config file >
+default.  Flags are passed as constructor keyword arguments; ``None`` means "not given".
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from platformdirs import user_config_dir, user_data_dir
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_PORT = 8420
+DEFAULT_COORDINATOR_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+def default_data_dir() -> Path:
+    """The XDG data dir (``~/.local/share/rma``), or ``RMA_DATA_DIR``."""
+    env = os.environ.get("RMA_DATA_DIR")
+    return Path(env).expanduser() if env else Path(user_data_dir("rma", appauthor=False))
+
+
+def default_config_file() -> Path:
+    """The client config file (``~/.config/rma/config.toml``), or ``RMA_CONFIG``."""
+    env = os.environ.get("RMA_CONFIG")
+    return (
+        Path(env).expanduser()
+        if env
+        else Path(user_config_dir("rma", appauthor=False)) / "config.toml"
+    )
+
+
+class _Base(BaseSettings):
+    """Shared behaviour: ``RMA_`` prefix, TOML config file, flags given as ``None`` are ignored."""
+
+    model_config = SettingsConfigDict(env_prefix="RMA_", extra="ignore", populate_by_name=True)
+    toml_section: ClassVar[str | None] = None
+    config_path: ClassVar[Path | None] = None
+
+    def __init__(self, _config_file: Path | None = None, **values: Any) -> None:
+        cleaned = {k: v for k, v in values.items() if v is not None}
+        type(self).config_path = _config_file
+        super().__init__(**cleaned)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = cls.config_path
+        if path is not None and path.is_file():
+            sources.append(_SectionToml(settings_cls, path, cls.toml_section))
+        return tuple(sources)
+
+
+class _SectionToml(TomlConfigSettingsSource):
+    """A TOML source that reads one ``[section]`` (or the top level when none is set)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path, section: str | None) -> None:
+        super().__init__(settings_cls, toml_file=path)
+        if section is not None:
+            data = self.toml_data.get(section, {})
+            self.toml_data = data if isinstance(data, dict) else {}
+            self.init_kwargs = self.toml_data
+
+
+class ClientSettings(_Base):
+    """What every client command (CLI, dashboard) needs to reach the coordinator."""
+
+    toml_section: ClassVar[str | None] = "client"
+
+    coordinator_url: str = Field(
+        DEFAULT_COORDINATOR_URL, description="Base URL of the coordinator (RMA_COORDINATOR_URL)."
+    )
+    admin_key: str | None = Field(
+        None, description="Admin key; when unset, <data-dir>/admin.key on this machine is read."
+    )
+    api_key: str | None = Field(None, description="Client API key for the gateway (/v1/*).")
+    ca_file: Path | None = Field(
+        None, description="CA bundle to verify the coordinator's TLS certificate."
+    )
+    insecure: bool = Field(False, description="Skip TLS verification (testing only).")
+    timeout: float = Field(30.0, description="Seconds to wait for the coordinator's answer.")
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="Where admin.key is looked for."
+    )
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> ClientSettings:
+        return cls(_config_file=config_file or default_config_file(), **flags)
+
+    def resolved_admin_key(self) -> str | None:
+        """The admin key from flag/env/config, else from ``<data-dir>/admin.key``."""
+        if self.admin_key:
+            return self.admin_key
+        path = self.data_dir / "admin.key"
+        try:
+            return path.read_text().strip() or None
+        except OSError:
+            return None
+
+
+class CoordinatorSettings(_Base):
+    """The coordinator: control plane, gateway, sweeper."""
+
+    toml_section: ClassVar[str | None] = "coordinator"
+
+    host: str = Field("127.0.0.1", description="Address to listen on; loopback unless asked.")
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535, description="TCP port to listen on.")
+    data_dir: Path = Field(
+        default_factory=default_data_dir, description="Where rma.db and admin.key live."
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; default sqlite:///<data-dir>/rma.db. PostgreSQL: postgresql+psycopg://...",
+    )
+    catalog: Path | None = Field(
+        None, description="Operator's TOML file extending the built-in catalog."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve HTTPS directly.")
+    tls_key: Path | None = Field(None, description="PEM private key for --tls-cert.")
+    public_url: str | None = Field(
+        None, description="URL workers and services use to reach the coordinator."
+    )
+
+    heartbeat_interval: float = Field(30.0, gt=0, description="Seconds between worker heartbeats.")
+    offline_after: float = Field(
+        120.0, gt=0, description="Seconds of silence before a worker is offline."
+    )
+    remove_after: float = Field(
+        600.0, gt=0, description="Seconds of silence before a worker is removed."
+    )
+    restart_grace: float | None = Field(
+        None, description="Seconds after start before anyone is judged; default offline_after."
+    )
+    sweep_interval: float = Field(5.0, gt=0, description="Seconds between liveness sweeps.")
+    suspect_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="If more than this fraction of workers go silent at once, remove nobody.",
+    )
+    credential_ttl: float = Field(
+        900.0, gt=0, description="Lifetime in seconds of a worker credential (JWT)."
+    )
+
+    gpu_min_vram_mb: int = Field(
+        8192, description="Tier 1 (gpu): a GPU with at least this much VRAM."
+    )
+    service_min_memory_mb: int = Field(
+        4096, description="Tier 2 (service): at least this much RAM..."
+    )
+    service_min_cores: int = Field(2, description="...and at least this many CPU cores.")
+    data_min_memory_mb: int = Field(2048, description="Tier 3 (data): at least this much RAM.")
+
+    max_body_bytes: int = Field(
+        1 << 20, gt=0, description="Largest request body on control-plane routes."
+    )
+    max_gateway_body_bytes: int = Field(
+        32 << 20, gt=0, description="Largest request body through the gateway."
+    )
+    auth_fail_limit: int = Field(
+        10, gt=0, description="Failed authentications per client address per window."
+    )
+    auth_fail_window: float = Field(
+        60.0, gt=0, description="Window in seconds for auth_fail_limit."
+    )
+    anonymous_clients: bool = Field(
+        False, description="Serve /v1/* and /api/services/* without an API key."
+    )
+
+    connect_timeout: float = Field(
+        5.0, gt=0, description="Gateway: seconds to connect to a worker."
+    )
+    first_byte_timeout: float = Field(
+        120.0, gt=0, description="Gateway: seconds to the response headers."
+    )
+    stall_timeout: float = Field(
+        60.0, gt=0, description="Gateway: seconds without a byte before a stream is broken."
+    )
+    total_timeout: float = Field(600.0, gt=0, description="Gateway: seconds for a whole request.")
+    max_attempts: int = Field(
+        3, ge=1, le=10, description="Gateway: attempts per request across workers."
+    )
+    cooldown_base: float = Field(
+        5.0, gt=0, description="Gateway: first cool-down of a failed worker, seconds."
+    )
+    cooldown_max: float = Field(60.0, gt=0, description="Gateway: longest cool-down, seconds.")
+    worker_capacity: int = Field(
+        8, ge=1, description="Gateway: in-flight requests per worker service."
+    )
+    queue_size: int = Field(64, ge=0, description="Gateway: requests that may wait for capacity.")
+    queue_timeout: float = Field(
+        30.0, gt=0, description="Gateway: seconds a request may wait in the queue."
+    )
+    default_rpm: int = Field(
+        600, ge=0, description="Default requests per minute of a new API key (0: unlimited)."
+    )
+    redis_url: str | None = Field(
+        None, description="Redis URL for shared rate limits across coordinators."
+    )
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> CoordinatorSettings:
+        env_cfg = os.environ.get("RMA_CONFIG")
+        path = config_file or (Path(env_cfg) if env_cfg else None)
+        return cls(_config_file=path, **flags)
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'rma.db'}"
+
+    @property
+    def grace(self) -> float:
+        return self.offline_after if self.restart_grace is None else self.restart_grace
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    @property
+    def url(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+class WorkerSettings(_Base):
+    """The worker agent (``rma worker join``)."""
+
+    toml_section: ClassVar[str | None] = "worker"
+
+    coordinator_url: str = Field(DEFAULT_COORDINATOR_URL, description="Coordinator to join.")
+    token: str | None = Field(None, description="Join token (only needed for the first join).")
+    name: str | None = Field(None, description="Worker name; default the host name.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels (KEY=VALUE) for placement."
+    )
+    runtime: Literal["auto", "docker", "process"] = Field("auto", description="How services run.")
+    transport: Literal["auto", "tunnel", "direct"] = Field(
+        "auto", description="How requests reach this worker."
+    )
+    advertise_host: str = Field(
+        "127.0.0.1", description="Host the coordinator uses to reach services (direct)."
+    )
+    catalog: Path | None = Field(
+        None, description="Operator's TOML file extending the built-in catalog."
+    )
+    data_dir: Path = Field(
+        default_factory=lambda: default_data_dir() / "worker", description="Agent state."
+    )
+    ca_file: Path | None = Field(
+        None, description="CA bundle to verify the coordinator's TLS certificate."
+    )
+    insecure: bool = Field(False, description="Skip TLS verification (testing only).")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="Seconds to let in-flight requests finish on leave."
+    )
+    health_timeout: float = Field(
+        600.0, gt=0, description="Seconds a service may take to become healthy."
+    )
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **flags: Any) -> WorkerSettings:
+        env_cfg = os.environ.get("RMA_CONFIG")
+        path = config_file or (Path(env_cfg) if env_cfg else None)
+        return cls(_config_file=path, **flags)

@@ -1,0 +1,141 @@
+"""Shared fixtures: isolated settings, the app in-process, a real coordinator process.
+
+Set ``RMA_TEST_DATABASE_URL`` (e.g. ``postgresql+psycopg://postgres@127.0.0.1/rma_test``) to run
+every database test against PostgreSQL instead of SQLite; CI does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+TEST_DB_URL = os.environ.get("RMA_TEST_DATABASE_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def reset_database(url: str) -> None:
+    """Empty the test database (PostgreSQL): every test starts from a fresh schema."""
+    from sqlalchemy import text
+
+    from rma.coordinator.db import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the developer's real config, data dir or keys."""
+    for var in list(os.environ):
+        if var.startswith("RMA_") and var != "RMA_TEST_DATABASE_URL":
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("RMA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RMA_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    if TEST_DB_URL:
+        reset_database(TEST_DB_URL)
+        return TEST_DB_URL
+    return f"sqlite:///{tmp_path / 'data' / 'rma.db'}"
+
+
+@dataclass
+class Coordinator:
+    """A real ``rma coordinator serve`` process."""
+
+    url: str
+    data_dir: Path
+    admin_key: str
+    proc: subprocess.Popen[bytes]
+    env: dict[str, str] = field(default_factory=dict)
+    log: Path | None = None
+
+    def admin(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"authorization": f"Bearer {self.admin_key}"}, timeout=10
+        )
+
+    def token(self, uses: int | None = 10, ttl: float = 600) -> str:
+        with self.admin() as c:
+            r = c.post("/api/admin/tokens", json={"ttl": ttl, "uses": uses, "label": "test"})
+            r.raise_for_status()
+            return str(r.json()["token"])
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_coordinator(
+    data_dir: Path,
+    *,
+    port: int | None = None,
+    database_url: str | None = None,
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    scheme: str = "http",
+    verify: bool | str = True,
+) -> Coordinator:
+    port = port or free_port()
+    args = [sys.executable, "-m", "rma", "coordinator", "serve", "--port", str(port)]
+    args += ["--data-dir", str(data_dir), "--log-level", "warning"]
+    if database_url:
+        args += ["--database-url", database_url]
+    args += extra_args or []
+    full_env = {**os.environ, **(env or {})}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir.parent / f"coordinator-{port}.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(args, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"{scheme}://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"coordinator exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1, verify=verify).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError(f"coordinator did not start:\n{log.read_text()}")
+    key = (data_dir / "admin.key").read_text().strip()
+    return Coordinator(url=url, data_dir=data_dir, admin_key=key, proc=proc, env=env or {}, log=log)
+
+
+@pytest.fixture
+def coordinator_process(tmp_path: Path, database_url: str) -> Iterator[Coordinator]:
+    """A real coordinator on a free loopback port (SQLite, or PostgreSQL in CI)."""
+    coord = start_coordinator(tmp_path / "coord", database_url=database_url)
+    yield coord
+    coord.stop()
