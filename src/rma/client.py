@@ -46,11 +46,21 @@ class RmaError(Exception):
 
 
 def tls_verify(ca_file: Path | str | None = None, insecure: bool = False) -> ssl.SSLContext | bool:
-    """Certificate verification: on by default, a private CA with ``ca_file``."""
+    """Certificate verification: on by default, a private CA with ``ca_file``.
+
+    Raises :class:`RmaError` when ``ca_file`` cannot be read or holds no certificate.
+    """
     if insecure:
         return False
     if ca_file:
-        return ssl.create_default_context(cafile=str(ca_file))
+        try:
+            return ssl.create_default_context(cafile=str(ca_file))
+        except FileNotFoundError:
+            raise RmaError("bad_ca_file", f"CA file {ca_file} does not exist") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise RmaError(
+                "bad_ca_file", f"CA file {ca_file} holds no usable PEM certificate: {exc}"
+            ) from None
     return True
 
 
@@ -64,7 +74,26 @@ def error_from_response(resp: httpx.Response) -> RmaError:
         return RmaError("http_error", f"HTTP {resp.status_code}: {text}", resp.status_code)
 
 
+def _certificate_problem(exc: BaseException) -> str | None:
+    """The reason when ``exc`` (or what caused it) is a failed TLS certificate check."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or seen)
+        if "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def transport_error(exc: httpx.HTTPError, base_url: str) -> RmaError:
+    cert = _certificate_problem(exc)
+    if cert is not None:
+        return RmaError(
+            "tls_verify_failed",
+            f"the TLS certificate of {base_url} could not be verified ({cert}); "
+            "for a private CA pass --ca-file (or set RMA_CA_FILE)",
+        )
     if isinstance(exc, httpx.ConnectError):
         return RmaError("unreachable", f"cannot reach the coordinator at {base_url}: {exc}")
     if isinstance(exc, httpx.TimeoutException):

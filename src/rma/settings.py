@@ -136,6 +136,11 @@ class CoordinatorSettings(_Base):
     public_url: str | None = Field(
         None, description="URL workers and services use to reach the coordinator."
     )
+    forwarded_allow_ips: str | None = Field(
+        None,
+        description="Behind a reverse proxy: comma-separated proxy addresses whose "
+        "X-Forwarded-For/-Proto are trusted (the client address for rate limits); unset: none.",
+    )
 
     heartbeat_interval: float = Field(30.0, gt=0, description="Seconds between worker heartbeats.")
     offline_after: float = Field(
@@ -145,7 +150,7 @@ class CoordinatorSettings(_Base):
         600.0, gt=0, description="Seconds of silence before a worker is removed."
     )
     restart_grace: float | None = Field(
-        None, description="Seconds after start before anyone is judged; default offline_after."
+        None, ge=0, description="Seconds after start before anyone is judged; default offline_after."
     )
     sweep_interval: float = Field(5.0, gt=0, description="Seconds between liveness sweeps.")
     suspect_fraction: float = Field(
@@ -159,13 +164,15 @@ class CoordinatorSettings(_Base):
     )
 
     gpu_min_vram_mb: int = Field(
-        8192, description="Tier 1 (gpu): a GPU with at least this much VRAM."
+        8192, ge=0, description="Tier 1 (gpu): a GPU with at least this much VRAM."
     )
     service_min_memory_mb: int = Field(
-        4096, description="Tier 2 (service): at least this much RAM..."
+        4096, ge=0, description="Tier 2 (service): at least this much RAM..."
     )
-    service_min_cores: int = Field(2, description="...and at least this many CPU cores.")
-    data_min_memory_mb: int = Field(2048, description="Tier 3 (data): at least this much RAM.")
+    service_min_cores: int = Field(2, ge=1, description="...and at least this many CPU cores.")
+    data_min_memory_mb: int = Field(
+        2048, ge=0, description="Tier 3 (data): at least this much RAM."
+    )
 
     max_body_bytes: int = Field(
         1 << 20, gt=0, description="Largest request body on control-plane routes."
@@ -212,6 +219,12 @@ class CoordinatorSettings(_Base):
     )
     redis_url: str | None = Field(
         None, description="Redis URL for shared rate limits across coordinators."
+    )
+    tunnel_ping_interval: float = Field(
+        15.0, gt=0, description="Tunnel: seconds between keepalive pings to each worker."
+    )
+    tunnel_ping_timeout: float = Field(
+        45.0, gt=0, description="Tunnel: seconds without a frame before a tunnel counts as dead."
     )
 
     @field_validator("data_dir", mode="after")

@@ -9,8 +9,8 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ def serve(app: Any, *, health: str | None = "/health", timeout: float = 180.0) -
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", loop="asyncio", http="h11")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -64,11 +65,17 @@ def gateway_app(openai: dict[str, str], services: dict[str, str]) -> FastAPI:
     `openai` maps a route (`chat`, `embeddings`) to a service URL; `services` maps a service
     name to its URL for `/api/services/<name>/<path>`.
     """
-    app = FastAPI()
-    client = httpx.AsyncClient(timeout=300)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            app.state.client = client
+            yield
+
+    app = FastAPI(lifespan=lifespan)
 
     async def forward(base: str, path: str, request: Request) -> Response:
-        upstream = await client.request(
+        upstream = await request.app.state.client.request(
             request.method,
             f"{base}/{path}",
             content=await request.body(),
@@ -108,7 +115,9 @@ def fake_openai_app(seen: list[dict[str, Any]] | None = None) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(body: dict[str, Any]) -> dict[str, Any]:
         texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
-        data = [{"object": "embedding", "index": i, "embedding": vector(t)} for i, t in enumerate(texts)]
+        data = [
+            {"object": "embedding", "index": i, "embedding": vector(t)} for i, t in enumerate(texts)
+        ]
         return {"object": "list", "data": data, "model": body.get("model")}
 
     @app.post("/v1/chat/completions")

@@ -7,7 +7,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-pytest.importorskip("numpy", reason="numpy missing: needs the `local` extra: pip install 'rma[local]'")
+pytest.importorskip(
+    "numpy", reason="numpy missing: needs the `local` extra: pip install 'rma[local]'"
+)
 
 from rma.services import build_app  # noqa: E402
 
@@ -72,18 +74,19 @@ def test_notes_found_by_meaning_with_real_embeddings(  # type: ignore[no-untyped
     make_settings, server, test_gateway, embeddings_url
 ) -> None:
     gateway = test_gateway({"embeddings": embeddings_url, "chat": embeddings_url}, {})
-    with server(gateway, health=None) as gw:
-        with server(build_app("notes", make_settings(gateway_url=gw))) as url:
-            client = httpx.Client(base_url=url, timeout=60)
-            for text in [
-                "Call the plumber about the leaking kitchen sink",
-                "Quarterly revenue grew twelve percent",
-                "Remember to feed the cat before leaving",
-            ]:
-                assert client.post("/notes", json={"text": text}).status_code == 201
-            found = client.post("/search", json={"query": "water dripping under the faucet"})
-            best = found.json()["results"][0]["note"]["text"]
-            pet = client.post("/search", json={"query": "my kitten is hungry", "top_k": 1})
-            client.close()
+    with (
+        server(gateway, health=None) as gw,
+        server(build_app("notes", make_settings(gateway_url=gw))) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        for text in [
+            "Call the plumber about the leaking kitchen sink",
+            "Quarterly revenue grew twelve percent",
+            "Remember to feed the cat before leaving",
+        ]:
+            assert client.post("/notes", json={"text": text}).status_code == 201
+        found = client.post("/search", json={"query": "water dripping under the faucet"})
+        best = found.json()["results"][0]["note"]["text"]
+        pet = client.post("/search", json={"query": "my kitten is hungry", "top_k": 1})
     assert best == "Call the plumber about the leaking kitchen sink"
     assert pet.json()["results"][0]["note"]["text"] == "Remember to feed the cat before leaving"

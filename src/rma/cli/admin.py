@@ -14,7 +14,7 @@ from rma.cli.options import (
     make_client,
     parse_duration,
 )
-from rma.cli.output import ago, coloured, err, out, print_json, run_async, table
+from rma.cli.output import ago, coloured, err, fail, out, print_json, run_async, table
 
 app = typer.Typer(
     help="Operate the pool: workers, join tokens, API keys, stats, events.", no_args_is_help=True
@@ -448,6 +448,10 @@ def top(
     ] = 2.0,
 ) -> None:
     """The live dashboard (Textual): workers, services, load, events."""
+    from rma.client import RmaError
     from rma.tui import run_top
 
-    run_top(lambda: make_client(coordinator, admin_key, ca_file=ca_file), refresh=refresh)
+    try:
+        run_top(lambda: make_client(coordinator, admin_key, ca_file=ca_file), refresh=refresh)
+    except RmaError as exc:
+        fail(exc.message, code=exc.code)

@@ -41,25 +41,43 @@ def serve(
             "--anonymous-clients/--no-anonymous-clients", help="Serve /v1/* without an API key."
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Log level for the server.")] = "info",
+    forwarded_allow_ips: Annotated[
+        str | None,
+        typer.Option(
+            "--forwarded-allow-ips",
+            help="Behind a reverse proxy: the proxy addresses whose X-Forwarded-* are trusted.",
+        ),
+    ] = None,
+    log_level: Annotated[
+        str,
+        typer.Option(help="Server log level: critical, error, warning, info, debug, trace."),
+    ] = "info",
 ) -> None:
     """Run the coordinator: registry, gateway, admin API and liveness sweeper."""
+    from pydantic import ValidationError
+
     from rma.cli.output import fail
-    from rma.coordinator.serve import ServeError, serve_coordinator
+    from rma.coordinator.serve import ServeError, serve_coordinator, settings_error
     from rma.settings import CoordinatorSettings
 
     try:
-        settings = CoordinatorSettings.load(
-            config,
-            host=host,
-            port=port,
-            data_dir=data_dir,
-            database_url=database_url,
-            catalog=catalog,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            anonymous_clients=anonymous_clients,
-        )
+        if config is not None and not config.is_file():
+            raise ServeError(f"no such config file: {config}")
+        try:
+            settings = CoordinatorSettings.load(
+                config,
+                host=host,
+                port=port,
+                data_dir=data_dir,
+                database_url=database_url,
+                catalog=catalog,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                anonymous_clients=anonymous_clients,
+                forwarded_allow_ips=forwarded_allow_ips,
+            )
+        except ValidationError as exc:
+            raise settings_error(exc) from None
         serve_coordinator(settings, log_level=log_level)
     except ServeError as exc:
         fail(str(exc))

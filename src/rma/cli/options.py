@@ -72,16 +72,29 @@ def make_client(
     ca_file: Path | None = None,
     data_dir: Path | None = None,
 ) -> CoordinatorClient:
-    from rma.client import CoordinatorClient, tls_verify
+    """The client for a command; a bad setting raises :class:`rma.client.RmaError`."""
+    from pydantic import ValidationError
+
+    from rma.client import CoordinatorClient, RmaError, tls_verify
     from rma.settings import ClientSettings
 
-    s = ClientSettings.load(
-        coordinator_url=coordinator,
-        admin_key=admin_key,
-        api_key=api_key,
-        ca_file=ca_file,
-        data_dir=data_dir,
-    )
+    try:
+        s = ClientSettings.load(
+            coordinator_url=coordinator,
+            admin_key=admin_key,
+            api_key=api_key,
+            ca_file=ca_file,
+            data_dir=data_dir,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RmaError("bad_setting", f"setting {where}: {first['msg']}") from None
+    if not s.coordinator_url.startswith(("http://", "https://")):
+        raise RmaError(
+            "bad_setting",
+            f"coordinator URL {s.coordinator_url!r} must start with http:// or https://",
+        )
     return CoordinatorClient(
         s.coordinator_url,
         admin_key=s.resolved_admin_key(),

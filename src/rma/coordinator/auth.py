@@ -17,7 +17,14 @@ from rma.coordinator.registry import WorkerState
 
 
 class FailureLimiter:
-    """At most ``limit`` failed authentications per address per ``window`` seconds."""
+    """At most ``limit`` failed authentications per address per ``window`` seconds.
+
+    Past that, every request from the address that needs authentication gets 429 with
+    ``Retry-After`` until the oldest failure leaves the window (a correct key too: guessing
+    must not be able to tell).
+    """
+
+    MAX_ADDRESSES = 10_000
 
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
@@ -47,8 +54,17 @@ class FailureLimiter:
                 del self._fails[addr]
 
     def fail(self, addr: str) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._fails.setdefault(addr, deque()).append(time.monotonic())
+            if len(self._fails) >= self.MAX_ADDRESSES:  # many addresses: forget the stale ones
+                for key in list(self._fails):
+                    self._prune(self._fails[key], now)
+                    if not self._fails[key]:
+                        del self._fails[key]
+            q = self._fails.setdefault(addr, deque())
+            q.append(now)
+            while len(q) > self.limit:  # only the newest ``limit`` matter
+                q.popleft()
 
 
 def pool_of(request: Request) -> Pool:
@@ -69,7 +85,7 @@ def bearer(request: Request) -> str | None:
 
 
 def role_of(secret: str) -> str:
-    """Which role a secret looks like, by its shape (for a helpful 403)."""
+    """Which role a secret *looks* like, by its shape only (it may not be valid)."""
     if secret.startswith(security.ADMIN_PREFIX):
         return "admin"
     if secret.startswith(security.KEY_PREFIX):
@@ -86,21 +102,36 @@ def _unauthorized(request: Request, message: str, code: str = "unauthorized") ->
     return APIError(401, message, code, headers={"WWW-Authenticate": "Bearer"})
 
 
+def valid_role(pool: Pool, secret: str) -> str | None:
+    """The role a *valid* secret gives (``admin``, ``worker``, ``client``), else ``None``.
+
+    Only a credential that verifies earns a 403 ("right key, wrong door"); anything else is a
+    401 and counts as a failed attempt, so guessing is rate-limited.
+    """
+    if pool.credentials.is_admin(secret):
+        return "admin"
+    if secret.startswith(security.KEY_PREFIX):
+        return "client" if pool.credentials.check_key(secret) else None
+    if secret.count(".") == 2:
+        try:
+            pool.authenticate_worker(secret)
+        except APIError:
+            return None
+        return "worker"
+    return None
+
+
 def require_admin(request: Request) -> None:
-    request.app.state.auth_limiter.check(client_addr(request))
+    limiter = request.app.state.auth_limiter
+    limiter.check(client_addr(request))
     secret = bearer(request)
     if secret is None:
         raise _unauthorized(request, "admin key required (Authorization: Bearer <admin key>)")
-    if pool_of(request).credentials.is_admin(secret):
+    role = valid_role(pool_of(request), secret)
+    if role == "admin":
         return
-    role = role_of(secret)
-    if role in ("client", "worker", "join token"):
-        if (
-            role == "worker"
-            or pool_of(request).credentials.check_key(secret)
-            or role == "join token"
-        ):
-            raise APIError(403, f"a {role} credential cannot use the admin API", "forbidden")
+    if role is not None:
+        raise APIError(403, f"a {role} credential cannot use the admin API", "forbidden")
     raise _unauthorized(request, "invalid admin key")
 
 
@@ -111,11 +142,14 @@ def require_worker(request: Request) -> tuple[WorkerState, float]:
         raise _unauthorized(
             request, "worker credential required (Authorization: Bearer <credential>)"
         )
-    role = role_of(secret)
-    if role in ("admin", "client"):
+    pool = pool_of(request)
+    if pool.credentials.is_admin(secret) or (
+        secret.startswith(security.KEY_PREFIX) and pool.credentials.check_key(secret)
+    ):
+        role = "admin" if pool.credentials.is_admin(secret) else "client"
         raise APIError(403, f"an {role} key cannot act as a worker", "forbidden")
     try:
-        return pool_of(request).authenticate_worker(secret)
+        return pool.authenticate_worker(secret)
     except APIError as exc:
         if exc.status == 401:
             request.app.state.auth_limiter.fail(client_addr(request))

@@ -19,7 +19,7 @@ from rma.catalog import Catalog, TierPolicy, TierRefused, assign, load_catalog
 from rma.coordinator import security
 from rma.coordinator.clock import Clock
 from rma.coordinator.credentials import Credentials
-from rma.coordinator.db import make_engine, migrate, session
+from rma.coordinator.db import make_engine, migrate, session, sqlite_path
 from rma.coordinator.errors import APIError
 from rma.coordinator.events import EventBus
 from rma.coordinator.registry import Registry, WorkerState
@@ -72,8 +72,10 @@ class Pool:
         """Migrate, load secrets and the routing table.  Returns a newly made admin key, once."""
         if self._ready:
             return None
-        if self.settings.db_url.startswith("sqlite"):
-            self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sqlite_file = sqlite_path(self.settings.db_url)
+        if sqlite_file is not None:
+            sqlite_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         migrate(self.engine)
         created = self.credentials.bootstrap(self.admin_key_file)
         with session(self.engine) as s:
@@ -84,15 +86,30 @@ class Pool:
 
     # --- registration ------------------------------------------------------------------------------
 
-    def _reclaim(self, req: RegisterRequest, secret: str | None) -> Worker | None:
-        """The worker's old record, when it proves it is that worker."""
-        if not req.worker_id or not secret:
+    def _reclaim(self, req: RegisterRequest) -> Worker | None:
+        """The worker's old record, when the request proves it is that worker.
+
+        ``worker_id`` of a record this coordinator does not know (its database was reset): a new
+        registration, which needs a join token.  A known ``worker_id`` with a missing or wrong
+        ``worker_secret``: 401, so nobody takes over another worker's record.  A removed worker
+        comes back only with a new join token (the operator's consent).
+        """
+        if not req.worker_id:
             return None
         with session(self.engine) as s:
             row = s.get(Worker, req.worker_id)
-        if row is None or not row.secret_hash or not security.same_hash(secret, row.secret_hash):
+        if row is None:
             return None
-        if row.status == WorkerStatus.REMOVED:
+        secret = req.worker_secret or ""
+        if not row.secret_hash or not security.same_hash(secret, row.secret_hash):
+            problem = "does not match" if secret else "is required to re-join as"
+            raise APIError(
+                401,
+                f"worker_secret {problem} worker {req.worker_id}; to register as a new worker, "
+                "join without worker_id (with a join token)",
+                "invalid_worker_secret",
+            )
+        if row.status == WorkerStatus.REMOVED and not req.token:
             raise APIError(
                 401,
                 "this worker was removed by the operator; join again with a new token",
@@ -102,9 +119,9 @@ class Pool:
 
     def register(self, req: RegisterRequest) -> RegisterResponse:
         now = self.clock.time()
-        old = self._reclaim(req, req.worker_secret)
+        old = self._reclaim(req)
         token_id: str | None = None
-        if old is None:
+        if old is None or old.status == WorkerStatus.REMOVED:
             if not req.token:
                 raise APIError(
                     401, "a join token is required (rma admin tokens create)", "invalid_token"
@@ -145,6 +162,8 @@ class Pool:
                 transport=req.transport.value,
                 status_changed_at=now,
             )
+            if token_id is not None:
+                row.token_id = token_id
             row.name = req.name
             row.status = WorkerStatus.ONLINE
             row.tier = int(tier)
@@ -213,6 +232,10 @@ class Pool:
         now = self.clock.time()
         transitions: list[tuple[str, str, dict[str, Any]]] = []
         with self.registry.lock:
+            state = self.registry.get(state.id) or state  # a re-registration replaced it
+            # re-checked under the lock: an operator's remove may have landed since authentication
+            if state.status is WorkerStatus.REMOVED:
+                raise APIError(401, "this worker was removed by the operator", "removed")
             if state.status is WorkerStatus.LEFT:
                 raise APIError(409, "this worker has left; register again", "left")
             before = state.status

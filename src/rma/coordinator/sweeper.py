@@ -1,4 +1,17 @@
-"""Liveness: silent workers go offline, then are removed; unless the coordinator suspects itself."""
+"""Liveness: silent workers go offline, then are removed; unless the coordinator suspects itself.
+
+The rules (times are settings):
+
+- silent for ``offline_after`` -> ``offline`` (no new requests); a heartbeat brings it back;
+- silent for ``remove_after`` -> ``removed`` (its credential stops working);
+- silence is counted from the later of the last heartbeat and the coordinator's start, and nobody
+  is judged during ``restart_grace`` after a start: workers get one window to find us again;
+- when more than ``suspect_fraction`` of the watched workers went silent *at once* (their last
+  heartbeats lie within one ``offline_after`` window of each other), the fault is more likely on
+  the coordinator's side (its network, a stalled database): nobody is removed, and a ``suspect``
+  event says so; a ``suspect_cleared`` event follows when that is over.  Workers are still
+  marked offline meanwhile, so requests are not sent to them.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +22,22 @@ import random
 import anyio
 
 from rma.coordinator.pool import Pool
+from rma.coordinator.registry import WorkerState
 from rma.schemas.enums import WorkerStatus
 
 log = logging.getLogger("rma.coordinator.sweeper")
 
 LIVE = (WorkerStatus.ONLINE, WorkerStatus.DRAINING)
+WATCHED = (*LIVE, WorkerStatus.OFFLINE)
 
 
 class Sweeper:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.suspecting = False
+
+    def _last_seen(self, w: WorkerState) -> float:
+        return max(w.last_heartbeat_at or 0.0, self.pool.started_at)
 
     def run_once(self) -> dict[str, list[str]]:
         """One sweep; returns the ids it marked ``offline`` and ``removed``."""
@@ -28,46 +46,55 @@ class Sweeper:
         done: dict[str, list[str]] = {"offline": [], "removed": []}
         if now - pool.started_at < cfg.grace:
             return done  # just restarted: give every worker one window to reach us
-        watched = [w for w in pool.registry.all() if w.status in (*LIVE, WorkerStatus.OFFLINE)]
-
-        def silence(w_last: float | None) -> float:
-            return now - max(w_last or 0.0, pool.started_at)
-
-        silent = [w for w in watched if silence(w.last_heartbeat_at) >= cfg.offline_after]
+        watched = [w for w in pool.registry.all() if w.status in WATCHED]
+        silent = [w for w in watched if now - self._last_seen(w) >= cfg.offline_after]
         for w in silent:
             if w.status in LIVE:
+                quiet = now - self._last_seen(w)
                 pool._set_status(
                     w,
                     WorkerStatus.OFFLINE,
                     "offline",
-                    f"worker {w.name} is offline: no heartbeat for {silence(w.last_heartbeat_at):.0f} s",
+                    f"worker {w.name} is offline: no heartbeat for {quiet:.0f} s",
                 )
                 done["offline"].append(w.id)
-        suspect = len(watched) >= 2 and len(silent) / len(watched) > cfg.suspect_fraction
-        if suspect:
-            if not self.suspecting:
-                pool.events.emit(
-                    "suspect",
-                    f"{len(silent)} of {len(watched)} workers went silent at once: the coordinator "
-                    "suspects its own network and removes nobody until they come back",
-                    data={"silent": len(silent), "watched": len(watched)},
-                )
-            self.suspecting = True
+        if self._suspect(watched, silent):
             return done
-        self.suspecting = False
         for w in silent:
-            if (
-                silence(w.last_heartbeat_at) >= cfg.remove_after
-                and w.status is WorkerStatus.OFFLINE
-            ):
+            quiet = now - self._last_seen(w)
+            if quiet >= cfg.remove_after and w.status is WorkerStatus.OFFLINE:
                 pool._set_status(
                     w,
                     WorkerStatus.REMOVED,
                     "removed",
-                    f"worker {w.name} was removed: no heartbeat for {silence(w.last_heartbeat_at):.0f} s",
+                    f"worker {w.name} was removed: no heartbeat for {quiet:.0f} s",
                 )
                 done["removed"].append(w.id)
         return done
+
+    def _suspect(self, watched: list[WorkerState], silent: list[WorkerState]) -> bool:
+        """Whether most workers went silent at once (and say so once per episode)."""
+        cfg = self.pool.settings
+        together: list[WorkerState] = []
+        if silent:
+            newest = max(self._last_seen(w) for w in silent)
+            together = [w for w in silent if newest - self._last_seen(w) <= cfg.offline_after]
+        suspect = len(watched) >= 2 and len(together) / len(watched) > cfg.suspect_fraction
+        if suspect and not self.suspecting:
+            self.pool.events.emit(
+                "suspect",
+                f"{len(together)} of {len(watched)} workers went silent at once: the coordinator "
+                "suspects its own network and removes nobody until they come back",
+                data={"silent": len(together), "watched": len(watched)},
+            )
+        elif self.suspecting and not suspect:
+            self.pool.events.emit(
+                "suspect_cleared",
+                "most workers are reachable again: silent workers are removed as usual",
+                data={"silent": len(together), "watched": len(watched)},
+            )
+        self.suspecting = suspect
+        return suspect
 
     async def run(self) -> None:
         """Sweep forever (the app's lifespan task), with jitter; errors are logged, never fatal."""

@@ -109,6 +109,9 @@ class ServiceSpec(BaseModel):
     models: list[str] = Field(default_factory=list)
     image: str | None = None
     command: list[str] | None = None
+    args: list[str] = Field(
+        default_factory=list, description="Arguments to the image's entrypoint (docker runtime)."
+    )
     extra: str | None = Field(
         None, description="The pip extra (or module) the process command needs."
     )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +31,16 @@ _CODES = {
 }
 
 
+LOCAL_EXTRA = "install the `local` extra: pip install 'rma[local]'"
+
+
+def require(*modules: str) -> None:
+    """Raise ImportError (without importing anything) unless every module is installed."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"missing {', '.join(missing)}: {LOCAL_EXTRA}")
+
+
 class ServiceError(Exception):
     """An error answered as `{"error": {"code", "message"}}` with `status`."""
 
@@ -45,9 +56,10 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def validation_message(errors: Sequence[Any]) -> str:
+    """One line out of pydantic's validation errors."""
     parts = []
-    for err in exc.errors():
+    for err in errors:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"
@@ -62,7 +74,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(422, "invalid_request", _validation_message(exc))
+        return error_response(422, "invalid_request", validation_message(exc.errors()))
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -237,12 +249,14 @@ async def read_upload(request: Request) -> tuple[bytes, str | None, str]:
     """The uploaded file: multipart field `file`, or the raw body. Returns data, name, type."""
     content_type = request.headers.get("content-type", "application/octet-stream")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ServiceError(422, "invalid_request", "multipart body needs a file field `file`")
-        data = await upload.read()
-        name, kind = upload.filename, upload.content_type or "application/octet-stream"
+        async with request.form() as form:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ServiceError(
+                    422, "invalid_request", "multipart body needs a file field `file`"
+                )
+            data = await upload.read()
+            name, kind = upload.filename, upload.content_type or "application/octet-stream"
     else:
         data, name, kind = await request.body(), None, content_type.split(";")[0].strip()
     if not data:

@@ -8,7 +8,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from rma.services._common import Gateway, ServiceError, create_service_app, read_upload, run_sync
+from rma.services._common import (
+    Gateway,
+    ServiceError,
+    create_service_app,
+    read_upload,
+    require,
+    run_sync,
+)
 from rma.services.settings import ServiceSettings
 
 
@@ -23,12 +30,13 @@ def sniff(data: bytes) -> str:
                     return "docx"
         except zipfile.BadZipFile:
             pass
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
     else:
-        return "text"
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "\0"
+        if not any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
+            return "text"
     raise ServiceError(415, "unsupported_media_type", "send a PDF, a DOCX or UTF-8 text")
 
 
@@ -70,13 +78,9 @@ def read_docx(data: bytes) -> str:
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The doc service's app."""
+    require("pypdf", "docx", "PIL", "multipart")
     gateway = Gateway(settings)
-
-    def load() -> None:
-        import docx  # noqa: F401
-        import pypdf  # noqa: F401
-
-    app, _ = create_service_app("doc", settings, load=load, on_shutdown=gateway.aclose)
+    app, _ = create_service_app("doc", settings, on_shutdown=gateway.aclose)
 
     async def ocr(image: bytes) -> str:
         result = await gateway.service(

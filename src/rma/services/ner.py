@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from rma.services._common import ServiceError, create_service_app, run_sync
+from rma.services._common import ServiceError, create_service_app, require, run_sync
 from rma.services.settings import ServiceSettings
 
 
@@ -65,6 +65,9 @@ class Tagger:
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The ner service's app."""
+    require("spacy")
+    if "/" not in settings.ner_model and "\\" not in settings.ner_model:
+        require(settings.ner_model)
     tagger = Tagger(settings.ner_model)
     app, readiness = create_service_app("ner", settings, load=tagger.load)
 

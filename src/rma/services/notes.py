@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Response
 from pydantic import BaseModel, Field
 
-from rma.services._common import Gateway, ServiceError, create_service_app, run_sync
+from rma.services._common import Gateway, ServiceError, create_service_app, require, run_sync
 from rma.services._vectors import Database, rank, to_blob
 from rma.services.settings import ServiceSettings
 
@@ -52,6 +52,7 @@ def _note(row: Any) -> dict[str, Any]:
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The notes service's app."""
+    require("numpy")
     gateway = Gateway(settings)
     db = Database(settings.service_data_dir / "notes.sqlite3", SCHEMA)
 

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 
-from rma.services._common import ServiceError, create_service_app, read_upload, run_sync
+from rma.services._common import (
+    ServiceError,
+    create_service_app,
+    read_upload,
+    require,
+    run_sync,
+)
 from rma.services.settings import ServiceSettings
 
 _LANG = re.compile(r"^[A-Za-z_]+(\+[A-Za-z_]+)*$")
@@ -22,7 +29,7 @@ def recognize(data: bytes, lang: str, tesseract_cmd: str | None) -> dict[str, An
     if tesseract_cmd:
         pytesseract.pytesseract.tesseract_cmd = tesseract_cmd
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
         image.load()
     except Image.DecompressionBombError as exc:
         raise ServiceError(413, "too_large", f"image too large: {exc}") from exc
@@ -67,6 +74,11 @@ def recognize(data: bytes, lang: str, tesseract_cmd: str | None) -> dict[str, An
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The ocr service's app."""
+    require("pytesseract", "PIL", "multipart")
+    if not shutil.which(settings.tesseract_cmd or "tesseract"):
+        raise FileNotFoundError(
+            "no tesseract binary: install tesseract-ocr or set RMA_TESSERACT_CMD"
+        )
 
     def load() -> None:
         import pytesseract

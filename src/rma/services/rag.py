@@ -11,7 +11,14 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from rma.services._common import Gateway, ServiceError, create_service_app, read_upload, run_sync
+from rma.services._common import (
+    Gateway,
+    ServiceError,
+    create_service_app,
+    read_upload,
+    require,
+    run_sync,
+)
 from rma.services._vectors import Database, rank, to_blob
 from rma.services.settings import ServiceSettings
 
@@ -67,8 +74,9 @@ def chunk_text(text: str, size: int, overlap: int) -> list[str]:
     for piece in pieces:
         if current and len(current) + 1 + len(piece) > size:
             chunks.append(current)
-            tail = current[-overlap:] if overlap else ""
-            tail = tail.split(" ", 1)[1] if " " in tail and len(tail) < len(current) else tail
+            keep = min(overlap, len(current) // 2)
+            tail = current[len(current) - keep :] if keep else ""
+            tail = tail.split(" ", 1)[1] if " " in tail else ""  # start on a whole word
             current = f"{tail} {piece}".strip() if tail else piece
         else:
             current = f"{current} {piece}".strip()
@@ -90,6 +98,7 @@ def _document(row: Any) -> dict[str, Any]:
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The rag service's app."""
+    require("numpy", "multipart")
     gateway = Gateway(settings)
     db = Database(settings.service_data_dir / "rag.sqlite3", SCHEMA)
 
@@ -122,7 +131,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 )
                 conn.executemany(
                     "INSERT INTO chunks VALUES (?, ?, ?, ?)",
-                    [(doc_id, i, c, to_blob(v)) for i, (c, v) in enumerate(zip(chunks, vectors))],
+                    [
+                        (doc_id, i, text, to_blob(vector))
+                        for i, (text, vector) in enumerate(zip(chunks, vectors, strict=True))
+                    ],
                 )
 
         await run_sync(store)

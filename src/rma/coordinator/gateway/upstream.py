@@ -16,12 +16,24 @@ from rma.coordinator.registry import WorkerState
 
 
 class UpstreamError(Exception):
-    """The worker failed.  ``retryable`` is true when nothing reached the client yet."""
+    """The worker failed.  ``retryable`` is true when nothing reached the client yet.
 
-    def __init__(self, message: str, *, retryable: bool = True, status: int | None = None) -> None:
+    ``timeout`` marks a failure by time (connect or first-byte timeout): the gateway answers 504
+    instead of 502 when every attempt failed that way.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = True,
+        status: int | None = None,
+        timeout: bool = False,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
+        self.timeout = timeout
 
 
 @dataclass(slots=True)

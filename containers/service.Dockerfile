@@ -1,0 +1,17 @@
+# One image per built-in service:  docker build -f containers/service.Dockerfile \
+#   --build-arg SERVICE=llm -t rma/llm:latest .
+# The catalog's `image` for llm, embeddings, ocr, ner, doc, rag and notes is rma/<name>:latest.
+FROM python:3.11-slim
+ARG SERVICE
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 RMA_SERVICE=${SERVICE}
+RUN apt-get update && apt-get install -y --no-install-recommends tesseract-ocr build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY requirements ./requirements
+COPY src ./src
+RUN pip install --no-cache-dir -r requirements/torch-cpu.txt --index-url https://download.pytorch.org/whl/cpu \
+    && CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install --no-cache-dir '.[local]'
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"
+CMD ["sh", "-c", "exec rma service run \"$RMA_SERVICE\" --host 0.0.0.0 --port 8000"]

@@ -1,0 +1,44 @@
+"""Developer sessions: ``nox -s tests lint typecheck bench``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PY = "3.11"
+
+
+def _install(session: nox.Session, extras: str = "all,dev") -> None:
+    session.install("-r", "requirements/torch-cpu.txt")
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session(python=PY)
+def tests(session: nox.Session) -> None:
+    """The test suite (the same command CI runs)."""
+    _install(session)
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(python=PY)
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "src", "tests", "bench", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "bench", "noxfile.py")
+
+
+@nox.session(python=PY)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on src/."""
+    _install(session, "postgres,redis,docker,gpu,dev")
+    session.run("mypy")
+
+
+@nox.session(python=PY)
+def bench(session: nox.Session) -> None:
+    """Gateway benchmarks (docs/benchmarks.md): ``nox -s bench -- --quick`` for a short run."""
+    _install(session, "dev")
+    session.run("python", "-m", "bench", *session.posargs)

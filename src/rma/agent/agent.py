@@ -1,0 +1,512 @@
+"""The agent: join the pool, heartbeat, run the assigned services, leave.
+
+``Agent`` is an async context manager; :meth:`Agent.run` joins, then runs its loops (heartbeat,
+reconcile and, with the tunnel transport, the tunnel client) in one task group until
+:meth:`Agent.request_stop`; then it leaves: tells the coordinator it is draining, lets in-flight
+requests finish (bounded), stops its services and ``POST /api/worker/leave``.  A second
+:meth:`request_stop` stops at once.  Every loop has jitter and backoff; ``register_once``,
+``heartbeat_once`` and ``reconcile_once`` do one step each (tests drive them directly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+import psutil
+
+from rma import __version__
+from rma.agent.backoff import Backoff, jittered
+from rma.agent.gpu import Nvml
+from rma.agent.reconcile import Reconciler, Unit
+from rma.agent.runtimes.base import Runtime
+from rma.agent.state import (
+    AgentLock,
+    Identity,
+    ensure_dir,
+    load_identity,
+    save_identity,
+    save_status,
+)
+from rma.catalog import Catalog
+from rma.client import CoordinatorClient, RmaError, tls_verify
+from rma.schemas.api import (
+    Capabilities,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    Load,
+    RegisterRequest,
+    RegisterResponse,
+)
+from rma.schemas.enums import ServiceState, Transport
+from rma.settings import WorkerSettings
+
+log = logging.getLogger("rma.agent")
+
+#: Least time between two heartbeats, even when service transitions ask for one sooner.
+MIN_HEARTBEAT_GAP = 0.25
+
+
+class AgentExit(Exception):
+    """The agent must stop: ``code`` is the exit status, ``message`` says why."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def retryable(exc: RmaError) -> bool:
+    """Transport failures, timeouts, rate limits and server errors are worth retrying."""
+    return exc.status is None or exc.status >= 500 or exc.status in (408, 425, 429)
+
+
+def default_name() -> str:
+    """The host name, made a valid worker name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]).strip("-._")
+    return (name or "worker")[:63]
+
+
+def release_memory() -> None:
+    """Collect garbage and return free heap pages to the OS (glibc), to keep an idle agent small."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def resolve_transport(value: str) -> Transport:
+    """``auto`` is the tunnel: it works from behind NAT without opening a port."""
+    return Transport.DIRECT if value == "direct" else Transport.TUNNEL
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        runtime: Runtime,
+        catalog: Catalog,
+        capabilities: Capabilities,
+        transport: Transport | None = None,
+        client: CoordinatorClient | None = None,
+        nvml: Nvml | None = None,
+        probe_interval: float = 5.0,
+        reconcile_interval: float = 5.0,
+        retry_cap: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.catalog = catalog
+        self.capabilities = capabilities
+        self.transport = transport or resolve_transport(settings.transport)
+        self.data_dir = settings.data_dir
+        self.name = settings.name or default_name()
+        self.verify = tls_verify(settings.ca_file, settings.insecure)
+        self.client = client or CoordinatorClient(
+            settings.coordinator_url, timeout=15.0, verify=self.verify
+        )
+        self.nvml = nvml
+        self.reconcile_interval = reconcile_interval
+        self.retry_cap = retry_cap
+        self.reconciler = Reconciler(
+            runtime,
+            self.data_dir,
+            advertise_host=settings.advertise_host,
+            health_timeout=settings.health_timeout,
+            probe_interval=probe_interval,
+            on_change=self._on_change,
+        )
+        self.identity: Identity | None = None
+        self.worker_id: str | None = None
+        self.tier_name: str | None = None
+        self.interval = 30.0
+        self.coordinator_status: str | None = None
+        self.draining = False
+        self.forced = False
+        self.last_heartbeat: dict[str, Any] | None = None
+        self.started_at = time.time()
+        self.tunnel: Any = None
+        self._stop = asyncio.Event()
+        self._wake_heartbeat = asyncio.Event()
+        self._wake_reconcile = asyncio.Event()
+        self._stop_requests = 0
+        self._main: asyncio.Task[Any] | None = None
+        self._lock = AgentLock(self.data_dir)
+        self._last_beat = 0.0
+        self._running = False
+
+    # --- context ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        ensure_dir(self.data_dir)
+        self._lock.acquire()
+        try:
+            self.identity = load_identity(self.data_dir)
+            cleaned = await self.runtime.cleanup()
+        except BaseException:
+            self._lock.release()
+            raise
+        for what in cleaned:
+            log.warning("removed %s left by an earlier run of this agent", what)
+        self._running = True
+        self.write_status()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.reconciler.stop_all(grace=0 if self.forced else None)
+        finally:
+            self._running = False
+            with contextlib.suppress(Exception):
+                self.write_status()
+            await self.reconciler.aclose()
+            await self.client.aclose()
+            await self.runtime.aclose()
+            if self.nvml is not None:
+                self.nvml.close()
+            self._lock.release()
+
+    # --- stopping --------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: leave gracefully.  Second call: stop at once."""
+        self._stop_requests += 1
+        if self._stop_requests == 1:
+            log.warning("stopping: draining, then leaving the pool (again to stop at once)")
+            self._stop.set()
+        else:
+            log.warning("stopping at once")
+            self.forced = True
+            if self._main is not None:
+                self._main.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # --- one step each ---------------------------------------------------------------------------
+
+    def runnable(self) -> list[str]:
+        """The catalog services this machine's runtime can actually start."""
+        return [n for n, spec in self.catalog.items() if self.runtime.unavailable(spec) is None]
+
+    def register_request(self) -> RegisterRequest:
+        ident = self.identity
+        if ident is not None and ident.coordinator_url != self.settings.coordinator_url:
+            ident = None  # joined another coordinator before: a new worker here
+        return RegisterRequest(
+            token=self.settings.token,
+            name=self.name,
+            capabilities=self.capabilities,
+            labels=self.settings.labels,
+            version=__version__,
+            worker_id=ident.worker_id if ident else None,
+            worker_secret=ident.worker_secret if ident else None,
+            transport=self.transport,
+            runnable=self.runnable(),
+        )
+
+    async def register_once(self) -> RegisterResponse:
+        req = self.register_request()
+        if req.worker_id is None and not req.token:
+            raise AgentExit(
+                1,
+                "no join token: pass --token (create one on the coordinator with "
+                "`rma admin tokens create`); a worker that joined before re-joins without one",
+            )
+        resp = await self.client.register(req)
+        if resp.worker_secret:
+            self.identity = Identity(
+                worker_id=resp.worker_id,
+                worker_secret=resp.worker_secret,
+                coordinator_url=self.settings.coordinator_url,
+                name=self.name,
+            )
+            path = save_identity(self.data_dir, self.identity)
+            log.info("saved this worker's identity in %s", path)
+        self.worker_id = resp.worker_id
+        self.tier_name = resp.tier_name
+        self.interval = resp.heartbeat_interval
+        self.coordinator_status = "online"
+        if self.reconciler.set_desired(resp.assignments):
+            self._wake_reconcile.set()
+        log.info(
+            "joined %s as worker %s (tier %s) with %s",
+            self.settings.coordinator_url,
+            resp.worker_id,
+            resp.tier_name,
+            ", ".join(s.name for s in resp.assignments) or "no services",
+        )
+        return resp
+
+    def load(self) -> Load:
+        vm = psutil.virtual_memory()
+        gpu, gpu_mem = (None, None)
+        if self.nvml is not None and self.capabilities.gpus:
+            gpu, gpu_mem = self.nvml.load()
+        return Load(
+            cpu_percent=psutil.cpu_percent(None),
+            memory_percent=vm.percent,
+            gpu_percent=gpu,
+            gpu_memory_percent=gpu_mem,
+        )
+
+    async def heartbeat_once(self) -> HeartbeatResponse:
+        statuses = self.reconciler.statuses()
+        req = HeartbeatRequest(load=self.load(), services=statuses, draining=self.draining)
+        self._last_beat = time.monotonic()
+        try:
+            resp = await self.client.heartbeat(req)
+        except RmaError as exc:
+            self.last_heartbeat = {"at": time.time(), "ok": False, "error": exc.message}
+            self.write_status()
+            raise
+        self.reconciler.forget_stopped(s.name for s in statuses if s.state is ServiceState.STOPPED)
+        self.interval = resp.heartbeat_interval
+        self.coordinator_status = resp.status.value
+        self.last_heartbeat = {"at": time.time(), "ok": True, "status": resp.status.value}
+        if not self.stopping and self.reconciler.set_desired(resp.assignments):
+            self._wake_reconcile.set()
+        self.write_status()
+        return resp
+
+    async def reconcile_once(self) -> None:
+        await self.reconciler.run_once()
+
+    # --- the loops -------------------------------------------------------------------------------
+
+    async def join(self) -> RegisterResponse | None:
+        """Register, retrying while the coordinator is unreachable; ``None`` if stopped first."""
+        backoff = Backoff(1.0, self.retry_cap)
+        while not self.stopping:
+            try:
+                return await self.register_once()
+            except RmaError as exc:
+                if not retryable(exc):
+                    raise AgentExit(1, self._refusal(exc)) from None
+                delay = backoff.next()
+                log.warning("cannot register: %s; retrying in %.0fs", exc.message, delay)
+                await self._sleep(delay)
+        return None
+
+    def _refusal(self, exc: RmaError) -> str:
+        path = self.data_dir / "worker.json"
+        if exc.code == "invalid_worker_secret":
+            return f"{exc.message} (the identity in {path} is not valid here; delete it)"
+        if exc.code == "removed":
+            return f"{exc.message} (pass a new --token to join again)"
+        if exc.code == "invalid_token":
+            return f"the coordinator refused the join token: {exc.message}"
+        return f"the coordinator refused this worker: {exc.message}"
+
+    async def run(self) -> int:
+        """Join, run until stopped, leave.  Returns the exit status; raises :class:`AgentExit`."""
+        self._main = asyncio.current_task()
+        if await self.join() is None:
+            return 0
+        await self.reconcile_once()
+        release_memory()  # start-up (imports, detection) is over: hand its heap back
+        try:
+            async with asyncio.TaskGroup() as tg:
+                loops = [
+                    tg.create_task(self._heartbeat_loop(), name="rma:heartbeat"),
+                    tg.create_task(self._reconcile_loop(), name="rma:reconcile"),
+                ]
+                tunnel = self._make_tunnel()
+                if tunnel is not None:
+                    loops.append(
+                        tg.create_task(self._keep(tunnel.run, "tunnel"), name="rma:tunnel")
+                    )
+                await self._stop.wait()
+                for task in loops:
+                    task.cancel()
+        except* AgentExit as group:
+            raise group.exceptions[0] from None
+        await self.leave()
+        return 0
+
+    async def _heartbeat_loop(self) -> None:
+        backoff = Backoff(1.0, self.retry_cap)
+        failing = False
+        while True:
+            wait = jittered(self.interval)
+            try:
+                await self.heartbeat_once()
+                if failing:
+                    log.warning("the coordinator answers again")
+                failing = False
+                backoff.reset()
+            except RmaError as exc:
+                if exc.status == 401 and exc.code == "removed":
+                    raise AgentExit(
+                        1, "this worker was removed by the operator; its services are stopped"
+                    ) from None
+                if exc.status in (401, 409):
+                    log.warning(
+                        "the coordinator does not know this worker (%s): registering again",
+                        exc.message,
+                    )
+                    if await self.join() is None:
+                        return
+                    await self.reconcile_once()
+                    continue
+                wait = backoff.next()
+                if not failing or log.isEnabledFor(logging.DEBUG):
+                    log.warning(
+                        "heartbeat failed: %s; services keep running; retrying in %.0fs",
+                        exc.message,
+                        wait,
+                    )
+                failing = True
+            await self._wait(self._wake_heartbeat, wait)
+            gap = MIN_HEARTBEAT_GAP - (time.monotonic() - self._last_beat)
+            if gap > 0:
+                await asyncio.sleep(gap)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._wait(self._wake_reconcile, jittered(self.reconcile_interval))
+            try:
+                await self.reconcile_once()
+            except Exception:
+                log.exception("reconcile failed; trying again")
+
+    async def _keep(self, fn: Callable[[], Awaitable[None]], what: str) -> None:
+        """Run ``fn`` forever: restart it with backoff when it ends or fails."""
+        backoff = Backoff(1.0, 60.0)
+        while True:
+            started = time.monotonic()
+            try:
+                await fn()
+                reason = "ended"
+            except Exception as exc:
+                reason = f"failed: {type(exc).__name__}: {exc}"
+            if time.monotonic() - started > 60:
+                backoff.reset()
+            delay = backoff.next()
+            log.warning("%s %s; restarting in %.0fs", what, reason, delay)
+            await asyncio.sleep(delay)
+
+    def _make_tunnel(self) -> Any:
+        if self.transport is not Transport.TUNNEL:
+            return None
+        try:
+            from rma.agent.tunnel import TunnelClient  # type: ignore[import-not-found, unused-ignore]
+        except ImportError:
+            log.debug("no tunnel client in this build")
+            return None
+        self.tunnel = TunnelClient(
+            self.settings.coordinator_url,
+            credential=lambda: self.client.credential or "",
+            endpoints=self.reconciler.local_endpoint,
+            verify=self.verify,
+        )
+        return self.tunnel
+
+    def inflight(self) -> int:
+        """Requests the tunnel is carrying to this agent's services right now (0 without one)."""
+        value = getattr(self.tunnel, "inflight", 0)
+        if callable(value):
+            value = value()
+        if isinstance(value, dict):
+            return sum(int(v) for v in value.values())
+        return int(value) if isinstance(value, int | float) else 0
+
+    async def leave(self) -> None:
+        """Drain, stop the services, tell the coordinator this worker left."""
+        self.draining = True
+        with contextlib.suppress(RmaError, TimeoutError):
+            await asyncio.wait_for(self.heartbeat_once(), 10)
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.inflight() > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a count
+            await asyncio.sleep(0.1)
+        if self.inflight() > 0:
+            log.warning(
+                "%d request(s) still in flight after %.0fs",
+                self.inflight(),
+                self.settings.drain_timeout,
+            )
+        await self.reconciler.stop_all()
+        with contextlib.suppress(RmaError, TimeoutError):
+            await asyncio.wait_for(self.heartbeat_once(), 10)
+        try:
+            await asyncio.wait_for(self.client.leave(), 10)
+            log.warning("left the pool")
+        except (RmaError, TimeoutError) as exc:
+            reason = exc.message if isinstance(exc, RmaError) else "timed out"
+            log.warning("services stopped, but the coordinator was not told: %s", reason)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _on_change(self, unit: Unit) -> None:
+        self._wake_heartbeat.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), seconds)
+        event.clear()
+
+    def status(self) -> dict[str, Any]:
+        """What ``rma worker status`` shows."""
+        units = self.reconciler.units
+        return {
+            "pid": os.getpid(),
+            "running": self._running,
+            "coordinator": self.settings.coordinator_url,
+            "worker_id": self.worker_id or (self.identity.worker_id if self.identity else None),
+            "name": self.name,
+            "tier": self.tier_name,
+            "runtime": self.runtime.describe(),
+            "transport": self.transport.value,
+            "status": self.coordinator_status,
+            "draining": self.draining,
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            "heartbeat_interval": self.interval,
+            "last_heartbeat": self.last_heartbeat,
+            "tunnel": self._tunnel_status(),
+            "services": [
+                {
+                    **s.model_dump(mode="json"),
+                    "port": units[s.name].port if s.name in units else None,
+                    "restarts": units[s.name].restarts if s.name in units else 0,
+                }
+                for s in self.reconciler.statuses()
+            ],
+        }
+
+    def _tunnel_status(self) -> dict[str, Any] | None:
+        t = self.tunnel
+        if t is None:
+            return None
+        return {
+            "connected": bool(getattr(t, "connected", False)),
+            "connects": getattr(t, "connects", None),
+            "last_error": getattr(t, "last_error", None),
+            "inflight": self.inflight(),
+        }
+
+    def write_status(self) -> None:
+        try:
+            save_status(self.data_dir, self.status())
+        except OSError as exc:
+            log.debug("cannot write the status file: %s", exc)

@@ -1,0 +1,363 @@
+"""``rma worker ...``: detect this machine's hardware, join the pool, show the agent's status."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from rma.cli.options import CaFileOpt, CoordinatorOpt, JsonOpt
+from rma.cli.output import ago, err, fail, out, print_json, table
+
+if TYPE_CHECKING:
+    from rma.agent.hardware import Detection
+    from rma.settings import WorkerSettings
+
+app = typer.Typer(
+    help="Donate this machine: detect its hardware, join a pool, show the agent.",
+    no_args_is_help=True,
+)
+
+
+class RuntimeKind(StrEnum):
+    auto = "auto"
+    docker = "docker"
+    process = "process"
+
+
+class TransportKind(StrEnum):
+    auto = "auto"
+    tunnel = "tunnel"
+    direct = "direct"
+
+
+class NetworkKind(StrEnum):
+    auto = "auto"
+    bridge = "bridge"
+    host = "host"
+
+
+CatalogOpt = Annotated[
+    Path | None,
+    typer.Option(help="Operator's catalog TOML (the coordinator's decides assignments)."),
+]
+WorkerDataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="RMA_DATA_DIR",
+        help="The agent's state: identity, logs, services (default: ~/.local/share/rma/worker).",
+    ),
+]
+
+
+def register(root: typer.Typer) -> None:
+    """Attach ``rma worker`` to the root app."""
+    root.add_typer(app, name="worker")
+
+
+def _settings(**flags: Any) -> WorkerSettings:
+    from pydantic import ValidationError
+
+    from rma.settings import WorkerSettings
+
+    config = flags.pop("config", None)
+    try:
+        return WorkerSettings.load(config, **flags)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        fail(f"invalid setting {where}: {first['msg']}")
+
+
+def _labels(values: list[str] | None) -> dict[str, str] | None:
+    if not values:
+        return None
+    labels: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--label")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+# --- detect --------------------------------------------------------------------------------------
+
+
+def _runnable(detection: Detection, catalog_file: Path | None) -> dict[str, str | None]:
+    from rma.agent.runtimes import ProcessRuntime
+    from rma.agent.runtimes.base import image_unavailable
+    from rma.catalog import CatalogError, load_catalog
+
+    try:
+        catalog = load_catalog(catalog_file)
+    except CatalogError as exc:
+        fail(str(exc))
+    process = ProcessRuntime(detection.data_dir)
+    gpus = bool(detection.capabilities.gpus)
+    result: dict[str, str | None] = {}
+    for name, spec in catalog.items():
+        by_process = process.unavailable(spec)
+        by_docker = image_unavailable(spec, gpus=gpus)
+        if by_docker is None and not detection.docker.available:
+            by_docker = "no Docker engine answers"
+        if by_process is None or by_docker is None:
+            result[name] = None
+        else:
+            result[name] = f"process: {by_process}; docker: {by_docker}"
+    return result
+
+
+@app.command()
+def detect(
+    json: JsonOpt = False,
+    data_dir: WorkerDataDirOpt = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Show this machine's CPU, RAM, disk, OS, Docker, NVIDIA GPUs and the tier it would get."""
+    from rma.agent.hardware import detect as detect_hardware
+
+    settings = _settings(data_dir=data_dir)
+    found = detect_hardware(settings.data_dir)
+    doc = found.to_json()
+    doc["services"] = _runnable(found, catalog)
+    if json:
+        print_json(doc)
+        return
+    caps = found.capabilities
+    rows: list[list[Any]] = [
+        ["CPU", f"{caps.cpu_model or 'unknown'} ({caps.cpu_cores} cores)"],
+        ["RAM", f"{caps.memory_mb} MB total, {caps.memory_available_mb} MB available"],
+        ["disk", f"{caps.disk_free_mb} MB free in {found.data_dir}"],
+        ["OS", f"{caps.os} {caps.arch}"],
+        [
+            "Docker",
+            f"engine {found.docker.version}"
+            if found.docker.available
+            else f"absent: {found.docker.reason}",
+        ],
+    ]
+    for g in caps.gpus:
+        rows.append(
+            [
+                f"GPU {g.index}",
+                f"{g.name}, {g.memory_mb} MB ({g.memory_free_mb} MB free), "
+                f"{g.utilization_percent}% busy, driver {g.driver}",
+            ]
+        )
+    if not caps.gpus:
+        rows.append(["GPU", f"absent: {found.gpu_absent}"])
+    tier = f"{found.tier} ({found.tier_name})" if found.tier else f"none: {found.tier_refused}"
+    rows.append(["tier", tier])
+    runnable = [n for n, why in doc["services"].items() if why is None]
+    rows.append(["can run", ", ".join(runnable) or "no catalog service"])
+    table(None, ["", "this machine"], rows)
+
+
+# --- join ----------------------------------------------------------------------------------------
+
+
+def _configure_logging(verbose: bool) -> None:
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    logger = logging.getLogger("rma.agent")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+@app.command()
+def join(
+    coordinator: CoordinatorOpt = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Join token from `rma admin tokens create`; only the first join needs one "
+            "(env: RMA_TOKEN).",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name (default: the host name).")] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE label for placement (repeat); rma.services=a,b limits services."
+        ),
+    ] = None,
+    runtime: Annotated[
+        RuntimeKind | None,
+        typer.Option(help="How services run: docker when an engine answers (auto), or processes."),
+    ] = None,
+    transport: Annotated[
+        TransportKind | None,
+        typer.Option(help="How requests reach this worker: tunnel (auto) or direct HTTP."),
+    ] = None,
+    catalog: CatalogOpt = None,
+    data_dir: WorkerDataDirOpt = None,
+    advertise_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Host the coordinator reaches services on, direct transport (default: 127.0.0.1)."
+        ),
+    ] = None,
+    docker_network: Annotated[
+        NetworkKind,
+        typer.Option(
+            envvar="RMA_DOCKER_NETWORK",
+            help="Docker networking: publish ports on a bridge, or the host's network "
+            "(auto: bridge when the engine has one).",
+        ),
+    ] = NetworkKind.auto,
+    ca_file: CaFileOpt = None,
+    insecure: Annotated[
+        bool | None, typer.Option("--insecure", help="Skip TLS verification (testing only).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML config file (its worker section).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more.")] = False,
+) -> None:
+    """Join a pool and run its services here until stopped (Ctrl-C leaves the pool cleanly)."""
+    import asyncio
+    import signal
+
+    from rma.agent.agent import Agent, AgentExit
+    from rma.agent.gpu import Nvml
+    from rma.agent.hardware import detect as detect_hardware
+    from rma.agent.runtimes import RuntimeFailure, select_runtime
+    from rma.agent.state import StateError, agent_key
+    from rma.catalog import CatalogError, load_catalog
+
+    settings = _settings(
+        config=config,
+        coordinator_url=coordinator,
+        token=token,
+        name=name,
+        labels=_labels(label),
+        runtime=runtime.value if runtime else None,
+        transport=transport.value if transport else None,
+        catalog=catalog,
+        data_dir=data_dir,
+        advertise_host=advertise_host,
+        ca_file=ca_file,
+        insecure=insecure,
+    )
+    _configure_logging(verbose)
+    try:
+        services = load_catalog(settings.catalog)
+    except CatalogError as exc:
+        fail(str(exc))
+    found = detect_hardware(settings.data_dir)
+    caps = found.capabilities
+    bind = "127.0.0.1" if settings.advertise_host.startswith("127.") else "0.0.0.0"
+    try:
+        rt = select_runtime(
+            settings.runtime,
+            settings.data_dir,
+            agent_key=agent_key(settings.data_dir),
+            network=docker_network.value,
+            bind_host=bind,
+            gpus=bool(caps.gpus),
+        )
+    except RuntimeFailure as exc:
+        fail(str(exc))
+    nvml = Nvml() if caps.gpus else None
+    agent = Agent(settings, runtime=rt, catalog=services, capabilities=caps, nvml=nvml)
+    err.print(
+        f"rma worker {agent.name}: joining {settings.coordinator_url} "
+        f"(runtime {rt.name}, transport {agent.transport.value}, data dir {settings.data_dir})"
+    )
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, agent.request_stop)
+        async with agent:
+            try:
+                return await agent.run()
+            except asyncio.CancelledError:
+                if agent.forced:
+                    return 130
+                raise
+
+    try:
+        code = asyncio.run(main())
+    except KeyboardInterrupt:  # before the agent's own signal handlers were in place
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    except AgentExit as exc:
+        fail(exc.message, exit_code=exc.code or 1)
+    except StateError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+# --- status --------------------------------------------------------------------------------------
+
+
+@app.command()
+def status(json: JsonOpt = False, data_dir: WorkerDataDirOpt = None) -> None:
+    """Show what the agent on this machine runs and its last heartbeat."""
+    from rma.agent.state import agent_running, load_status
+
+    settings = _settings(data_dir=data_dir)
+    doc = load_status(settings.data_dir)
+    if doc is None:
+        fail(
+            f"no agent has run with the data dir {settings.data_dir} "
+            "(start one with `rma worker join`)",
+            json_mode=json,
+            code="not_found",
+        )
+    pid = agent_running(settings.data_dir)
+    doc["running"] = pid is not None
+    if pid is None:
+        doc["pid"] = None
+    elif pid > 0:
+        doc["pid"] = pid
+    if json:
+        print_json(doc)
+        return
+    from datetime import UTC, datetime
+
+    beat = doc.get("last_heartbeat") or {}
+    when = datetime.fromtimestamp(beat["at"], UTC) if beat.get("at") else None
+    result = (
+        "never"
+        if not beat
+        else f"ok ({beat.get('status')}) {ago(when)}"
+        if beat.get("ok")
+        else f"failed {ago(when)}: {beat.get('error')}"
+    )
+    state = f"running (pid {doc['pid']})" if doc["running"] else "not running"
+    runtime = (doc.get("runtime") or {}).get("name")
+    out.print(
+        f"agent: {state}\nworker: {doc.get('name')} ({doc.get('worker_id') or 'not joined'}), "
+        f"tier {doc.get('tier') or '-'}, {doc.get('status') or '-'}\n"
+        f"coordinator: {doc.get('coordinator')}  runtime: {runtime}  "
+        f"transport: {doc.get('transport')}\nlast heartbeat: {result}"
+    )
+    table(
+        None,
+        ["SERVICE", "STATE", "HEALTHY", "ENDPOINT", "RESTARTS", "MESSAGE"],
+        [
+            [
+                s["name"],
+                s["state"],
+                "yes" if s.get("healthy") else "no",
+                s.get("endpoint"),
+                s.get("restarts", 0),
+                s.get("message"),
+            ]
+            for s in doc.get("services", [])
+        ],
+    )
+    if not doc["running"]:
+        age = time.time() - float(doc.get("updated_at") or 0)
+        err.print(f"(as of {age:.0f}s ago, when the agent last wrote it)")

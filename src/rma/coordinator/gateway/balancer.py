@@ -1,0 +1,239 @@
+"""Worker choice: least loaded relative to capacity, cool-downs, and the bounded wait queue.
+
+Everything here runs on the event loop (no locks): in-flight counters are this coordinator's,
+the reported load comes from heartbeats in the routing table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+
+from rma.coordinator.errors import APIError
+from rma.coordinator.registry import Registry, WorkerState
+
+Key = tuple[str, str]  # (worker id, service)
+
+
+class Lease:
+    """One in-flight request on one worker; :meth:`release` is idempotent (use ``finally``)."""
+
+    __slots__ = ("_balancer", "_released", "key", "service", "worker")
+
+    def __init__(self, balancer: Balancer, worker: WorkerState, service: str) -> None:
+        self._balancer = balancer
+        self.worker = worker
+        self.service = service
+        self.key: Key = (worker.id, service)
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._balancer._release(self)
+
+
+class Balancer:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        capacity: int,
+        queue_size: int,
+        queue_timeout: float,
+        cooldown_base: float,
+        cooldown_max: float,
+        reachable: Callable[[WorkerState], bool] = lambda w: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.capacity = capacity
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self.cooldown_base = cooldown_base
+        self.cooldown_max = cooldown_max
+        self.reachable = reachable
+        self.clock = clock
+        self.inflight: dict[Key, int] = {}
+        self.cool_until: dict[Key, float] = {}
+        self.failures: dict[Key, int] = {}
+        self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self.queued = 0
+
+    # --- choosing ---------------------------------------------------------------------------------
+
+    def workers_for(self, service: str) -> list[WorkerState]:
+        """Workers that run ``service`` healthy and that a transport can reach now."""
+        return [w for w in self.registry.routable(service) if self.reachable(w)]
+
+    def capacity_of(self, worker: WorkerState) -> int:
+        return self.capacity
+
+    def cooling(self, key: Key, now: float) -> bool:
+        until = self.cool_until.get(key)
+        return until is not None and until > now
+
+    def pick(self, service: str, exclude: set[str]) -> WorkerState | bool | None:
+        """The best worker; ``None`` when no untried worker is left; ``False`` when all are full.
+
+        Raises 503 when no worker runs the service at all.
+        """
+        every = self.workers_for(service)
+        if not every:
+            raise APIError(
+                503,
+                f"no worker is running service {service!r} right now; try again later",
+                "no_worker",
+            )
+        now = self.clock()
+        warm = [w for w in every if not self.cooling((w.id, service), now)]
+        # Never cool a service down to zero capacity: when all are cooling, all may serve.
+        pool = [w for w in (warm or every) if w.id not in exclude]
+        if not pool:
+            return None
+        best: list[WorkerState] = []
+        best_score = math.inf
+        for w in pool:
+            cap = self.capacity_of(w)
+            mine = self.inflight.get((w.id, service), 0)
+            if mine >= cap:
+                continue
+            status = w.services.get(service)
+            reported = status.inflight if status is not None else 0
+            score = (mine + reported) / cap
+            if score < best_score:
+                best_score = score
+                best = [w]
+            elif score == best_score:
+                best.append(w)
+        if not best:
+            return False
+        return best[0] if len(best) == 1 else random.choice(best)
+
+    async def acquire(self, service: str, exclude: set[str]) -> Lease | None:
+        """A lease on the best worker, waiting in the queue while every worker is at capacity.
+
+        ``None`` when every worker was tried already.  429 when the queue is full or the wait
+        times out; 503 when no worker runs the service.
+        """
+        waiting = self.waiters.get(service)
+        if not waiting:  # nobody queued ahead of us
+            choice = self.pick(service, exclude)
+            if choice is None:
+                return None
+            if isinstance(choice, WorkerState):
+                return self._take(choice, service)
+        return await self._wait(service, exclude)
+
+    async def _wait(self, service: str, exclude: set[str]) -> Lease | None:
+        if self.queued >= self.queue_size:
+            raise self._saturated(service, "the wait queue is full")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_timeout
+        queue = self.waiters.setdefault(service, deque())
+        self.queued += 1
+        front = False
+        try:
+            while True:
+                fut: asyncio.Future[None] = loop.create_future()
+                if front:
+                    queue.appendleft(fut)
+                else:
+                    queue.append(fut)
+                remaining = deadline - loop.time()
+                try:
+                    # Wake on a released slot; re-check now and then for new workers.
+                    async with asyncio.timeout(min(remaining, 1.0)):
+                        await fut
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        raise self._saturated(
+                            service, f"no capacity freed within {self.queue_timeout:g} s"
+                        ) from None
+                finally:
+                    if not fut.done():
+                        fut.cancel()
+                    with contextlib.suppress(ValueError):
+                        queue.remove(fut)
+                choice = self.pick(service, exclude)
+                if choice is None:
+                    return None
+                if isinstance(choice, WorkerState):
+                    return self._take(choice, service)
+                front = True
+        finally:
+            self.queued -= 1
+            if not queue:
+                self.waiters.pop(service, None)
+            else:
+                self._wake(service)  # pass a wake-up we may have swallowed on
+
+    def _saturated(self, service: str, why: str) -> APIError:
+        retry = max(1, math.ceil(min(self.queue_timeout, 5.0)))
+        return APIError(
+            429,
+            f"every worker running {service!r} is at capacity and {why}; retry later",
+            "saturated",
+            headers={"Retry-After": str(retry)},
+        )
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    def _take(self, worker: WorkerState, service: str) -> Lease:
+        lease = Lease(self, worker, service)
+        self.inflight[lease.key] = self.inflight.get(lease.key, 0) + 1
+        return lease
+
+    def _release(self, lease: Lease) -> None:
+        n = self.inflight.get(lease.key, 0) - 1
+        if n > 0:
+            self.inflight[lease.key] = n
+        else:
+            self.inflight.pop(lease.key, None)
+        self._wake(lease.service)
+
+    def _wake(self, service: str) -> None:
+        queue = self.waiters.get(service)
+        if not queue:
+            return
+        for fut in queue:
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def failed(self, worker: WorkerState, service: str) -> float:
+        """Cool the worker down (5 s doubling to 60 s), unless it is the service's only one.
+
+        Returns the cool-down in seconds (0 when none was applied).
+        """
+        key = (worker.id, service)
+        n = self.failures.get(key, 0) + 1
+        self.failures[key] = n
+        others = [w for w in self.workers_for(service) if w.id != worker.id]
+        if not others:
+            return 0.0
+        seconds = min(self.cooldown_base * 2.0 ** (n - 1), self.cooldown_max)
+        self.cool_until[key] = self.clock() + seconds
+        return seconds
+
+    def succeeded(self, worker: WorkerState, service: str) -> None:
+        key = (worker.id, service)
+        if key in self.failures:
+            del self.failures[key]
+            self.cool_until.pop(key, None)
+
+    # --- metrics ----------------------------------------------------------------------------------
+
+    def inflight_by_service(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_, service), n in self.inflight.items():
+            out[service] = out.get(service, 0) + n
+        return out
+
+    def queued_by_service(self) -> dict[str, int]:
+        return {s: sum(1 for f in q if not f.done()) for s, q in self.waiters.items()}

@@ -1,0 +1,68 @@
+"""Attach the gateway to the coordinator app: routes, metrics, usage stats, background flush."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.routing import Route
+
+from rma.coordinator.gateway.asgi import Endpoint
+from rma.coordinator.gateway.proxy import BROKEN, FIRST_BYTE, LATENCY, REQUESTS, RETRIES, Gateway
+from rma.coordinator.metrics import Labels
+
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+def mount(app: FastAPI) -> Gateway:
+    state = app.state
+    pool = state.pool
+    gateway = Gateway(pool, pool.settings, state.metrics, state.auth_limiter)
+    state.gateway = gateway
+    from rma.coordinator.tunnel_hub import mount_tunnel  # GET /api/worker/tunnel
+
+    gateway.add_upstream(mount_tunnel(app))
+
+    models = Endpoint(gateway.models)
+    openai = Endpoint(gateway.openai)
+    service = Endpoint(gateway.service)
+    routes = [
+        Route("/v1/models", models, methods=["GET"], name="gateway_models"),
+        Route("/v1/models/{model:path}", models, methods=["GET"], name="gateway_model"),
+        *(Route(p, openai, methods=["POST"], name=f"gateway{p}") for p in OPENAI_PATHS),
+        Route("/api/services/{service}", service, name="gateway_service_root"),
+        Route("/api/services/{service}/{path:path}", service, name="gateway_service"),
+    ]
+    app.router.routes[0:0] = routes  # first: the hot path matches at once
+
+    _register_metrics(gateway)
+    state.stats_extensions.append(lambda: _usage_stats(gateway))
+    state.background.append(gateway.usage.run)
+    state.on_shutdown.append(gateway.aclose)
+    return gateway
+
+
+def _usage_stats(gateway: Gateway) -> dict[str, Any]:
+    names = {w.id: w.name for w in gateway.pool.registry.all()}
+    return gateway.usage.stats(names)
+
+
+def _register_metrics(gateway: Gateway) -> None:
+    m = gateway.metrics
+    m.describe(REQUESTS, "Gateway requests by service and HTTP status.")
+    m.describe(LATENCY, "Gateway request latency in seconds, to the last byte.")
+    m.describe(FIRST_BYTE, "Seconds until the worker's response headers, by service.")
+    m.describe(RETRIES, "Requests retried on another worker, by service.")
+    m.describe(BROKEN, "Streams broken after their first byte (worker failed or stalled).")
+
+    def inflight() -> list[tuple[Labels, float]]:
+        counts = gateway.balancer.inflight_by_service()
+        return [((("service", s),), float(n)) for s, n in sorted(counts.items())]
+
+    def queued() -> list[tuple[Labels, float]]:
+        counts = gateway.balancer.queued_by_service()
+        total = [((), float(gateway.balancer.queued))]
+        return total + [((("service", s),), float(n)) for s, n in sorted(counts.items())]
+
+    m.gauge("rma_gateway_inflight", "Requests in flight to workers, by service.", inflight)
+    m.gauge("rma_gateway_queue_depth", "Requests waiting for worker capacity.", queued)

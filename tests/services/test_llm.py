@@ -1,0 +1,68 @@
+"""`llm`: llama.cpp's OpenAI server with SmolLM2-135M, under the catalog's model name."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.model
+
+
+def test_health_and_model_list(llm_url: str) -> None:
+    assert httpx.get(f"{llm_url}/health").json()["status"] == "ok"
+    models = httpx.get(f"{llm_url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["smollm2-135m"]
+
+
+def test_smollm2_knows_the_capital_of_france(llm_url: str) -> None:
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0,
+        "max_tokens": 32,
+    }
+    response = httpx.post(f"{llm_url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200
+    answer = response.json()["choices"][0]["message"]["content"]
+    assert "Paris" in answer
+
+
+# llama-cpp-python never closes the receive end of its SSE stream; anyio warns when it is freed.
+@pytest.mark.filterwarnings("ignore:Unclosed <MemoryObjectReceiveStream:ResourceWarning")
+def test_openai_sdk_streams_from_it(llm_url: str) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{llm_url}/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
+    parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    client.close()
+    time.sleep(0.3)
+    gc.collect()  # free the stream now, under this test's warning filter
+    assert "".join(parts).strip()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+            404,
+            "model_not_found",
+        ),
+        ({"model": "smollm2-135m", "messages": []}, 422, "invalid_request"),
+        ({"messages": "hi"}, 422, None),
+    ],
+)
+def test_client_mistakes_are_4xx(llm_url: str, body: dict, status: int, code: str | None) -> None:
+    response = httpx.post(f"{llm_url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == status
+    if code:
+        assert response.json()["error"]["code"] == code
