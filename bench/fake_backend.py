@@ -96,7 +96,7 @@ class Backend:
                 await self.dispatch(method, target, body, writer)
                 if close:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return
         finally:
             with contextlib.suppress(Exception):

@@ -466,8 +466,6 @@ class TopApp(App[None]):
         else:
             self.selected_id = None
         table.scroll_y = scroll
-        empty = "no workers match the filter" if self.pool_workers else "no workers yet"
-        table.border_subtitle = f"{len(rows)} of {len(self.pool_workers)}" if rows else empty
 
     def selected_worker(self) -> WorkerPublic | None:
         for w in self.pool_workers:
@@ -479,7 +477,15 @@ class TopApp(App[None]):
         body = self.main.query_one("#detail-body", Static)
         w = self.selected_worker()
         if w is None:
-            body.update(Text("select a worker to see its detail", "dim"))
+            if not self.pool_workers:
+                hint = (
+                    "no workers yet: `rma admin tokens create`, then on a machine `rma worker join`"
+                )
+            elif not self.visible_workers():
+                hint = "no worker matches the filter (escape clears it; `a` shows all)"
+            else:
+                hint = "select a worker to see its detail"
+            body.update(Text(hint, "dim"))
             return
         body.update(worker_detail(w, now=self.clock(), history=self.history, events=self.events))
 
