@@ -67,8 +67,6 @@ def test_up_answers_and_stops_cleanly(tmp_path: Path) -> None:
                 "rma",
                 "infer",
                 "What is the capital of France?",
-                "--model",
-                "smollm2-135m",
                 "--temperature",
                 "0",
                 "--max-tokens",

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 
 async def pick_model(client: CoordinatorClient, model: str | None, service: str | None) -> str:
-    """The model to ask: ``--model``, else the first of ``--service``'s, else the pool's first."""
+    """The model to ask: ``--model``, else the first chat model of ``--service`` or of the pool."""
     from rma.client import RmaError
 
     if model:
@@ -42,7 +42,15 @@ async def pick_model(client: CoordinatorClient, model: str | None, service: str 
             "the pool serves no models right now: no healthy worker runs an OpenAI-compatible "
             "service (rma admin workers shows the workers)",
         )
-    return str(models[0]["id"])
+    chat = [m for m in models if m.get("task") in ("chat", None)]
+    if not chat:
+        raise RmaError(
+            "no_model",
+            "the pool serves no chat model right now (only "
+            + ", ".join(str(m["id"]) for m in models)
+            + "); pass --model",
+        )
+    return str(chat[0]["id"])
 
 
 def build_body(

@@ -107,6 +107,9 @@ class ServiceSpec(BaseModel):
     tier: int = Field(2, ge=1, le=3)
     kind: Literal["openai", "http", "tcp"] = "http"
     models: list[str] = Field(default_factory=list)
+    task: Literal["chat", "embeddings"] | None = Field(
+        None, description="What its models do (kind openai): chat/completions or embeddings."
+    )
     image: str | None = None
     command: list[str] | None = None
     args: list[str] = Field(

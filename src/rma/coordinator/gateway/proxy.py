@@ -192,7 +192,14 @@ class Gateway:
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
             return
         data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "rma", "service": name}
+            {
+                "id": m,
+                "object": "model",
+                "created": 0,
+                "owned_by": "rma",
+                "service": name,
+                "task": spec.task,
+            }
             for name, spec in self.pool.catalog.items()
             if spec.kind == "openai" and self.balancer.workers_for(name)
             for m in spec.models
