@@ -36,6 +36,27 @@ command = [
 health = "/"
 [services.echo.resources]
 memory_mb = 16
+
+[services.slow]
+description = "test service: answers /slow after 4 seconds (for draining)"
+tier = 3
+kind = "http"
+command = ["{python}", "-c", '''
+import http.server, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/slow"):
+            time.sleep(4)
+        body = b"done"
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+''', "{port}"]
+health = "/"
 """
 
 #: The same service as a container of the local test image (.ci/docker-setup.sh builds it):

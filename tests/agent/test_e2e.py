@@ -9,6 +9,8 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -262,8 +264,54 @@ def test_tunnel_transport_serves_through_the_gateway(
     assert not echo_procs(agent.data_dir)
 
 
-def _try_gateway(coord: Any) -> str | None:
+def _try_gateway(coord: Any, service: str = "echo") -> str | None:
     try:
-        return through_gateway(coord, "echo")
+        return through_gateway(coord, service)
     except AssertionError:
         return None
+
+
+def test_draining_lets_an_in_flight_request_finish(
+    coordinator: Any, agent_factory: Any, echo_catalog: Path
+) -> None:
+    """SIGTERM while a request is in flight through the tunnel: the agent drains (the request
+    completes), then stops its services and leaves."""
+    args = join_args(echo_catalog)
+    args[args.index("direct")] = "auto"
+    args[args.index("rma.services=echo")] = "rma.services=slow"
+    agent = agent_factory(coordinator.url, "--token", coordinator.token(), *args)
+
+    def slow_healthy() -> bool:
+        return any(
+            s["name"] == "slow" and s["healthy"] and w["status"] == "online"
+            for w in admin_workers(coordinator)
+            for s in w["services"]
+        )
+
+    wait_for(slow_healthy, 60, every=0.5)
+    wait_for(lambda: _try_gateway(coordinator, "slow"), 30, every=0.5)  # the tunnel is up
+    with coordinator.admin() as c:
+        key = c.post("/api/admin/keys", json={"name": "drain"}).json()["key"]
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            r = httpx.get(
+                f"{coordinator.url}/api/services/slow/slow",
+                headers={"authorization": f"Bearer {key}"},
+                timeout=60,
+                trust_env=False,
+            )
+            result["status"], result["body"] = r.status_code, r.text
+        except httpx.HTTPError as exc:
+            result["error"] = repr(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(1.5)  # the request is now waiting on the service, through the tunnel
+    agent.signal(signal.SIGTERM)
+    caller.join(60)
+    assert result == {"status": 200, "body": "done"}
+    assert agent.wait(60) == 0, agent.output()
+    (w,) = admin_workers(coordinator)
+    assert w["status"] == "left"

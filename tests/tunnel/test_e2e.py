@@ -143,7 +143,7 @@ def test_tunnel_killed_in_the_middle_of_a_load(
     routing at once but stays ``online`` until the liveness rules say otherwise.
     """
     pool = pool_factory(env=ENV)
-    slow = backends("victim", "--delay", "0.5")
+    slow = backends("victim", "--delay", "3")
     fast = backends("survivor", "--delay", "0.05")
     victim = tunnel_workers(pool, "victim", {"fake": slow.url})
     tunnel_workers(pool, "survivor", {"fake": fast.url})
@@ -172,14 +172,13 @@ def test_tunnel_killed_in_the_middle_of_a_load(
 
         tasks = [asyncio.create_task(plain(i)) for i in range(48)]
         tasks += [asyncio.create_task(streamed(i)) for i in range(16)]
-        # once the victim has answered one, it is busy with the next ones (0.5 s each, headers
-        # last): kill it while they wait for their headers
+        # once the survivor has answered a few, the victim holds its share of the load, waiting
+        # 3 s for its headers: kill it then
         pending = set(tasks[:48])
-        while pending:
+        served = 0
+        while served < 5:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if any(t.result() == "victim" for t in done):
-                break
-        await asyncio.sleep(0.1)
+            served += len(done)
         victim.kill()
         results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
         await client.close()

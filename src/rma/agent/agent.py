@@ -327,13 +327,16 @@ class Agent:
                     tg.create_task(self._reconcile_loop(), name="rma:reconcile"),
                 ]
                 tunnel = self._make_tunnel()
+                carrier = None
                 if tunnel is not None:
-                    loops.append(
-                        tg.create_task(self._keep(tunnel.run, "tunnel"), name="rma:tunnel")
-                    )
+                    carrier = tg.create_task(self._keep(tunnel.run, "tunnel"), name="rma:tunnel")
                 await self._stop.wait()
                 for task in loops:
                     task.cancel()
+                # the tunnel stays up while the requests it carries finish
+                await self.drain()
+                if carrier is not None:
+                    carrier.cancel()
         except* AgentExit as group:
             raise group.exceptions[0] from None
         await self.leave()
@@ -426,8 +429,10 @@ class Agent:
             return sum(int(v) for v in value.values())
         return int(value) if isinstance(value, int | float) else 0
 
-    async def leave(self) -> None:
-        """Drain, stop the services, tell the coordinator this worker left."""
+    async def drain(self) -> None:
+        """Tell the coordinator this worker is draining; wait (bounded) for in-flight requests."""
+        if self.draining:
+            return
         self.draining = True
         with contextlib.suppress(RmaError, TimeoutError):
             await asyncio.wait_for(self.heartbeat_once(), 10)
@@ -440,6 +445,10 @@ class Agent:
                 self.inflight(),
                 self.settings.drain_timeout,
             )
+
+    async def leave(self) -> None:
+        """Drain (unless done), stop the services, tell the coordinator this worker left."""
+        await self.drain()
         await self.reconciler.stop_all()
         with contextlib.suppress(RmaError, TimeoutError):
             await asyncio.wait_for(self.heartbeat_once(), 10)
