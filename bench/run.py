@@ -1,17 +1,28 @@
-"""The gateway benchmark: the coordinator's cost against calling the backend directly.
+"""The gateway benchmark: the coordinator's cost, direct and through a tunnel, against the backend.
 
 ``python -m bench.run`` (or ``nox -s bench``) starts, on this machine, a fast fake OpenAI backend
-(``bench/fake_backend.py``), a real coordinator (``rma coordinator serve``) with one direct worker
-pointing at it, and runs ``wrk`` (Lua scripts for the POST bodies) against the backend directly
-and through the gateway, in one run, for chat, streamed chat and embeddings:
+(``bench/fake_backend.py``), a real coordinator (``rma coordinator serve``), one direct worker
+pointing at the backend, and one tunnel worker (``bench/tunnel_worker.py``: the agent's real
+``TunnelClient`` process) serving the same backend under other service names.  It then runs
+``wrk`` (Lua scripts for the POST bodies) against three targets, one after the other in the same
+run, for chat, streamed chat and embeddings:
 
-- backend answering in 50 ms, 32 connections: gateway throughput / direct throughput (goal >= 0.9)
+- ``backend``: the fake backend itself, no gateway;
+- ``direct``: through the gateway to the direct worker (plain HTTP/1.1);
+- ``tunnel``: through the gateway and the worker's WebSocket tunnel.
+
+Three setups per workload:
+
+- backend answering in 50 ms, 32 connections: gateway throughput / backend throughput (goal >= 0.9)
 - backend answering in 50 ms, 1 connection: p50 added by the gateway (goal <= 2 ms)
-- backend answering at once, 32 connections: the coordinator's requests/s on one core and its CPU
-  time per request (read from the coordinator process with psutil before and after; goal <= 1 ms)
+- backend answering at once, 32 connections: requests/s and CPU time per request of the
+  coordinator (and of the tunnel worker), read with psutil before and after each run (goal: the
+  coordinator <= 1 ms)
 
-With two or more CPUs, the coordinator is pinned to the first one and the backend and ``wrk`` to
-the others.  Results go to stdout (a table) and to ``--out`` (JSON).
+With two or more CPUs, the coordinator is pinned to the first one and the backend, the tunnel
+worker and ``wrk`` to the others.  Results go to stdout (a table) and to ``--out`` (JSON).
+``--profile DIR`` runs the coordinator and the tunnel worker under cProfile (slower) and leaves
+``coordinator.prof`` and ``tunnel-worker.prof`` in DIR.
 """
 
 from __future__ import annotations
@@ -38,13 +49,16 @@ from typing import Any
 import httpx
 import psutil
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = ROOT / "bench" / "fake_backend.py"
+TUNNEL_WORKER = ROOT / "bench" / "tunnel_worker.py"
 console = Console(stderr=True)
 
+#: The direct worker serves ``slow``/``fast``; the tunnel worker the same backends as
+#: ``slow-tunnel``/``fast-tunnel`` (other model names, so the gateway routes each to its worker).
 CATALOG = """
 [services.slow]
 description = "fake backend answering in 50 ms"
@@ -56,10 +70,21 @@ description = "fake backend answering at once"
 tier = 3
 kind = "openai"
 models = ["fast-chat", "fast-embed"]
+[services.slow-tunnel]
+description = "the 50 ms backend, through a tunnel worker"
+tier = 3
+kind = "openai"
+models = ["slow-tunnel-chat", "slow-tunnel-embed"]
+[services.fast-tunnel]
+description = "the instant backend, through a tunnel worker"
+tier = 3
+kind = "openai"
+models = ["fast-tunnel-chat", "fast-tunnel-embed"]
 """
 
 CHAT = {"messages": [{"role": "user", "content": "Say hello in one short sentence."}]}
 EMBED = {"input": ["The quick brown fox jumps over the lazy dog."]}
+TARGETS = ("backend", "direct", "tunnel")
 
 
 @dataclass(frozen=True)
@@ -86,7 +111,7 @@ class Setup:
 
 
 SETUPS = (
-    Setup("50ms-c32", "slow", 32, "throughput >= 0.9 x direct"),
+    Setup("50ms-c32", "slow", 32, "throughput >= 0.9 x backend"),
     Setup("50ms-c1", "slow", 1, "p50 added <= 2 ms"),
     Setup("instant-c32", "fast", 32, "coordinator CPU per request <= 1 ms"),
 )
@@ -94,21 +119,23 @@ SETUPS = (
 
 @dataclass
 class Run:
-    target: str  # "direct" or "gateway"
+    target: str  # "backend", "direct" (gateway, direct worker) or "tunnel" (gateway, tunnel)
     requests: int = 0
     rps: float = 0.0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     errors: int = 0
+    #: CPU time of the coordinator process per request served (gateway targets).
     cpu_ms_per_request: float | None = None
+    #: CPU time of the tunnel worker process per request (the tunnel target).
+    worker_cpu_ms_per_request: float | None = None
 
 
 @dataclass
 class Result:
     workload: str
     setup: str
-    direct: Run
-    gateway: Run
+    runs: dict[str, Run]
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -141,27 +168,25 @@ def pin(pid: int, cpus: set[int]) -> None:
             psutil.Process(pid).cpu_affinity(sorted(cpus))
 
 
+def python(profile: Path | None, name: str) -> list[str]:
+    """``python``, or ``python -m cProfile -o DIR/name.prof`` when profiling."""
+    if profile is None:
+        return [sys.executable]
+    return [sys.executable, "-m", "cProfile", "-o", str(profile / f"{name}.prof")]
+
+
 @contextmanager
-def processes(tmp: Path, cpus: tuple[set[int], set[int]]) -> Iterator[dict[str, Any]]:
+def processes(
+    tmp: Path, cpus: tuple[set[int], set[int]], profile: Path | None = None
+) -> Iterator[dict[str, Any]]:
     coord_cpus, other_cpus = cpus
     procs: list[subprocess.Popen[bytes]] = []
     try:
         backends = {}
         for service, delay in (("slow", "0.05"), ("fast", "0")):
             port = free_port()
-            p = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(BACKEND),
-                    "--port",
-                    str(port),
-                    "--name",
-                    service,
-                    "--delay",
-                    delay,
-                ],
-                stdout=subprocess.DEVNULL,
-            )
+            cmd = [sys.executable, str(BACKEND), "--port", str(port), "--name", service]
+            p = subprocess.Popen([*cmd, "--delay", delay], stdout=subprocess.DEVNULL)
             procs.append(p)
             pin(p.pid, other_cpus)
             wait_http(f"http://127.0.0.1:{port}/health", p, f"the {service} backend")
@@ -178,7 +203,8 @@ def processes(tmp: Path, cpus: tuple[set[int], set[int]]) -> Iterator[dict[str, 
         log = open(tmp / "coordinator.log", "wb")  # noqa: SIM115
         coord = subprocess.Popen(
             [
-                *(sys.executable, "-m", "rma", "coordinator", "serve", "--port", str(port)),
+                *python(profile, "coordinator"),
+                *("-m", "rma", "coordinator", "serve", "--port", str(port)),
                 *("--data-dir", str(tmp / "data"), "--catalog", str(catalog)),
                 *("--log-level", "warning"),
             ],
@@ -189,30 +215,67 @@ def processes(tmp: Path, cpus: tuple[set[int], set[int]]) -> Iterator[dict[str, 
         procs.append(coord)
         pin(coord.pid, coord_cpus)
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/healthz", coord, "the coordinator")
+        wait_http(url + "/healthz", coord, "the coordinator", timeout=60)
         admin_key = (tmp / "data" / "admin.key").read_text().strip()
-        api_key = setup_pool(url, admin_key, backends)
-        yield {"url": url, "key": api_key, "backends": backends, "coordinator": coord}
+        api_key, token = setup_pool(url, admin_key, backends)
+        services = {f"{name}-tunnel": endpoint for name, endpoint in backends.items()}
+        worker = start_tunnel_worker(url, token, services, profile)
+        procs.append(worker)
+        pin(worker.pid, other_cpus)
+        yield {
+            "url": url,
+            "key": api_key,
+            "backends": backends,
+            "coordinator": coord,
+            "worker": worker,
+        }
     finally:
-        for p in procs:
+        for p in reversed(procs):  # the tunnel worker first: it leaves before its coordinator
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(10)
         for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
+            if p.poll() is None:
                 p.kill()
+                p.wait()
 
 
-def setup_pool(url: str, admin_key: str, backends: dict[str, str]) -> str:
+def start_tunnel_worker(
+    url: str, token: str, services: dict[str, str], profile: Path | None
+) -> subprocess.Popen[bytes]:
+    cmd = [*python(profile, "tunnel-worker"), str(TUNNEL_WORKER), "--coordinator", url]
+    cmd += ["--token", token, "--heartbeat", "2"]
+    for name, endpoint in services.items():
+        cmd += ["--service", f"{name}={endpoint}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if not line:
+        raise SystemExit(f"the tunnel worker exited with {proc.wait(5)}")
+    return proc
+
+
+def setup_pool(url: str, admin_key: str, backends: dict[str, str]) -> tuple[str, str]:
+    """An API key, the direct worker registered and healthy, a join token for the tunnel one."""
     admin = {"authorization": f"Bearer {admin_key}"}
     with httpx.Client(base_url=url, headers=admin, timeout=10) as c:
         key = c.post("/api/admin/keys", json={"name": "bench", "rpm": 0}).json()["key"]
-        token = c.post("/api/admin/tokens", json={"ttl": 600, "uses": 1}).json()["token"]
+        tokens = [
+            c.post("/api/admin/tokens", json={"ttl": 600, "uses": 1}).json()["token"]
+            for _ in range(2)
+        ]
     caps = {"cpu_cores": 2, "memory_mb": 4096, "os": "linux", "arch": "x86_64"}
     reg = httpx.post(
         url + "/api/worker/register",
-        json={"token": token, "name": "bench", "capabilities": caps, "transport": "direct"},
+        json={
+            "token": tokens[0],
+            "name": "bench-direct",
+            "capabilities": caps,
+            "transport": "direct",
+            "runnable": list(backends),
+        },
         timeout=10,
     ).json()
     services = [
@@ -226,7 +289,7 @@ def setup_pool(url: str, admin_key: str, backends: dict[str, str]) -> str:
         timeout=10,
     )
     r.raise_for_status()
-    return str(key)
+    return str(key), str(tokens[1])
 
 
 # --- wrk -----------------------------------------------------------------------------------------
@@ -284,9 +347,14 @@ def cpu_seconds(proc: psutil.Process) -> float:
 
 def check_answer(url: str, key: str | None, w: Workload, model: str) -> None:
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    r = httpx.post(url + w.path, json={**w.body, "model": model}, headers=headers, timeout=10)
-    if r.status_code != 200 or (b"[DONE]" not in r.content and b'"usage"' not in r.content):
-        raise SystemExit(f"{url}{w.path} answered {r.status_code}: {r.text[:300]}")
+    deadline = time.monotonic() + 15  # the tunnel worker's first heartbeat may still be coming
+    while True:
+        r = httpx.post(url + w.path, json={**w.body, "model": model}, headers=headers, timeout=10)
+        if r.status_code == 200 and (b"[DONE]" in r.content or b'"usage"' in r.content):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url}{w.path} ({model}) answered {r.status_code}: {r.text[:300]}")
+        time.sleep(0.2)
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -303,92 +371,154 @@ def split_cpus() -> tuple[set[int], set[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Gateway vs direct benchmark (wrk).")
+    ap = argparse.ArgumentParser(description="Backend vs gateway (direct, tunnel) benchmark.")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    ap.add_argument("--quick", action="store_true", help="2 s per wrk run")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     ap.add_argument("--only", default="", help="comma-separated workloads (chat,stream,embeddings)")
+    ap.add_argument("--setups", default="", help="comma-separated setups (50ms-c32,50ms-c1,...)")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets")
+    ap.add_argument("--profile", type=Path, help="cProfile the coordinator and tunnel worker")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.duration = 2.0
     if shutil.which("wrk") is None:
         console.print("[red]error:[/red] wrk is not installed (apt-get install wrk)")
         return 1
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
+    setups = [s for s in SETUPS if not args.setups or s.name in args.setups.split(",")]
+    targets = [t for t in TARGETS if t in args.targets.split(",")]
+    if not workloads or not setups or not targets:
+        console.print("[red]error:[/red] nothing to run (check --only, --setups, --targets)")
+        return 1
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     coord_cpus, other_cpus = split_cpus()
+    load = os.getloadavg()
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="rma-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        with processes(tmp, (coord_cpus, other_cpus)) as env:
-            coord = psutil.Process(env["coordinator"].pid)
-            total = len(workloads) * len(SETUPS) * 2
-            columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with processes(tmp, (coord_cpus, other_cpus), args.profile) as env:
+            total = len(workloads) * len(setups) * len(targets)
+            columns = (
+                TextColumn("{task.description:<32}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
             with Progress(*columns, console=console) as progress:
                 task = progress.add_task("benchmark", total=total)
                 for w in workloads:
-                    for s in SETUPS:
-                        model = f"{s.service}-{w.kind}"
-                        body = {**w.body, "model": model}
-                        direct_url = env["backends"][s.service] + w.path
-                        gateway_url = env["url"] + w.path
-                        check_answer(env["backends"][s.service], None, w, model)
-                        check_answer(env["url"], env["key"], w, model)
-                        script_d = lua_script(tmp / "direct.lua", body, None)
-                        script_g = lua_script(tmp / "gateway.lua", body, env["key"])
-                        progress.update(task, description=f"{w.name} {s.name} direct")
-                        out = wrk(direct_url, script_d, s.connections, args.duration, other_cpus)
-                        direct = parse_wrk(out, "direct")
-                        progress.advance(task)
-                        progress.update(task, description=f"{w.name} {s.name} gateway")
-                        before = cpu_seconds(coord)
-                        out = wrk(gateway_url, script_g, s.connections, args.duration, other_cpus)
-                        used = cpu_seconds(coord) - before
-                        gateway = parse_wrk(out, "gateway")
-                        if gateway.requests:
-                            gateway.cpu_ms_per_request = round(used * 1000 / gateway.requests, 3)
-                        progress.advance(task)
-                        results.append(Result(w.name, s.name, direct, gateway))
-    report(results, args, coord_cpus)
+                    for s in setups:
+                        runs = {}
+                        for target in targets:
+                            progress.update(task, description=f"{w.name} {s.name} {target}")
+                            runs[target] = one_run(env, tmp, w, s, target, args.duration)
+                            progress.advance(task)
+                        results.append(Result(w.name, s.name, runs))
+    report(results, args, coord_cpus, load)
     return 0
 
 
-def report(results: list[Result], args: argparse.Namespace, coord_cpus: set[int]) -> None:
-    table = Table(title="gateway vs direct (wrk)", header_style="bold")
-    for col in ("workload", "setup", "direct rps", "gateway rps", "ratio", "direct p50")[:6]:
-        table.add_column(col)
-    for col in ("gateway p50", "added p50", "gw p99", "gw CPU/req", "errors"):
-        table.add_column(col)
+def one_run(
+    env: dict[str, Any], tmp: Path, w: Workload, s: Setup, target: str, duration: float
+) -> Run:
+    """One wrk run against ``target``, with the coordinator's and the worker's CPU time."""
+    service = s.service + ("-tunnel" if target == "tunnel" else "")
+    model = f"{service}-{w.kind}"
+    body = {**w.body, "model": model}
+    if target == "backend":
+        base, key = env["backends"][s.service], None
+    else:
+        base, key = env["url"], env["key"]
+    check_answer(base, key, w, model)
+    script = lua_script(tmp / f"{target}.lua", body, key)
+    coord = psutil.Process(env["coordinator"].pid)
+    worker = psutil.Process(env["worker"].pid)
+    c0, w0 = cpu_seconds(coord), cpu_seconds(worker)
+    run = parse_wrk(wrk(base + w.path, script, s.connections, duration, split_cpus()[1]), target)
+    c1, w1 = cpu_seconds(coord), cpu_seconds(worker)
+    if run.requests and target != "backend":
+        run.cpu_ms_per_request = round((c1 - c0) * 1000 / run.requests, 3)
+    if run.requests and target == "tunnel":
+        run.worker_cpu_ms_per_request = round((w1 - w0) * 1000 / run.requests, 3)
+    return run
+
+
+def report(
+    results: list[Result],
+    args: argparse.Namespace,
+    coord_cpus: set[int],
+    load: tuple[float, float, float],
+) -> None:
+    table = Table(
+        title="backend vs gateway: direct worker, tunnel worker (wrk)", header_style="bold"
+    )
+    columns = ["workload", "setup", "backend rps", "direct rps", "tunnel rps", "backend p50"]
+    columns += ["direct +p50", "tunnel +p50", "direct p99", "tunnel p99"]
+    columns += ["coord CPU/req direct", "coord CPU/req tunnel", "worker CPU/req", "errors"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("workload", "setup") else "right")
     rows = []
     for r in results:
-        ratio = r.gateway.rps / r.direct.rps if r.direct.rps else 0.0
-        added = r.gateway.p50_ms - r.direct.p50_ms
-        r.extra = {"ratio": round(ratio, 3), "added_p50_ms": round(added, 3)}
-        table.add_row(
-            r.workload,
-            r.setup,
-            f"{r.direct.rps:.0f}",
-            f"{r.gateway.rps:.0f}",
-            f"{ratio:.2f}",
-            f"{r.direct.p50_ms:.2f} ms",
-            f"{r.gateway.p50_ms:.2f} ms",
-            f"{added:+.2f} ms",
-            f"{r.gateway.p99_ms:.2f} ms",
-            f"{r.gateway.cpu_ms_per_request:.3f} ms" if r.gateway.cpu_ms_per_request else "-",
-            str(r.direct.errors + r.gateway.errors),
-        )
+        base = r.runs.get("backend")
+        cells = [r.workload, r.setup, _rps(base)]
+        for target in ("direct", "tunnel"):
+            run = r.runs.get(target)
+            if run is None:
+                cells.append("-")
+                continue
+            ratio = run.rps / base.rps if base and base.rps else None
+            if ratio is not None:
+                r.extra[f"{target}_ratio"] = round(ratio, 3)
+                r.extra[f"{target}_added_p50_ms"] = round(run.p50_ms - base.p50_ms, 3)
+            cells.append(_rps(run) + (f" ({ratio:.2f})" if ratio is not None else ""))
+        cells.append(f"{base.p50_ms:.2f} ms" if base else "-")
+        for target in ("direct", "tunnel"):
+            key = f"{target}_added_p50_ms"
+            cells.append(f"{r.extra[key]:+.2f} ms" if key in r.extra else "-")
+        for target in ("direct", "tunnel"):
+            run = r.runs.get(target)
+            cells.append(f"{run.p99_ms:.2f} ms" if run else "-")
+        for target in ("direct", "tunnel"):
+            run = r.runs.get(target)
+            cpu = run.cpu_ms_per_request if run else None
+            cells.append(f"{cpu:.3f} ms" if cpu is not None else "-")
+        tunnel = r.runs.get("tunnel")
+        wcpu = tunnel.worker_cpu_ms_per_request if tunnel else None
+        cells.append(f"{wcpu:.3f} ms" if wcpu is not None else "-")
+        cells.append(str(sum(run.errors for run in r.runs.values())))
+        table.add_row(*cells)
         rows.append(asdict(r))
-    Console(width=200).print(table)
+    Console(width=240).print(table)
     doc = {
         "command": "python -m bench.run " + " ".join(sys.argv[1:]),
         "duration_s": args.duration,
         "machine": {
             "cpus": os.cpu_count(),
             "coordinator_pinned_to": sorted(coord_cpus),
+            "load_average_at_start": [round(x, 2) for x in load],
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_model(),
         },
         "results": rows,
     }
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     console.print(f"results written to {args.out}")
+
+
+def _rps(run: Run | None) -> str:
+    return f"{run.rps:.0f}" if run else "-"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

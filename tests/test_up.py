@@ -49,7 +49,7 @@ def test_up_answers_and_stops_cleanly(tmp_path: Path) -> None:
     data = tmp_path / "pool"
     log = tmp_path / "up.log"
     args = [sys.executable, "-m", "rma", "up", "--port", str(port), "--data-dir", str(data)]
-    args += ["--services", "llm,embeddings"]
+    args += ["--services", "llm,embeddings,rag"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT)
     try:
@@ -90,6 +90,28 @@ def test_up_answers_and_stops_cleanly(tmp_path: Path) -> None:
         assert "Paris" in (chat.choices[0].message.content or "")
         emb = client.embeddings.create(model="all-minilm-l6-v2", input=["hello", "world"])
         assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
+
+        # rag calls the pool's embeddings and llm through the gateway (RMA_GATEWAY_URL from the agent)
+        deadline = time.monotonic() + 120
+        while httpx.get(url + "/api/services/rag/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "rag never became healthy"
+            time.sleep(0.5)
+        doc = {
+            "id": "zorblax",
+            "title": "Zorblax",
+            "text": "The headquarters of Zorblax Robotics is in Lisbon.",
+        }
+        r = httpx.post(url + "/api/services/rag/documents", json=doc, timeout=60)
+        assert r.status_code == 201, r.text
+        r = httpx.post(
+            url + "/api/services/rag/query",
+            json={"question": "Where is Zorblax Robotics headquartered?"},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert "Lisbon" in answer["answer"]
+        assert answer["citations"][0]["document_id"] == "zorblax"
 
         workers = subprocess.run(
             [sys.executable, "-m", "rma", "admin", "workers", "--json"],

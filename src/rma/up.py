@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -146,8 +145,6 @@ class LocalPool:
         if ident is None or ident.coordinator_url != ws.coordinator_url:
             token = self.pool.credentials.create_token(ttl=600, uses=1, label="rma up")
             ws = ws.model_copy(update={"token": token.token})
-        # Services that call the pool (rag, notes, doc) reach it through the gateway.
-        os.environ.setdefault("RMA_GATEWAY_URL", self.settings.url)
         found = detect(ws.data_dir)
         return Agent(
             ws,

@@ -48,6 +48,7 @@ from rma.schemas.api import (
     Load,
     RegisterRequest,
     RegisterResponse,
+    ServiceSpec,
 )
 from rma.schemas.enums import ServiceState, Transport
 from rma.settings import WorkerSettings
@@ -242,7 +243,7 @@ class Agent:
         self.tier_name = resp.tier_name
         self.interval = resp.heartbeat_interval
         self.coordinator_status = "online"
-        if self.reconciler.set_desired(resp.assignments):
+        if self.reconciler.set_desired(self.with_pool_env(resp.assignments)):
             self._wake_reconcile.set()
         log.info(
             "joined %s as worker %s (tier %s) with %s",
@@ -252,6 +253,11 @@ class Agent:
             ", ".join(s.name for s in resp.assignments) or "no services",
         )
         return resp
+
+    def with_pool_env(self, specs: list[ServiceSpec]) -> list[ServiceSpec]:
+        """Services that call the pool (rag, notes, doc) reach it through its gateway."""
+        url = self.settings.coordinator_url
+        return [s.model_copy(update={"env": {"RMA_GATEWAY_URL": url, **s.env}}) for s in specs]
 
     def load(self) -> Load:
         vm = psutil.virtual_memory()
@@ -279,7 +285,7 @@ class Agent:
         self.interval = resp.heartbeat_interval
         self.coordinator_status = resp.status.value
         self.last_heartbeat = {"at": time.time(), "ok": True, "status": resp.status.value}
-        if not self.stopping and self.reconciler.set_desired(resp.assignments):
+        if not self.stopping and self.reconciler.set_desired(self.with_pool_env(resp.assignments)):
             self._wake_reconcile.set()
         self.write_status()
         return resp
