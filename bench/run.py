@@ -230,9 +230,11 @@ def processes(
             "worker": worker,
         }
     finally:
-        for p in reversed(procs):  # the tunnel worker first: it leaves before its coordinator
+        # the tunnel worker first: it leaves before its coordinator; SIGINT lets cProfile write
+        stop = signal.SIGINT if profile else signal.SIGTERM
+        for p in reversed(procs):
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(stop)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(10)
         for p in procs:
@@ -321,10 +323,12 @@ def parse_wrk(out: str, target: str) -> Run:
         run.requests = int(m.group(1))
     if m := re.search(r"Requests/sec:\s+([\d.]+)", out):
         run.rps = float(m.group(1))
-    if m := re.search(r"50%\s+(\S+)", out):
+    if m := re.search(r"^\s*50%\s+(\S+)\s*$", out, re.M):
         run.p50_ms = _ms(m.group(1))
-    if m := re.search(r"99%\s+(\S+)", out):
+    if m := re.search(r"^\s*99%\s+(\S+)\s*$", out, re.M):
         run.p99_ms = _ms(m.group(1))
+    if run.p50_ms != run.p50_ms or run.p99_ms != run.p99_ms or not run.requests:  # NaN
+        console.print(f"[yellow]could not read wrk's output for {target}:[/yellow]\n{out}")
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         run.errors += int(m.group(1))
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):

@@ -102,7 +102,7 @@ def transport_error(exc: httpx.HTTPError, base_url: str) -> RmaError:
 
 
 class CoordinatorClient:
-    """Async client.  ``async with CoordinatorClient(url, admin_key=...) as c: await c.workers()``."""
+    """``async with CoordinatorClient(url, admin_key=...) as c: await c.workers()``."""
 
     def __init__(
         self,
@@ -138,7 +138,7 @@ class CoordinatorClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    # --- plumbing --------------------------------------------------------------------------------
+    # --- plumbing ---------------------------------------------------------------------------------
 
     def _auth(self, role: str) -> dict[str, str]:
         secret = {"admin": self.admin_key, "client": self.api_key, "worker": self.credential}[role]
@@ -159,7 +159,7 @@ class CoordinatorClient:
         json_body: Any = None,
         params: Mapping[str, Any] | None = None,
     ) -> Any:
-        """One call; returns the decoded JSON body (``None`` for 204) or raises :class:`RmaError`."""
+        """One call: the decoded JSON body (``None`` for 204), or :class:`RmaError`."""
         try:
             resp = await self._http.request(
                 method, path, json=json_body, params=params, headers=self._auth(role)
@@ -177,7 +177,7 @@ class CoordinatorClient:
                 "bad_response", f"the coordinator sent non-JSON: {resp.text[:200]}"
             ) from None
 
-    # --- workers (the agent) -----------------------------------------------------------------------
+    # --- workers (the agent) ----------------------------------------------------------------------
 
     async def register(self, req: RegisterRequest) -> RegisterResponse:
         data = await self.request(
@@ -199,7 +199,7 @@ class CoordinatorClient:
     async def leave(self) -> None:
         await self.request("POST", "/api/worker/leave", role="worker")
 
-    # --- admin ---------------------------------------------------------------------------------------
+    # --- admin ------------------------------------------------------------------------------------
 
     async def workers(self, status: str | None = None) -> list[WorkerPublic]:
         params = {"status": status} if status else None
@@ -286,7 +286,7 @@ class CoordinatorClient:
         except httpx.HTTPError as exc:
             raise transport_error(exc, self.base_url) from None
 
-    # --- clients -------------------------------------------------------------------------------------
+    # --- clients ----------------------------------------------------------------------------------
 
     async def models(self) -> list[dict[str, Any]]:
         data = await self.request("GET", "/v1/models", role="client")

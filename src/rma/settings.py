@@ -150,7 +150,9 @@ class CoordinatorSettings(_Base):
         600.0, gt=0, description="Seconds of silence before a worker is removed."
     )
     restart_grace: float | None = Field(
-        None, ge=0, description="Seconds after start before anyone is judged; default offline_after."
+        None,
+        ge=0,
+        description="Seconds after start before anyone is judged; default offline_after.",
     )
     sweep_interval: float = Field(5.0, gt=0, description="Seconds between liveness sweeps.")
     suspect_fraction: float = Field(

@@ -22,7 +22,7 @@ Invoke = Callable[..., Result]
 
 @pytest.fixture
 def rma(runner: CliRunner, coordinator_process: Any) -> Invoke:
-    """``rma ARGS`` as the operator on the coordinator's machine (admin.key found in the data dir)."""
+    """``rma ARGS`` as the operator on the coordinator's machine (admin.key read from there)."""
 
     def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
         full = {
@@ -45,7 +45,8 @@ def assert_one_error(result: Result, *, json_mode: bool = False, code: str | Non
     """Exit 1, one ``error:`` line on stderr, no traceback; under --json the error on stdout."""
     assert result.exit_code == 1, (result.exit_code, result.stdout, result.stderr)
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     if json_mode:
         doc = json.loads(result.stdout)

@@ -26,25 +26,33 @@ def _join(url: str, token: str, name: str) -> dict[str, Any]:
 
 
 def test_tokens_create_list_revoke(rma: Invoke, coordinator_process: Any) -> None:
-    created = json_out(rma("admin", "tokens", "create", "--ttl", "2h", "--uses", "3", "--label", "bob", "--json"))
+    created = json_out(
+        rma("admin", "tokens", "create", "--ttl", "2h", "--uses", "3", "--label", "bob", "--json")
+    )
     assert created["token"].startswith("rma_join_")
-    assert created["uses"] == 3 and created["label"] == "bob" and created["status"] == "active"
+    assert created["uses"] == 3
+    assert created["label"] == "bob"
+    assert created["status"] == "active"
     listed = json_out(rma("admin", "tokens", "list", "--json"))
     assert [t["id"] for t in listed] == [created["id"]]
     assert "token" not in listed[0]
     table = rma("admin", "tokens", "list")
     assert table.exit_code == 0
-    assert created["id"] in table.stdout and "bob" in table.stdout and "0/3" in table.stdout
+    assert created["id"] in table.stdout
+    assert "bob" in table.stdout
+    assert "0/3" in table.stdout
     assert created["token"] not in table.stdout + table.stderr
     # the token works for a registration, then is revoked
     _join(coordinator_process.url, created["token"], "w1")
     revoked = json_out(rma("admin", "tokens", "revoke", created["id"], "--json"))
-    assert revoked["status"] == "revoked" and revoked["used"] == 1
+    assert revoked["status"] == "revoked"
+    assert revoked["used"] == 1
     r = httpx.post(
         f"{coordinator_process.url}/api/worker/register",
         json={"token": created["token"], "name": "w2", "capabilities": CAPS},
     )
-    assert r.status_code == 401 and r.json()["error"]["code"] == "token_revoked"
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "token_revoked"
 
 
 def test_tokens_create_prints_the_secret_alone_on_stdout(rma: Invoke) -> None:
@@ -59,12 +67,14 @@ def test_tokens_create_prints_the_secret_alone_on_stdout(rma: Invoke) -> None:
 
 def test_keys_create_list_revoke(rma: Invoke) -> None:
     created = json_out(rma("admin", "keys", "create", "--name", "app", "--rpm", "60", "--json"))
-    assert created["key"].startswith("rma_key_") and created["rpm"] == 60
+    assert created["key"].startswith("rma_key_")
+    assert created["rpm"] == 60
     listed = json_out(rma("admin", "keys", "list", "--json"))
     assert [(k["id"], k["name"], k["revoked"]) for k in listed] == [(created["id"], "app", False)]
     assert "key" not in listed[0]
     table = rma("admin", "keys", "list")
-    assert created["id"] in table.stdout and created["key"] not in table.stdout + table.stderr
+    assert created["id"] in table.stdout
+    assert created["key"] not in table.stdout + table.stderr
     assert json_out(rma("admin", "keys", "revoke", created["id"], "--json"))["revoked"] is True
     assert json_out(rma("admin", "keys", "list", "--json"))[0]["revoked"] is True
 
@@ -81,18 +91,23 @@ def test_workers_show_drain_undrain_remove(rma: Invoke, coordinator_process: Any
         "load", "transport", "trusted", "registered_at", "last_heartbeat_at",
     }  # fmt: skip
     table = rma("admin", "workers")
-    assert table.exit_code == 0 and "alpha" in table.stdout and "service" in table.stdout
+    assert table.exit_code == 0
+    assert "alpha" in table.stdout
+    assert "service" in table.stdout
 
     shown = json_out(rma("admin", "worker", a["worker_id"], "--json"))
-    assert shown["id"] == a["worker_id"] and shown["capabilities"]["memory_mb"] == 8192
+    assert shown["id"] == a["worker_id"]
+    assert shown["capabilities"]["memory_mb"] == 8192
     human = rma("admin", "worker", a["worker_id"])
-    assert human.exit_code == 0 and "8192 MB RAM" in human.stdout
+    assert human.exit_code == 0
+    assert "8192 MB RAM" in human.stdout
 
     assert json_out(rma("admin", "drain", a["worker_id"], "--json"))["status"] == "draining"
     drained = rma("admin", "workers", "--status", "draining", "--json")
     assert [w["id"] for w in json_out(drained)] == [a["worker_id"]]
     plain = rma("admin", "undrain", a["worker_id"])
-    assert plain.exit_code == 0 and "online" in plain.stderr
+    assert plain.exit_code == 0
+    assert "online" in plain.stderr
     assert json_out(rma("admin", "remove", b["worker_id"], "--json"))["status"] == "removed"
     statuses = {w["name"]: w["status"] for w in json_out(rma("admin", "workers", "--json"))}
     assert statuses == {"alpha": "online", "beta": "removed"}
@@ -101,15 +116,20 @@ def test_workers_show_drain_undrain_remove(rma: Invoke, coordinator_process: Any
 def test_stats_and_events(rma: Invoke, coordinator_process: Any) -> None:
     _join(coordinator_process.url, coordinator_process.token(), "alpha")
     stats = json_out(rma("admin", "stats", "--json"))
-    assert stats["workers"]["total"] == 1 and stats["workers"]["by_status"]["online"] == 1
+    assert stats["workers"]["total"] == 1
+    assert stats["workers"]["by_status"]["online"] == 1
     assert any(s["name"] == "llm" and s["assigned"] == 1 for s in stats["services"])
     human = rma("admin", "stats")
-    assert human.exit_code == 0 and "workers" in human.stdout and "llm" in human.stdout
+    assert human.exit_code == 0
+    assert "workers" in human.stdout
+    assert "llm" in human.stdout
     events = json_out(rma("admin", "events", "--json"))
     kinds = [e["kind"] for e in events]
-    assert "token_created" in kinds and "joined" in kinds
+    assert "token_created" in kinds
+    assert "joined" in kinds
     human = rma("admin", "events")
-    assert human.exit_code == 0 and "alpha joined" in human.stdout
+    assert human.exit_code == 0
+    assert "alpha joined" in human.stdout
 
 
 def test_unknown_ids_fail_cleanly(rma: Invoke) -> None:
@@ -147,9 +167,9 @@ def test_no_admin_key_anywhere(runner: Any, coordinator_process: Any, tmp_path: 
 
 
 def test_unreachable_coordinator(runner: Any, tmp_path: Any) -> None:
-    from rma.cli.main import app
-
     import socket
+
+    from rma.cli.main import app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -83,7 +83,9 @@ def test_migrating_again_keeps_the_data(database_url: str) -> None:
         migrate(engine)
         with session(engine) as s:
             w = s.get(Worker, "w1")
-            assert w is not None and w.labels == {"a": "b"} and w.assignments == ["llm"]
+            assert w is not None
+            assert w.labels == {"a": "b"}
+            assert w.assignments == ["llm"]
             assert s.get(JoinToken, "t1") is not None
     finally:
         engine.dispose()

@@ -114,16 +114,15 @@ def test_restart_grace_judges_nobody_for_one_window(
                 "worker_secret": w.secret,
             }
             r = client.post("/api/worker/register", json=body)
-            assert r.status_code == 201 and r.json()["worker_id"] == w.id
+            assert r.status_code == 201
+            assert r.json()["worker_id"] == w.id
         clock.advance(1)
         assert sweep(api2)["offline"] == [ids[2]]
         assert api2.worker(ids[0])["status"] == "online"
     app2.state.pool.engine.dispose()
 
 
-def test_most_workers_silent_at_once_removes_nobody_and_says_so(
-    api: Api, clock: FakeClock
-) -> None:
+def test_most_workers_silent_at_once_removes_nobody_and_says_so(api: Api, clock: FakeClock) -> None:
     past_grace(api, clock)
     workers = [api.register(f"w{i}") for i in range(4)]
     survivor = workers[0]

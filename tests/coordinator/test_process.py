@@ -88,7 +88,8 @@ def test_sigkill_and_restart_keeps_every_worker_token_and_key(
             },
             timeout=10,
         )
-        assert r.status_code == 201 and r.json()["worker_id"] == workers[2]["worker_id"]
+        assert r.status_code == 201
+        assert r.json()["worker_id"] == workers[2]["worker_id"]
         # the spare token still lets a new worker in
         _register(again.url, spare["token"], "w3")
     finally:
@@ -99,28 +100,34 @@ def test_events_follow_streams_a_live_event(coordinator_process: Coordinator) ->
     coord = coordinator_process
     headers = {"authorization": f"Bearer {coord.admin_key}"}
     seen: list[dict[str, Any]] = []
-    with httpx.Client(base_url=coord.url, headers=headers, timeout=httpx.Timeout(10)) as c:
-        with c.stream("GET", "/api/admin/events", params={"follow": "true"}) as resp:
-            assert resp.status_code == 200
-            assert resp.headers["content-type"].startswith("text/event-stream")
-            lines = resp.iter_lines()
-            for line in lines:
-                if line.startswith(": connected"):
-                    break
-            # now something happens in the pool, through another connection
-            token = coord.token(uses=1)
-            _register(coord.url, token, "live-one")
-            event = ""
-            for line in lines:
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                if line.startswith("data:") and event == "joined":
-                    seen.append(json.loads(line[5:]))
-                    break
-    assert seen and seen[0]["kind"] == "joined" and "live-one" in seen[0]["message"]
+    with (
+        httpx.Client(base_url=coord.url, headers=headers, timeout=httpx.Timeout(10)) as c,
+        c.stream("GET", "/api/admin/events", params={"follow": "true"}) as resp,
+    ):
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith(": connected"):
+                break
+        # now something happens in the pool, through another connection
+        token = coord.token(uses=1)
+        _register(coord.url, token, "live-one")
+        event = ""
+        for line in lines:
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            if line.startswith("data:") and event == "joined":
+                seen.append(json.loads(line[5:]))
+                break
+    assert seen
+    assert seen[0]["kind"] == "joined"
+    assert "live-one" in seen[0]["message"]
 
 
-def test_chunked_body_over_the_limit_is_413_through_uvicorn(tmp_path: Path, database_url: str) -> None:
+def test_chunked_body_over_the_limit_is_413_through_uvicorn(
+    tmp_path: Path, database_url: str
+) -> None:
     coord = start_coordinator(
         tmp_path / "coord", database_url=database_url, env={"RMA_MAX_BODY_BYTES": "4096"}
     )
@@ -194,8 +201,10 @@ def test_https_with_a_private_ca(tmp_path: Path, database_url: str) -> None:
         bad = subprocess.run(base, env=env, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1
         lines = bad.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:"), bad.stderr
-        assert "certificate" in lines[0] and "--ca-file" in lines[0]
+        assert len(lines) == 1, bad.stderr
+        assert lines[0].startswith("error:"), bad.stderr
+        assert "certificate" in lines[0]
+        assert "--ca-file" in lines[0]
         assert bad.stdout == ""
         # plain HTTP to the HTTPS port is refused, not served
         with pytest.raises(httpx.HTTPError):
@@ -227,3 +236,25 @@ def test_concurrent_registrations_cannot_overuse_a_token(
     assert sorted(results) == [201] * 3 + [401] * 5
     with coord.admin() as admin:
         assert len(admin.get("/api/admin/workers").json()) == 3
+
+
+def test_behind_a_proxy_the_forwarded_address_is_rate_limited(
+    tmp_path: Path, database_url: str
+) -> None:
+    coord = start_coordinator(
+        tmp_path / "coord",
+        database_url=database_url,
+        extra_args=["--forwarded-allow-ips", "127.0.0.1"],
+        env={"RMA_AUTH_FAIL_LIMIT": "2"},
+    )
+    try:
+        bad = {"authorization": "Bearer rma_admin_wrong"}
+        url = f"{coord.url}/api/admin/workers"
+        attacker = {**bad, "x-forwarded-for": "203.0.113.5"}
+        codes = [httpx.get(url, headers=attacker).status_code for _ in range(3)]
+        assert codes == [401, 401, 429]
+        # another client behind the same proxy is not locked out
+        good = {"authorization": f"Bearer {coord.admin_key}", "x-forwarded-for": "198.51.100.9"}
+        assert httpx.get(url, headers=good).status_code == 200
+    finally:
+        coord.stop()

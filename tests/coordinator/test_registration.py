@@ -14,7 +14,8 @@ from .conftest import DATA_CAPS, GPU_CAPS, SERVICE_CAPS, TINY_CAPS, Api
 def test_first_registration_gets_id_tier_credential_secret_and_assignments(api: Api) -> None:
     w = api.register("alpha", SERVICE_CAPS, labels={"zone": "home"}, version="0.1.0")
     body = w.body
-    assert body["tier"] == 2 and body["tier_name"] == "service"
+    assert body["tier"] == 2
+    assert body["tier_name"] == "service"
     assert body["credential"].count(".") == 2
     assert body["worker_secret"].startswith("rma_worker_")
     assert body["heartbeat_interval"] == 30.0
@@ -38,7 +39,8 @@ def test_capabilities_decide_the_tier(
     w = api.register("m", caps)
     assert (w.body["tier"], w.body["tier_name"]) == (tier, tier_name)
     tiers = {s["tier"] for s in w.body["assignments"]}
-    assert tiers and min(tiers) >= tier  # never a service of a more demanding tier
+    assert tiers
+    assert min(tiers) >= tier
 
 
 def test_too_small_machine_is_refused_with_the_reason_and_keeps_the_token(api: Api) -> None:
@@ -46,7 +48,8 @@ def test_too_small_machine_is_refused_with_the_reason_and_keeps_the_token(api: A
     r = api.register("tiny", TINY_CAPS, token=token, expect=422)
     err = r.json()["error"]
     assert err["code"] == "tier_refused"
-    assert "1024 MB" in err["message"] and "2048 MB" in err["message"]
+    assert "1024 MB" in err["message"]
+    assert "2048 MB" in err["message"]
     assert api.workers() == []
     # the refusal changed nothing: the single-use token still works
     api.register("big", SERVICE_CAPS, token=token)
@@ -80,7 +83,8 @@ def test_bad_join_tokens_are_refused_with_401_and_a_reason(
     elif case == "revoked":
         token_id = token.removeprefix("rma_join_").split(".")[0]
         r = api.client.delete(f"/api/admin/tokens/{token_id}", headers=api.admin)
-        assert r.status_code == 200 and r.json()["status"] == "revoked"
+        assert r.status_code == 200
+        assert r.json()["status"] == "revoked"
     elif case == "unknown":
         token = token[:-4] + "AAAA"
     elif case == "garbage":
@@ -155,7 +159,8 @@ def test_rejoin_after_leave_and_after_offline(api: Api) -> None:
         "worker_secret": w.secret,
     }
     r = api.client.post("/api/worker/register", json=body)
-    assert r.status_code == 201 and r.json()["worker_id"] == w.id
+    assert r.status_code == 201
+    assert r.json()["worker_id"] == w.id
     assert api.worker(w.id)["status"] == "online"
 
 
@@ -201,7 +206,8 @@ def test_removed_worker_cannot_rejoin_without_a_new_token(api: Api) -> None:
         "worker_secret": w.secret,
     }
     r = api.client.post("/api/worker/register", json=body)
-    assert r.status_code == 401 and r.json()["error"]["code"] == "removed"
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "removed"
     assert api.worker(w.id)["status"] == "removed"
     # the operator hands out a new token: the same machine comes back as the same record
     r = api.client.post("/api/worker/register", json={**body, "token": api.token()})

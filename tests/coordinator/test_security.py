@@ -42,7 +42,8 @@ def test_admin_key_file_is_0600_and_only_its_hash_is_stored(api: Api) -> None:
     key_file = api.pool.settings.data_dir / "admin.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     key = key_file.read_text().strip()
-    assert key.startswith("rma_admin_") and len(key) > 40
+    assert key.startswith("rma_admin_")
+    assert len(key) > 40
     dump = database_text(api)
     assert key not in dump
     assert hashlib.sha256(key.encode()).hexdigest() in dump
@@ -82,7 +83,8 @@ def test_token_and_key_secrets_are_shown_once_and_stored_hashed(api: Api) -> Non
         for listing in listings:
             assert secret not in listing
         assert security.hash_secret(secret) in dump
-    assert token["id"] in listings[0] and key["id"] in listings[1]
+    assert token["id"] in listings[0]
+    assert key["id"] in listings[1]
 
 
 # --- worker credentials ---------------------------------------------------------------------------
@@ -135,16 +137,16 @@ def test_forged_or_malformed_credentials_are_rejected(api: Api, flaw: str) -> No
     assert r.json()["error"]["code"] == "invalid_credential"
     # the same claims signed properly do work (the test itself is sound)
     good = jwt.encode(_claims(api, sub=w.id), key, algorithm="HS256")
-    ok = api.client.post("/api/worker/heartbeat", json={}, headers={"authorization": f"Bearer {good}"})
+    ok = api.client.post(
+        "/api/worker/heartbeat", json={}, headers={"authorization": f"Bearer {good}"}
+    )
     assert ok.status_code == 200
 
 
 def test_hs512_with_the_right_key_is_still_refused(api: Api) -> None:
     """The allow-list is explicit: only HS256."""
     w = api.register("w")
-    forged = jwt.encode(
-        _claims(api, sub=w.id), api.pool.credentials.signing_key, algorithm="HS512"
-    )
+    forged = jwt.encode(_claims(api, sub=w.id), api.pool.credentials.signing_key, algorithm="HS512")
     r = api.client.post(
         "/api/worker/heartbeat", json={}, headers={"authorization": f"Bearer {forged}"}
     )
@@ -158,7 +160,8 @@ def test_credential_of_an_unknown_worker_is_401(api: Api) -> None:
     r = api.client.post(
         "/api/worker/heartbeat", json={}, headers={"authorization": f"Bearer {forged}"}
     )
-    assert r.status_code == 401 and r.json()["error"]["code"] == "unknown_worker"
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unknown_worker"
 
 
 def test_credentials_survive_a_restart(tmp_path: Path, database_url: str) -> None:
@@ -186,7 +189,7 @@ def limited(tmp_path: Path, database_url: str) -> Iterator[tuple[Any, str]]:
         data_dir=tmp_path / "d", database_url=database_url, auth_fail_limit=3, auth_fail_window=60
     )
     app = create_app(settings, clock=FakeClock(), run_sweeper=False)
-    with TestClient(app) as client:
+    with TestClient(app):
         yield app, (settings.data_dir / "admin.key").read_text().strip()
     app.state.pool.engine.dispose()
 
@@ -217,14 +220,17 @@ def test_failed_registrations_are_rate_limited(limited: tuple[Any, str]) -> None
     statuses = [c.post("/api/worker/register", json=body).status_code for _ in range(4)]
     assert statuses == [401, 401, 401, 429]
     r = c.post("/api/worker/register", json=body)
-    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) >= 1
 
 
 def test_successful_auth_does_not_count(limited: tuple[Any, str]) -> None:
     app, key = limited
     c = TestClient(app, client=("203.0.113.9", 4444))
     for _ in range(10):
-        assert c.get("/api/admin/stats", headers={"authorization": f"Bearer {key}"}).status_code == 200
+        assert (
+            c.get("/api/admin/stats", headers={"authorization": f"Bearer {key}"}).status_code == 200
+        )
 
 
 def test_limiter_window_expires() -> None:
@@ -238,7 +244,8 @@ def test_limiter_window_expires() -> None:
     lim.fail("a")
     with pytest.raises(APIError) as exc:
         lim.check("a")
-    assert exc.value.status == 429 and exc.value.headers == {"Retry-After": "1"}
+    assert exc.value.status == 429
+    assert exc.value.headers == {"Retry-After": "1"}
     time.sleep(0.25)
     lim.check("a")  # the window passed
 

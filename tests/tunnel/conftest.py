@@ -227,21 +227,30 @@ class Coord:
         return self.pool.registry.get(worker_id)
 
 
-@pytest.fixture
-async def coord(tmp_path: Path, database_url: str) -> AsyncIterator[Coord]:
+@contextlib.asynccontextmanager
+async def running_coord(
+    tmp_path: Path, database_url: str, **overrides: Any
+) -> AsyncIterator[Coord]:
+    """The coordinator app under uvicorn in this loop; ``overrides`` are settings."""
+    options: dict[str, Any] = {"tunnel_ping_interval": 0.5, "tunnel_ping_timeout": 2.0}
     settings = CoordinatorSettings(
-        data_dir=tmp_path / "data",
-        database_url=database_url,
-        tunnel_ping_interval=0.5,
-        tunnel_ping_timeout=2.0,
+        data_dir=tmp_path / "data", database_url=database_url, **(options | overrides)
     )
     app = create_app(settings, run_sweeper=False)
     mount_tunnel(app)  # a no-op when the gateway already mounted it
     port = free_port()
-    async with serving(app, port):
-        key = (settings.data_dir / "admin.key").read_text().strip()
-        yield Coord(f"http://127.0.0.1:{port}", app, key)
-    app.state.pool.engine.dispose()
+    try:
+        async with serving(app, port):
+            key = (settings.data_dir / "admin.key").read_text().strip()
+            yield Coord(f"http://127.0.0.1:{port}", app, key)
+    finally:
+        app.state.pool.engine.dispose()
+
+
+@pytest.fixture
+async def coord(tmp_path: Path, database_url: str) -> AsyncIterator[Coord]:
+    async with running_coord(tmp_path, database_url) as c:
+        yield c
 
 
 @dataclass

@@ -2,10 +2,10 @@
 
 A worker behind NAT cannot be reached, so the agent opens ``GET /api/worker/tunnel`` (a
 WebSocket, its credential as Bearer) and keeps it open: keepalive pings, reconnection with backoff
-and jitter, also after a coordinator restart.  Each request that comes down the tunnel is sent
-with httpx to the local service (``endpoints(service)`` gives its base URL) and the answer is
-streamed back as it is produced.  A request the coordinator cancels is cancelled here too.
-Protocol: :mod:`rma.tunnel`.
+and jitter, also after a coordinator restart, and credential refreshes.  Each request that comes
+down the tunnel goes to the local service (``endpoints(service)`` gives its base URL) over a
+light pooled HTTP/1.1 client (:mod:`rma._http1`), and the answer is streamed back as it is
+produced.  A request the coordinator cancels is cancelled here too.  Protocol: :mod:`rma.tunnel`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,21 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-
 from rma import __version__
+from rma._http1 import H1Client, H1Error
 from rma.agent.backoff import Backoff
 from rma.tunnel.frames import (
+    MAX_DATA,
     MAX_FRAME,
     SUBPROTOCOL,
+    SUBPROTOCOLS,
     TUNNEL_PATH,
     FrameType,
     ProtocolError,
+    encode,
     end_to_end,
     headers_from_json,
 )
@@ -35,7 +37,8 @@ from rma.tunnel.stream import Stream, StreamReset, TunnelClosed
 
 log = logging.getLogger("rma.agent.tunnel")
 
-_DROP_REQUEST = frozenset({"host"})
+#: Set by the HTTP client itself.
+_DROP_REQUEST = frozenset({"host", "content-length"})
 
 
 def tunnel_url(coordinator_url: str) -> str:
@@ -62,6 +65,7 @@ class TunnelClient:
         connect_timeout: float = 10.0,
         service_connect_timeout: float = 5.0,
         backoff: Backoff | None = None,
+        refresh_interval: float | None = 5.0,
     ) -> None:
         self.url = tunnel_url(coordinator_url)
         self._credential = credential
@@ -72,6 +76,10 @@ class TunnelClient:
         self.connect_timeout = connect_timeout
         self.service_connect_timeout = service_connect_timeout
         self.backoff = backoff or Backoff(base=0.5, cap=30.0, jitter=0.5)
+        #: How often to look for a renewed credential (``credential()`` changed) and send it
+        #: up the tunnel; ``None``: never (the coordinator then closes the tunnel when the
+        #: credential expires, and the agent reconnects with the renewed one).
+        self.refresh_interval = refresh_interval
         #: True while the tunnel is open.
         self.connected = False
         #: Successful connections so far (a reconnect adds one).
@@ -91,14 +99,8 @@ class TunnelClient:
 
     async def run(self) -> None:
         """Connect, serve, reconnect; until cancelled."""
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=self.service_connect_timeout, read=None, write=None, pool=None
-            ),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            follow_redirects=False,
-            trust_env=False,
-        ) as http:
+        http = H1Client(self.service_connect_timeout, max_idle_per_origin=64)
+        try:
             while True:
                 try:
                     problem = await self._session(http)
@@ -108,15 +110,18 @@ class TunnelClient:
                 delay = self.backoff.next()
                 log.warning("tunnel: %s; reconnecting in %.1f s", problem, delay)
                 await asyncio.sleep(delay)
+        finally:
+            await http.aclose()
 
-    async def _session(self, http: httpx.AsyncClient) -> str:
+    async def _session(self, http: H1Client) -> str:
         from websockets.asyncio.client import connect
         from websockets.typing import Subprotocol
 
+        credential = self._credential()
         async with connect(
             self.url,
-            additional_headers={"Authorization": f"Bearer {self._credential()}"},
-            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            additional_headers={"Authorization": f"Bearer {credential}"},
+            subprotocols=[Subprotocol(p) for p in SUBPROTOCOLS],
             compression=None,
             max_size=MAX_FRAME,
             ssl=self._ssl,
@@ -127,6 +132,9 @@ class TunnelClient:
             user_agent_header=f"rma-agent/{__version__}",
         ) as ws:
             mux = Mux(ws.send, on_open=lambda stream: self._spawn(stream, http))
+            refresher = None
+            if self.refresh_interval is not None and ws.subprotocol == SUBPROTOCOL:
+                refresher = asyncio.create_task(self._refresh(mux, credential))
             self.backoff.reset()
             self.connects += 1
             self.connected = True
@@ -144,6 +152,8 @@ class TunnelClient:
             finally:
                 self.connected = False
                 self._connected_event.clear()
+                if refresher is not None:
+                    refresher.cancel()
                 mux.close(reason)
                 handlers = list(self._handlers)
                 for task in handlers:
@@ -153,7 +163,18 @@ class TunnelClient:
                         await task
         return reason
 
-    def _spawn(self, stream: Stream, http: httpx.AsyncClient) -> None:
+    async def _refresh(self, mux: Mux, sent: str) -> None:
+        """Send each renewed credential up the tunnel (``CREDENTIAL``), so it outlives the first."""
+        assert self.refresh_interval is not None
+        with contextlib.suppress(TunnelClosed):
+            while True:
+                await asyncio.sleep(self.refresh_interval)
+                current = self._credential()
+                if current and current != sent:
+                    await mux.send(encode(FrameType.CREDENTIAL, 0, current.encode()))
+                    sent = current
+
+    def _spawn(self, stream: Stream, http: H1Client) -> None:
         task = asyncio.get_running_loop().create_task(self._forward(stream, http))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
@@ -163,7 +184,7 @@ class TunnelClient:
 
         stream.on_reset = cancel
 
-    async def _forward(self, stream: Stream, http: httpx.AsyncClient) -> None:
+    async def _forward(self, stream: Stream, http: H1Client) -> None:
         """One request: to the local service and its answer back, chunk by chunk."""
         try:
             head = await stream.head()
@@ -184,61 +205,52 @@ class TunnelClient:
                     "no_service", f"service {service} is not running (healthy) on this worker"
                 )
                 return
-            if not any(k == "accept-encoding" for k, _ in headers):
-                headers.append(("accept-encoding", "identity"))  # not httpx's gzip default
-            content = None if stream.exhausted else _request_body(stream)
+            # The request body: usually all in the OPEN frame; else read to its end (the gateway
+            # buffers request bodies too, with a size limit; reading grants the sender credit).
+            parts = []
+            while (chunk := await stream.read()) is not None:
+                parts.append(chunk)
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
             try:
-                request = http.build_request(
-                    method, base.rstrip("/") + path, headers=headers, content=content
-                )
-                response = await http.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                await stream.reset("unreachable", f"service {service}: {_describe(exc)}")
+                response = await http.send(method, base, path, headers, body)
+            except H1Error as exc:
+                code = "unreachable" if exc.before_response else "broken"
+                await stream.reset(code, f"service {service}: {exc}")
+                return
+            except ValueError as exc:  # a malformed endpoint URL
+                await stream.reset("unreachable", f"service {service}: {exc}")
                 return
             try:
-                raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
+                # The head and whatever of the body already arrived go in one frame: a small
+                # answer is a single HEAD frame with FIN.
+                first = response.take_buffered(MAX_DATA)
                 await stream.send_head(
                     FrameType.HEAD,
-                    {"status": response.status_code, "headers": [list(h) for h in end_to_end(raw)]},
-                    fin=False,
+                    {
+                        "status": response.status,
+                        "headers": [list(h) for h in end_to_end(response.headers)],
+                    },
+                    first,
+                    fin=response.at_end,
                 )
-                left = _content_length(response)
-                async for chunk in response.aiter_raw():
-                    if left is not None:  # FIN on the last chunk: one frame less per answer
-                        left -= len(chunk)
-                        if left <= 0:
-                            await stream.write(chunk, fin=True)
+                if not response.at_end:
+                    async for chunk in response.aiter_bytes():
+                        await stream.write(chunk, fin=response.at_end)
+                        if response.at_end:
                             break
-                    await stream.write(chunk)
-                else:
-                    await stream.write(b"", fin=True)
-            except httpx.HTTPError as exc:
-                await stream.reset("broken", f"service {service}: {_describe(exc)}")
+                    else:
+                        await stream.write(b"", fin=True)
+            except H1Error as exc:
+                await stream.reset("broken", f"service {service}: {exc}")
                 return
             finally:
                 await response.aclose()
-            if not stream.remote_ended:  # answered before reading the whole request body
-                await stream.reset("done", "the response is complete")
         except (StreamReset, TunnelClosed):
             return  # the coordinator cancelled, or the tunnel died: nothing to answer
         except Exception as exc:
             log.exception("tunnel: request failed")
             with contextlib.suppress(Exception):
                 await stream.reset("internal", f"{type(exc).__name__}: {exc}")
-
-
-async def _request_body(stream: Stream) -> AsyncIterator[bytes]:
-    while (chunk := await stream.read()) is not None:
-        yield chunk
-
-
-def _content_length(response: httpx.Response) -> int | None:
-    if "content-length" not in response.headers:  # counts raw bytes, as aiter_raw gives them
-        return None
-    try:
-        return int(response.headers["content-length"])
-    except ValueError:
-        return None
 
 
 def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
@@ -258,8 +270,8 @@ def _describe(exc: BaseException) -> str:
         resp = exc.response
         text = resp.body.decode("utf-8", "replace").strip()[:200] if resp.body else ""
         return f"the coordinator refused the tunnel: HTTP {resp.status_code} {text}".strip()
-    if isinstance(exc, httpx.ConnectError):
-        return f"connection failed: {exc}"
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):  # before OSError, its base class
         return f"timed out ({type(exc).__name__})"
+    if isinstance(exc, OSError):
+        return f"connection failed: {exc}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

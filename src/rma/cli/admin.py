@@ -104,22 +104,18 @@ def worker(
         print_json(w)
         return
     caps = w.capabilities
-    out.print(
-        f"[bold]{w.name}[/bold] ({w.id})  {coloured(w.status.value)}  tier {w.tier} ({w.tier_name})"
-    )
-    out.print(
-        f"  transport {w.transport.value}, version {w.version or '?'}, last heartbeat {ago(w.last_heartbeat_at)}"
-    )
+    status = coloured(w.status.value)
+    out.print(f"[bold]{w.name}[/bold] ({w.id})  {status}  tier {w.tier} ({w.tier_name})")
+    seen = ago(w.last_heartbeat_at)
+    out.print(f"  transport {w.transport.value}, version {w.version or '?'}, last heartbeat {seen}")
     gpus = ", ".join(f"{g.name} {g.memory_mb} MB" for g in caps.gpus) or "none"
-    out.print(
-        f"  {caps.cpu_cores} cores, {caps.memory_mb} MB RAM, {caps.disk_free_mb} MB disk, GPUs: {gpus}"
-    )
+    disk = f"{caps.disk_free_mb} MB disk"
+    out.print(f"  {caps.cpu_cores} cores, {caps.memory_mb} MB RAM, {disk}, GPUs: {gpus}")
     out.print(f"  labels: {', '.join(f'{k}={v}' for k, v in w.labels.items()) or 'none'}")
     out.print(f"  assigned: {', '.join(w.assignments) or 'nothing'}")
     for s in w.services:
-        out.print(
-            f"    {s.name}: {s.state.value}{' healthy' if s.healthy else ''}, {s.inflight} in flight"
-        )
+        health = " healthy" if s.healthy else ""
+        out.print(f"    {s.name}: {s.state.value}{health}, {s.inflight} in flight")
 
 
 def _worker_action(
@@ -207,8 +203,9 @@ def tokens_create(
         print_json(t)
         return
     out.print(t.token)
+    allowed = "unlimited" if t.uses is None else t.uses
     err.print(
-        f"join token {t.id}: {('unlimited' if t.uses is None else t.uses)} use(s), expires {t.expires_at:%Y-%m-%d %H:%M} UTC. "
+        f"join token {t.id}: {allowed} use(s), expires {t.expires_at:%Y-%m-%d %H:%M} UTC. "
         "It is shown only now. On the worker: rma worker join --coordinator URL --token <token>"
     )
 

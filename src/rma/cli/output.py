@@ -1,4 +1,4 @@
-"""Output helpers: data to stdout (rich tables or one JSON document), people's messages to stderr."""
+"""Output helpers: data to stdout (rich tables or one JSON document), messages to stderr."""
 
 from __future__ import annotations
 

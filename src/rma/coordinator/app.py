@@ -82,7 +82,7 @@ def create_app(
 
 
 def _mount_gateway(app: FastAPI) -> None:
-    """The client-facing gateway (``/v1/*``, ``/api/services/*``) and the tunnel hub, when present."""
+    """The client gateway (``/v1/*``, ``/api/services/*``) and the tunnel hub, when present."""
     try:
         from rma.coordinator.gateway.mount import mount
     except ImportError:

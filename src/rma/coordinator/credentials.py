@@ -49,7 +49,7 @@ def token_public(row: JoinToken, now: float) -> TokenPublic:
         uses=row.uses,
         used=row.used,
         revoked=row.revoked,
-        status=status,  # type: ignore[arg-type]
+        status=status,
     )
 
 
@@ -192,7 +192,7 @@ class Credentials:
             .values(used=col(JoinToken.used) + 1)
         )
         with session(self.engine) as s:
-            result = s.exec(stmt)  # type: ignore[call-overload]
+            result = s.exec(stmt)
             if result.rowcount != 1:
                 raise APIError(401, "this join token has been used up", "token_used")
 

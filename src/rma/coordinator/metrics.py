@@ -32,16 +32,18 @@ class Metrics:
         self.help: dict[str, str] = {}
 
     def inc(self, name: str, labels: Labels = (), value: float = 1.0) -> None:
-        series = self.counters.setdefault(name, {})
-        series[labels] = series.get(labels, 0.0) + value
+        with self._lock:  # called from the event loop and from worker threads
+            series = self.counters.setdefault(name, {})
+            series[labels] = series.get(labels, 0.0) + value
 
     def observe(self, name: str, seconds: float, labels: Labels = ()) -> None:
-        series = self.histograms.setdefault(name, {})
-        buckets = series.get(labels)
-        if buckets is None:
-            buckets = series[labels] = [0.0] * (len(LATENCY_BUCKETS) + 2)  # + inf, sum
-        buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        buckets[-1] += seconds
+        with self._lock:
+            series = self.histograms.setdefault(name, {})
+            buckets = series.get(labels)
+            if buckets is None:
+                buckets = series[labels] = [0.0] * (len(LATENCY_BUCKETS) + 2)  # + inf, sum
+            buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            buckets[-1] += seconds
 
     def gauge(
         self, name: str, help_text: str, fn: Callable[[], Iterable[tuple[Labels, float]]]
@@ -53,6 +55,12 @@ class Metrics:
         self.help[name] = help_text
 
     def render(self, pool: Pool) -> str:
+        with self._lock:  # a consistent snapshot; writers may be busy in other threads
+            counters = {n: dict(series) for n, series in self.counters.items()}
+            histograms = {
+                n: {lb: list(b) for lb, b in series.items()}
+                for n, series in self.histograms.items()
+            }
         out: list[str] = []
         workers: dict[str, int] = {s.value: 0 for s in WorkerStatus}
         for w in pool.registry.all():
@@ -62,10 +70,10 @@ class Metrics:
         for name, fn in sorted(self.gauges.items()):
             out.append(f"# HELP {name} {self.help.get(name, name)}\n# TYPE {name} gauge")
             out.extend(f"{name}{_fmt_labels(lb)} {v:g}" for lb, v in fn())
-        for name, series in sorted(self.counters.items()):
+        for name, series in sorted(counters.items()):
             out.append(f"# HELP {name} {self.help.get(name, name)}\n# TYPE {name} counter")
             out.extend(f"{name}{_fmt_labels(lb)} {v:g}" for lb, v in sorted(series.items()))
-        for name, hseries in sorted(self.histograms.items()):
+        for name, hseries in sorted(histograms.items()):
             out.append(f"# HELP {name} {self.help.get(name, name)}\n# TYPE {name} histogram")
             for lb, buckets in sorted(hseries.items()):
                 cumulative = 0.0

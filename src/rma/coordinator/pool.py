@@ -84,7 +84,7 @@ class Pool:
         self._ready = True
         return created
 
-    # --- registration ------------------------------------------------------------------------------
+    # --- registration -----------------------------------------------------------------------------
 
     def _reclaim(self, req: RegisterRequest) -> Worker | None:
         """The worker's old record, when the request proves it is that worker.
@@ -183,7 +183,8 @@ class Pool:
         kind = "rejoined" if old else "joined"
         self.events.emit(
             kind,
-            f"worker {req.name} {kind} as tier {tier.label} with {', '.join(names) or 'no services'}",
+            f"worker {req.name} {kind} as tier {tier.label} with "
+            f"{', '.join(names) or 'no services'}",
             worker_id,
             {"tier": int(tier), "assignments": names, "transport": req.transport.value},
         )

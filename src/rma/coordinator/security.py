@@ -15,7 +15,7 @@ AUDIENCE = "rma-worker"
 ALGORITHMS = ["HS256"]  # the explicit allow-list: never "none", never asymmetric confusion
 
 ADMIN_PREFIX = "rma_admin_"
-TOKEN_PREFIX = "rma_join_"
+TOKEN_PREFIX = "rma_join_"  # noqa: S105 (a prefix, not a secret)
 KEY_PREFIX = "rma_key_"
 
 

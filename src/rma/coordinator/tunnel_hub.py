@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 
 from rma.coordinator.errors import APIError, error_response
@@ -24,6 +25,7 @@ from rma.schemas.enums import WorkerStatus
 from rma.tunnel.frames import (
     MAX_DATA,
     SUBPROTOCOL,
+    SUBPROTOCOLS,
     TUNNEL_PATH,
     FrameType,
     ProtocolError,
@@ -41,6 +43,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("rma.coordinator.tunnel")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_DROP_REQUEST = frozenset({"host", "content-length"})
+#: WebSocket close code for a tunnel whose credential expired or was refused (policy violation).
+CLOSE_CREDENTIAL = 1008
+
+
+class _CredentialProblem(Exception):
+    """The tunnel's credential expired, or a refresh was refused: close it (code 1008)."""
 
 
 class TunnelResponse:
@@ -80,17 +89,43 @@ class TunnelResponse:
 
 
 class _Tunnel:
-    __slots__ = ("connected_at", "dead", "mux", "name", "reason", "stop", "websocket", "worker_id")
+    __slots__ = (
+        "close_code",
+        "connected_at",
+        "dead",
+        "expires_at",
+        "mux",
+        "name",
+        "protocol",
+        "reason",
+        "receive",
+        "stop",
+        "websocket",
+        "worker_id",
+    )
 
-    def __init__(self, worker: WorkerState, websocket: WebSocket, mux: Mux) -> None:
+    def __init__(
+        self,
+        worker: WorkerState,
+        websocket: WebSocket,
+        receive: Receive,
+        expires_at: float,
+        protocol: str,
+    ) -> None:
         self.worker_id = worker.id
         self.name = worker.name
         self.websocket = websocket
-        self.mux = mux
+        #: The raw ASGI receive: the read loop skips Starlette's per-message wrapper.
+        self.receive = receive
+        self.mux: Mux
         self.connected_at = time.time()
+        #: When the worker's credential expires (the pool's clock); a refresh moves it.
+        self.expires_at = expires_at
+        self.protocol = protocol
         #: Set from any thread to take the tunnel out of routing at once.
         self.dead = False
         self.reason = ""
+        self.close_code = 1001
         self.stop = asyncio.Event()
 
     @property
@@ -131,7 +166,7 @@ class TunnelHub:
             raise UpstreamError(f"worker {worker.name}: tunnel closed: {exc}", status=502) from None
         self.streams_opened += 1
         body = request.body
-        headers = end_to_end(request.headers, drop=frozenset({"host", "content-length"}))
+        headers = end_to_end(request.headers, drop=_DROP_REQUEST)
         if body or request.method.upper() in _BODY_METHODS:
             headers.append(("content-length", str(len(body))))
         head = {
@@ -217,8 +252,11 @@ class TunnelHub:
 
     # --- the WebSocket route ----------------------------------------------------------------------
 
-    def _authenticate(self, ws: WebSocket) -> WorkerState:
-        """Like ``require_worker``: 401 unless a valid worker credential, 403 for other keys."""
+    def _authenticate(self, ws: WebSocket) -> tuple[WorkerState, float, str]:
+        """Like ``require_worker``: 401 unless a valid worker credential, 403 for other keys.
+
+        Returns the worker, its credential's expiry and the subprotocol to speak.
+        """
         from rma.coordinator.security import KEY_PREFIX
 
         scheme, _, value = ws.headers.get("authorization", "").partition(" ")
@@ -234,35 +272,65 @@ class TunnelHub:
             raise APIError(403, "an admin key cannot open a worker tunnel", "forbidden")
         if secret.startswith(KEY_PREFIX) and creds.check_key(secret):
             raise APIError(403, "a client key cannot open a worker tunnel", "forbidden")
-        state, _ = self.pool.authenticate_worker(secret)
+        state, expires_at = self.pool.authenticate_worker(secret)
         if state.status is WorkerStatus.LEFT:
             raise APIError(409, "this worker has left; register again", "left")
         offered = ws.scope.get("subprotocols") or []
-        if SUBPROTOCOL not in offered:
+        protocol = next((p for p in SUBPROTOCOLS if p in offered), None)
+        if protocol is None:
             raise APIError(
                 400,
                 f"this coordinator's tunnel speaks {SUBPROTOCOL}; the agent offered "
                 f"{', '.join(offered) or 'none'} (upgrade rma on the worker)",
                 "unsupported_protocol",
             )
-        return state
+        return state, expires_at, protocol
 
-    async def serve(self, ws: WebSocket) -> None:
-        """``GET /api/worker/tunnel``: authenticate, then run the tunnel until it ends."""
+    def _refresh(self, tunnel: _Tunnel, payload: bytes) -> None:
+        """A ``CREDENTIAL`` frame: the worker's renewed credential extends the tunnel's life."""
+        try:
+            state, expires_at = self.pool.authenticate_worker(payload.decode())
+        except (APIError, UnicodeDecodeError) as exc:
+            why = exc.message if isinstance(exc, APIError) else "not UTF-8"
+            self._close_for_credential(tunnel, f"credential refresh refused: {why}")
+            return
+        if state.id != tunnel.worker_id:
+            self._close_for_credential(
+                tunnel, "credential refresh refused: the credential belongs to another worker"
+            )
+            return
+        tunnel.expires_at = max(tunnel.expires_at, expires_at)
+
+    @staticmethod
+    def _close_for_credential(tunnel: _Tunnel, reason: str) -> None:
+        tunnel.dead = True
+        tunnel.reason = reason
+        tunnel.close_code = CLOSE_CREDENTIAL
+        tunnel.stop.set()
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``GET /api/worker/tunnel`` (raw ASGI): authenticate, run the tunnel until it ends."""
         self._loop = asyncio.get_running_loop()
+        ws = WebSocket(scope, receive, send)
         limiter = ws.app.state.auth_limiter
         addr = ws.client.host if ws.client else "unknown"
         try:
             limiter.check(addr)
-            state = self._authenticate(ws)
+            state, expires_at, protocol = self._authenticate(ws)
         except APIError as exc:
             if exc.status == 401:
                 limiter.fail(addr)
             await _deny(ws, exc)
             return
-        await ws.accept(subprotocol=SUBPROTOCOL)
-        mux = Mux(ws.send_bytes)
-        tunnel = _Tunnel(state, ws, mux)
+        await ws.accept(subprotocol=protocol)
+
+        async def send_frame(frame: bytes) -> None:  # straight to the server, one dict a frame
+            await send({"type": "websocket.send", "bytes": frame})
+
+        tunnel = _Tunnel(state, ws, receive, expires_at, protocol)
+        mux = tunnel.mux = Mux(
+            send_frame, on_credential=lambda payload: self._refresh(tunnel, payload)
+        )
         old = self._tunnels.get(state.id)
         self._tunnels[state.id] = tunnel
         if old is not None:
@@ -299,9 +367,11 @@ class TunnelHub:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         if stopper in done:
-            return tunnel.reason or "closed by the coordinator", 1001
+            return tunnel.reason or "closed by the coordinator", tunnel.close_code
         finished = reader if reader in done else pinger
         exc = finished.exception()
+        if isinstance(exc, _CredentialProblem):
+            return str(exc), CLOSE_CREDENTIAL
         if isinstance(exc, ProtocolError):
             return f"protocol error: {exc}", 1002
         if isinstance(exc, TunnelClosed):
@@ -311,10 +381,10 @@ class TunnelHub:
         return finished.result(), 1000
 
     async def _read(self, tunnel: _Tunnel) -> str:
-        ws, mux = tunnel.websocket, tunnel.mux
+        receive, mux = tunnel.receive, tunnel.mux
         while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
+            message = await receive()
+            if message["type"] != "websocket.receive":
                 return f"the worker disconnected (code {message.get('code')})"
             data = message.get("bytes")
             if data is None:
@@ -322,10 +392,21 @@ class TunnelHub:
             await mux.feed(data)
 
     async def _keepalive(self, tunnel: _Tunnel) -> str:
-        mux = tunnel.mux
+        """Ping every ``ping_interval``; end the tunnel when silent or its credential expired."""
+        mux, clock = tunnel.mux, self.pool.clock
+        next_ping = time.monotonic() + self.ping_interval
         while True:
-            await asyncio.sleep(self.ping_interval)
-            idle = time.monotonic() - mux.last_seen
+            left = tunnel.expires_at - clock.time()
+            if left <= 0:
+                raise _CredentialProblem(
+                    "the worker credential expired (the agent reconnects with its renewed one)"
+                )
+            await asyncio.sleep(max(0.0, min(next_ping - time.monotonic(), left)))
+            now = time.monotonic()
+            if now < next_ping:
+                continue  # woke for the expiry check
+            next_ping = now + self.ping_interval
+            idle = now - mux.last_seen
             if idle > self.ping_timeout:
                 return f"no frame from the worker for {idle:.0f} s"
             await mux.ping()
@@ -337,6 +418,14 @@ class TunnelHub:
             loop.run_in_executor(None, self.pool.events.emit, kind, message, worker_id)
         except RuntimeError:  # the executor is shutting down
             pass
+
+
+class _Endpoint:
+    def __init__(self, hub: TunnelHub) -> None:
+        self.hub = hub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.hub.serve(scope, receive, send)
 
 
 async def _send_body(stream: Stream, body: bytes) -> None:
@@ -367,10 +456,11 @@ def mount_tunnel(app: FastAPI) -> TunnelHub:
         ping_timeout=settings.tunnel_ping_timeout,
     )
 
-    async def worker_tunnel(websocket: WebSocket) -> None:
-        await hub.serve(websocket)
+    from starlette.routing import WebSocketRoute
 
-    app.add_api_websocket_route(TUNNEL_PATH, worker_tunnel, name="worker_tunnel")
+    # A raw ASGI endpoint (not a function): Starlette passes scope, receive and send through,
+    # so the tunnel's read and write loops talk to the server without per-message wrappers.
+    app.router.routes.append(WebSocketRoute(TUNNEL_PATH, _Endpoint(hub), name="worker_tunnel"))
     app.state.tunnel_hub = hub
     app.state.on_shutdown.append(hub.aclose)
     app.state.stats_extensions.append(hub.stats)

@@ -19,6 +19,9 @@ Six bytes of header, then the payload.  Frame types:
            when the service failed (``code`` says how).
 ``WINDOW`` either way: 4-byte credit increment for the stream's DATA (flow control).
 ``PING``   / ``PONG`` (stream 0): application keepalive, payload echoed.
+``CREDENTIAL`` worker -> coordinator (stream 0, protocol 2): the worker's renewed credential
+           (UTF-8).  The coordinator checks it and keeps the tunnel past the old one's expiry;
+           a tunnel whose credential expires is closed (code 1008), and the agent reconnects.
 
 Flow control: each direction of each stream starts with :data:`INITIAL_WINDOW` bytes of credit;
 a sender never has more DATA payload in flight than its credit, and the receiver grants more
@@ -32,8 +35,10 @@ import struct
 from enum import IntEnum
 from typing import Any
 
-#: The WebSocket subprotocol; bump on incompatible changes.
-SUBPROTOCOL = "rma-tunnel.1"
+#: The WebSocket subprotocol; bump on incompatible changes.  ``.2`` added ``CREDENTIAL``.
+SUBPROTOCOL = "rma-tunnel.2"
+#: Older versions still understood (first = preferred); ``.1`` agents never send ``CREDENTIAL``.
+SUBPROTOCOLS = (SUBPROTOCOL, "rma-tunnel.1")
 #: Path of the coordinator's WebSocket route.
 TUNNEL_PATH = "/api/worker/tunnel"
 
@@ -59,6 +64,7 @@ class FrameType(IntEnum):
     WINDOW = 5
     PING = 6
     PONG = 7
+    CREDENTIAL = 8
 
 
 class ProtocolError(Exception):

@@ -27,9 +27,17 @@ MAX_STREAM_ID = 0xFFFFFFFF
 
 
 class Mux:
-    def __init__(self, send: Send, *, on_open: Callable[[Stream], None] | None = None) -> None:
+    def __init__(
+        self,
+        send: Send,
+        *,
+        on_open: Callable[[Stream], None] | None = None,
+        on_credential: Callable[[bytes], None] | None = None,
+    ) -> None:
         self._raw_send = send
         self._on_open = on_open
+        #: Coordinator side: called with the payload of each ``CREDENTIAL`` frame.
+        self._on_credential = on_credential
         self.streams: dict[int, Stream] = {}
         self._next_id = 1
         self._error: TunnelClosed | None = None
@@ -119,6 +127,11 @@ class Mux:
             self._on_open(stream)
         elif kind is FrameType.PING:
             await self.send(encode(FrameType.PONG, 0, payload))
+        elif kind is FrameType.CREDENTIAL:
+            if self._on_open is not None:
+                raise ProtocolError("CREDENTIAL frames go from worker to coordinator only")
+            if self._on_credential is not None:
+                self._on_credential(payload)
         # PONG: last_seen is all it is for
 
     def close(self, reason: str) -> None:

@@ -114,10 +114,16 @@ async def events(
 ) -> list[EventPublic] | StreamingResponse:
     import anyio
 
-    backlog = await anyio.to_thread.run_sync(pool.events.recent, limit, since)
     if not follow:
-        return backlog
+        return await anyio.to_thread.run_sync(pool.events.recent, limit, since)
+    # subscribe first, then read the backlog: an event in between is in one or both, and the
+    # id check below drops the duplicates
     queue = pool.events.subscribe()
+    try:
+        backlog = await anyio.to_thread.run_sync(pool.events.recent, limit, since)
+    except BaseException:
+        pool.events.unsubscribe(queue)
+        raise
 
     async def stream() -> AsyncIterator[bytes]:
         last = backlog[-1].id if backlog else (since or 0)
@@ -145,7 +151,8 @@ async def events(
 
 
 def _sse(ev: EventPublic) -> bytes:
-    return f"id: {ev.id}\nevent: {ev.kind}\ndata: {json.dumps(ev.model_dump(mode='json'))}\n\n".encode()
+    data = json.dumps(ev.model_dump(mode="json"))
+    return f"id: {ev.id}\nevent: {ev.kind}\ndata: {data}\n\n".encode()
 
 
 __all__ = ["APIError", "router"]
