@@ -198,3 +198,29 @@ def test_sweeper_runs_in_the_background_when_enabled(tmp_path: Path, database_ur
             assert time.monotonic() < deadline, "the background sweeper never ran"
             time.sleep(0.05)
     app.state.pool.engine.dispose()
+
+
+def test_operator_drain_survives_going_offline_and_back(api: Api, clock: FakeClock) -> None:
+    past_grace(api, clock)
+    w = api.register("drained")
+    r = api.client.post(f"/api/admin/workers/{w.id}/drain", headers=api.admin)
+    assert r.status_code == 200 and r.json()["status"] == "draining"
+    clock.advance(130)
+    assert sweep(api)["offline"] == [w.id]
+    assert api.heartbeat(w)["status"] == "draining"  # back, but still drained: no traffic
+    assert api.worker(w.id)["status"] == "draining"
+    r = api.client.post(f"/api/admin/workers/{w.id}/undrain", headers=api.admin)
+    assert r.status_code == 200 and r.json()["status"] == "online"
+    assert api.heartbeat(w)["status"] == "online"
+
+
+def test_draining_an_offline_worker_keeps_it_offline_until_it_returns(
+    api: Api, clock: FakeClock
+) -> None:
+    past_grace(api, clock)
+    w = api.register("away")
+    clock.advance(130)
+    assert sweep(api)["offline"] == [w.id]
+    r = api.client.post(f"/api/admin/workers/{w.id}/drain", headers=api.admin)
+    assert r.status_code == 200 and r.json()["status"] == "offline"
+    assert api.heartbeat(w)["status"] == "draining"

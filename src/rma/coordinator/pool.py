@@ -240,7 +240,7 @@ class Pool:
             if state.status is WorkerStatus.LEFT:
                 raise APIError(409, "this worker has left; register again", "left")
             before = state.status
-            if req.draining or (before is WorkerStatus.DRAINING):
+            if req.draining or state.drained:
                 state.status = WorkerStatus.DRAINING
             else:
                 state.status = WorkerStatus.ONLINE
@@ -308,24 +308,39 @@ class Pool:
         return state
 
     def drain(self, worker_id: str) -> WorkerPublic:
+        """No new requests for this worker, until undrained (also across going offline)."""
         state = self.get(worker_id)
         if state.status not in (WorkerStatus.ONLINE, WorkerStatus.DRAINING, WorkerStatus.OFFLINE):
             raise APIError(
                 409, f"worker {state.name} is {state.status.value}; only a live worker can drain"
             )
-        self._set_status(
-            state, WorkerStatus.DRAINING, "drained", f"worker {state.name} is draining"
-        )
+        self._set_drained(state, True)
+        if state.status is WorkerStatus.ONLINE:
+            self._set_status(
+                state, WorkerStatus.DRAINING, "drained", f"worker {state.name} is draining"
+            )
         return state.to_public()
 
     def undrain(self, worker_id: str) -> WorkerPublic:
         state = self.get(worker_id)
-        if state.status is not WorkerStatus.DRAINING:
+        if not state.drained and state.status is not WorkerStatus.DRAINING:
             raise APIError(409, f"worker {state.name} is {state.status.value}, not draining")
-        self._set_status(
-            state, WorkerStatus.ONLINE, "undrained", f"worker {state.name} takes requests again"
-        )
+        self._set_drained(state, False)
+        if state.status is WorkerStatus.DRAINING:
+            self._set_status(
+                state, WorkerStatus.ONLINE, "undrained", f"worker {state.name} takes requests again"
+            )
         return state.to_public()
+
+    def _set_drained(self, state: WorkerState, drained: bool) -> None:
+        with self.registry.lock:
+            if state.drained is drained:
+                return
+            state.drained = drained
+            self._save(state)
+        if state.status is WorkerStatus.OFFLINE:  # no status change to report it
+            word = "drained" if drained else "undrained"
+            self.events.emit(word, f"worker {state.name} (offline) is {word}", state.id)
 
     def remove(self, worker_id: str) -> WorkerPublic:
         state = self.get(worker_id)
@@ -375,6 +390,7 @@ class Pool:
             row.load = state.load.model_dump(mode="json")
             row.last_heartbeat_at = state.last_heartbeat_at
             row.status_changed_at = state.status_changed_at
+            row.drained = state.drained
             s.add(row)
 
     def _notify(self, state: WorkerState) -> None:

@@ -37,6 +37,7 @@ class WorkerState:
     registered_at: float = 0.0
     last_heartbeat_at: float | None = None
     status_changed_at: float = 0.0
+    drained: bool = False
 
     def serves(self, service: str) -> bool:
         """Online, and this service reported healthy."""
@@ -64,6 +65,7 @@ class WorkerState:
             registered_at=row.registered_at,
             last_heartbeat_at=row.last_heartbeat_at,
             status_changed_at=row.status_changed_at,
+            drained=row.drained,
         )
 
     def to_public(self) -> WorkerPublic:

@@ -30,6 +30,7 @@ class Worker(SQLModel, table=True):
     status_changed_at: float
     token_id: str | None = Field(default=None, max_length=32)
     secret_hash: str = Field(default="", max_length=128)
+    drained: bool = False  # the operator's drain; survives going offline and coming back
 
 
 class JoinToken(SQLModel, table=True):
