@@ -248,6 +248,8 @@ def start_tunnel_worker(
 ) -> subprocess.Popen[bytes]:
     cmd = [*python(profile, "tunnel-worker"), str(TUNNEL_WORKER), "--coordinator", url]
     cmd += ["--token", token, "--heartbeat", "2"]
+    if os.environ.get("RMA_BENCH_WORKER_UVLOOP"):
+        cmd.append("--uvloop")
     for name, endpoint in services.items():
         cmd += ["--service", f"{name}={endpoint}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)

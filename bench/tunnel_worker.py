@@ -72,6 +72,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="bench-tunnel")
     p.add_argument("--service", action="append", default=[], help="NAME=URL (repeatable)")
     p.add_argument("--heartbeat", type=float, default=5.0)
+    p.add_argument("--uvloop", action="store_true", help="uvloop instead of asyncio's loop")
     return p.parse_args(argv)
 
 
@@ -93,5 +94,11 @@ def start(
 
 
 if __name__ == "__main__":
+    args = parse(sys.argv[1:])
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main(parse(sys.argv[1:])))
+        if args.uvloop:
+            import uvloop
+
+            uvloop.run(main(args))
+        else:
+            asyncio.run(main(args))

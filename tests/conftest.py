@@ -152,7 +152,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     """Under ``RMA_REQUIRE_ALL=1`` (CI) a skip is a failure: CI provides every service and model."""
     outcome = yield
     report = outcome.get_result()
-    if os.environ.get("RMA_REQUIRE_ALL") == "1" and report.skipped and not hasattr(report, "wasxfail"):
+    if (
+        os.environ.get("RMA_REQUIRE_ALL") == "1"
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+    ):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped in CI, where nothing may skip: {reason}"

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import httpx
-
 from tests.conftest import free_port
 
 BUILTIN = {

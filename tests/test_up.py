@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -91,7 +90,7 @@ def test_up_answers_and_stops_cleanly(tmp_path: Path) -> None:
         emb = client.embeddings.create(model="all-minilm-l6-v2", input=["hello", "world"])
         assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
 
-        # rag calls the pool's embeddings and llm through the gateway (RMA_GATEWAY_URL from the agent)
+        # rag calls the pool's embeddings and llm through the gateway (RMA_GATEWAY_URL)
         deadline = time.monotonic() + 120
         while httpx.get(url + "/api/services/rag/health", timeout=5).status_code != 200:
             assert time.monotonic() < deadline, "rag never became healthy"

@@ -235,6 +235,8 @@ class TunnelClient:
                 )
                 if not response.at_end:
                     async for chunk in response.aiter_bytes():
+                        if more := response.take_buffered(MAX_DATA - len(chunk)):
+                            chunk += more  # what else already arrived: one frame, no delay
                         await stream.write(chunk, fin=response.at_end)
                         if response.at_end:
                             break

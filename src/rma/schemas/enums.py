@@ -6,7 +6,7 @@ from enum import IntEnum, StrEnum
 
 
 class Tier(IntEnum):
-    """What a worker can host.  Lower is more capable; a worker also hosts higher tiers' services."""
+    """What a worker can host. Lower is more capable; it also hosts higher tiers' services."""
 
     GPU = 1
     SERVICE = 2

@@ -158,10 +158,21 @@ class Stream:
         return self._head
 
     async def read(self) -> bytes | None:
-        """The next body chunk from the peer, ``None`` at its end; raises if the stream failed."""
+        """The next body bytes from the peer, ``None`` at the end; raises if the stream failed.
+
+        Chunks that arrived since the last read come joined (up to :data:`MAX_DATA` bytes):
+        fewer writes downstream, and no added delay.
+        """
         while True:
             if self._chunks:
-                chunk = self._chunks.popleft()
+                chunks = self._chunks
+                chunk = chunks.popleft()
+                if chunks and len(chunk) + len(chunks[0]) <= MAX_DATA:
+                    parts, size = [chunk], len(chunk)
+                    while chunks and size + len(chunks[0]) <= MAX_DATA:
+                        parts.append(chunks.popleft())
+                        size += len(parts[-1])
+                    chunk = b"".join(parts)
                 self._unacked += len(chunk)
                 if self._unacked >= WINDOW_UPDATE_AT and not self._remote_fin:
                     grant, self._unacked = self._unacked, 0
