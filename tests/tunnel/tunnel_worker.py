@@ -3,7 +3,7 @@
 ``python tests/tunnel/tunnel_worker.py --coordinator URL --token T --name N --service fake=URL``
 
 It reports the given services healthy and serves them through the real tunnel client; it does
-not start them (the caller did).  Used where a test or the benchmark needs a tunnel worker that
+not start them (the caller did).  Used where a test needs a tunnel worker that
 can be killed on its own (SIGKILL: the tunnel dies with it); ``rma worker join`` is the real
 agent and is what the end-to-end tests use otherwise.  Prints ``{"worker_id": ...}`` once the
 tunnel is up.
@@ -81,8 +81,7 @@ def start(
 ) -> Any:
     """Start this helper as a process; returns ``(Popen, worker_id)`` once its tunnel is up.
 
-    For the benchmark's tunnel row: register the same fake backend under a second catalog
-    service served only by this worker, and compare that service's numbers with the direct one.
+    (The benchmark has its own, ``bench/tunnel_worker.py``.)
     """
     import subprocess
 
