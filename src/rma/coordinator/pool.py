@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
@@ -65,7 +66,7 @@ class Pool:
         self._ready = False
 
     @property
-    def admin_key_file(self) -> Any:
+    def admin_key_file(self) -> Path:
         return self.settings.data_dir / "admin.key"
 
     def bootstrap(self) -> str | None:
