@@ -60,6 +60,7 @@ def _quiet_server(settings: CoordinatorSettings, pool: Pool, log_level: str) -> 
     import uvicorn
 
     from rma.coordinator.app import create_app
+    from rma.coordinator.serve import server_config
 
     class Server(uvicorn.Server):
         """uvicorn without its own signal handlers: ``rma up`` stops the worker first."""
@@ -69,14 +70,7 @@ def _quiet_server(settings: CoordinatorSettings, pool: Pool, log_level: str) -> 
             yield
 
     app = create_app(settings, pool=pool)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        server_header=False,
-        timeout_graceful_shutdown=5,
-    )
+    config = server_config(settings, app, log_level)
     return Server(config)
 
 

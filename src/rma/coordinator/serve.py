@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -98,7 +98,15 @@ def build_server(settings: CoordinatorSettings, log_level: str = "info") -> uvic
             file=sys.stderr,
         )
     app = create_app(settings, pool=pool)
-    config = uvicorn.Config(
+    config = server_config(settings, app, log_level)
+    return uvicorn.Server(config)
+
+
+def server_config(settings: CoordinatorSettings, app: Any, log_level: str) -> uvicorn.Config:
+    """uvicorn's settings for the coordinator (``rma coordinator serve`` and ``rma up``)."""
+    import uvicorn
+
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -111,7 +119,6 @@ def build_server(settings: CoordinatorSettings, log_level: str = "info") -> uvic
         timeout_graceful_shutdown=10,
         ws_max_size=16 * 1024 * 1024,
     )
-    return uvicorn.Server(config)
 
 
 def serve_coordinator(settings: CoordinatorSettings, log_level: str = "info") -> None:
