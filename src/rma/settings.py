@@ -220,7 +220,21 @@ class CoordinatorSettings(_Base):
         600, ge=0, description="Default requests per minute of a new API key (0: unlimited)."
     )
     redis_url: str | None = Field(
-        None, description="Redis URL for shared rate limits across coordinators."
+        None,
+        description="Redis URL shared by several coordinators: rate limits, failed-auth counts "
+        "and key revocations (redis://, rediss:// or unix://).",
+    )
+    redis_timeout: float = Field(
+        0.5, gt=0, description="Seconds to wait for Redis before falling back to local limits."
+    )
+    key_refresh_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between reloads of the API keys from the database: the longest a "
+        "key revoked on another coordinator stays valid here without Redis.",
+    )
+    key_miss_ttl: float = Field(
+        5.0, ge=0, description="Seconds an unknown API key is remembered as unknown."
     )
     tunnel_ping_interval: float = Field(
         15.0, gt=0, description="Tunnel: seconds between keepalive pings to each worker."
@@ -233,6 +247,19 @@ class CoordinatorSettings(_Base):
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @field_validator("redis_url", mode="after")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        import importlib.util
+
+        if importlib.util.find_spec("redis") is None:
+            raise ValueError("needs the redis package: pip install 'rma[redis]'")
+        return v
 
     @classmethod
     def load(cls, config_file: Path | None = None, **flags: Any) -> CoordinatorSettings:

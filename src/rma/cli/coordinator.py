@@ -1,4 +1,4 @@
-"""``rma coordinator serve``."""
+"""``rma coordinator serve`` and ``rma coordinator reset-admin-key``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def serve(
     database_url: Annotated[
         str | None,
         typer.Option("--database-url", help="SQLAlchemy URL [default: SQLite in the data dir]."),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="Redis shared by several coordinators on one database: rate limits, failed-auth "
+            "counts, key revocations.",
+        ),
     ] = None,
     catalog: Annotated[
         Path | None, typer.Option(help="Operator's catalog TOML (adds or overrides services).")
@@ -70,6 +78,7 @@ def serve(
                 port=port,
                 data_dir=data_dir,
                 database_url=database_url,
+                redis_url=redis_url,
                 catalog=catalog,
                 tls_cert=tls_cert,
                 tls_key=tls_key,
@@ -81,3 +90,51 @@ def serve(
         serve_coordinator(settings, log_level=log_level)
     except ServeError as exc:
         fail(str(exc))
+
+
+@app.command("reset-admin-key")
+def reset_admin_key(
+    data_dir: DataDirOpt = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", help="SQLAlchemy URL [default: SQLite in the data dir]."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML config file ([coordinator] section).")
+    ] = None,
+) -> None:
+    """Make a new admin key (the old one stops working) and write it to <data-dir>/admin.key.
+
+    For a lost admin.key: run it on the coordinator's machine, with its database. A running
+    coordinator picks the new key up within its key refresh interval (30 s by default).
+    """
+    from pydantic import ValidationError
+
+    from rma.cli.output import err, fail
+    from rma.coordinator.pool import Pool
+    from rma.coordinator.serve import ServeError, one_line, settings_error
+    from rma.settings import CoordinatorSettings
+
+    try:
+        if config is not None and not config.is_file():
+            raise ServeError(f"no such config file: {config}")
+        try:
+            settings = CoordinatorSettings.load(
+                config, data_dir=data_dir, database_url=database_url
+            )
+        except ValidationError as exc:
+            raise settings_error(exc) from None
+        try:
+            pool = Pool(settings)
+            pool.bootstrap()
+            pool.credentials.rotate_admin_key(pool.admin_key_file)
+        except Exception as exc:
+            raise ServeError(f"cannot open the database: {one_line(exc)}") from None
+        pool.events.emit(
+            "admin_key_reset", "the admin key was replaced (rma coordinator reset-admin-key)"
+        )
+    except ServeError as exc:
+        fail(str(exc))
+    err.print(
+        f"new admin key written to {pool.admin_key_file} (mode 0600); the old key no longer works"
+    )

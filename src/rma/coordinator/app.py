@@ -68,6 +68,8 @@ def create_app(
     app.state.stats_extensions = []
     app.state.background = background
     app.state.on_shutdown = []
+    app.state.readiness = []  # async callables adding lines to /readyz's body
+    _share_keys(app, settings)
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -79,6 +81,19 @@ def create_app(
     app.include_router(admin.router)
     _mount_gateway(app)
     return app
+
+
+def _share_keys(app: FastAPI, settings: CoordinatorSettings) -> None:
+    """Several coordinators over one database: keys made or revoked elsewhere reach this one
+    (a reload every ``key_refresh_interval``; at once with Redis, which also shares limits)."""
+    credentials = app.state.pool.credentials
+    credentials.miss_ttl = settings.key_miss_ttl
+    app.state.background.append(lambda: credentials.refresh_loop(settings.key_refresh_interval))
+    app.state.shared = None
+    if settings.redis_url:
+        from rma.coordinator.shared import attach
+
+        attach(app, settings)
 
 
 def _mount_gateway(app: FastAPI) -> None:

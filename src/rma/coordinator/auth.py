@@ -6,6 +6,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -22,6 +23,9 @@ class FailureLimiter:
     Past that, every request from the address that needs authentication gets 429 with
     ``Retry-After`` until the oldest failure leaves the window (a correct key too: guessing
     must not be able to tell).
+
+    Several coordinators with Redis share their counts: ``on_fail`` hooks publish each failure,
+    and failures seen elsewhere come back through :meth:`record`.
     """
 
     MAX_ADDRESSES = 10_000
@@ -31,6 +35,8 @@ class FailureLimiter:
         self.window = window
         self._fails: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+        #: Called with the address after each failure counted here.
+        self.on_fail: list[Callable[[str], None]] = []
 
     def _prune(self, q: deque[float], now: float) -> None:
         while q and q[0] <= now - self.window:
@@ -54,6 +60,12 @@ class FailureLimiter:
                 del self._fails[addr]
 
     def fail(self, addr: str) -> None:
+        self.record(addr)
+        for hook in self.on_fail:
+            hook(addr)
+
+    def record(self, addr: str) -> None:
+        """Count one failure from ``addr`` (here, or on another coordinator)."""
         now = time.monotonic()
         with self._lock:
             if len(self._fails) >= self.MAX_ADDRESSES:  # many addresses: forget the stale ones
@@ -106,12 +118,13 @@ def valid_role(pool: Pool, secret: str) -> str | None:
     """The role a *valid* secret gives (``admin``, ``worker``, ``client``), else ``None``.
 
     Only a credential that verifies earns a 403 ("right key, wrong door"); anything else is a
-    401 and counts as a failed attempt, so guessing is rate-limited.
+    401 and counts as a failed attempt, so guessing is rate-limited.  Blocking (an API key not
+    cached here is looked up in the database): call it off the event loop.
     """
     if pool.credentials.is_admin(secret):
         return "admin"
     if secret.startswith(security.KEY_PREFIX):
-        return "client" if pool.credentials.check_key(secret) else None
+        return "client" if pool.credentials.lookup_key(secret) else None
     if secret.count(".") == 2:
         try:
             pool.authenticate_worker(secret)
@@ -144,7 +157,7 @@ def require_worker(request: Request) -> tuple[WorkerState, float]:
         )
     pool = pool_of(request)
     if pool.credentials.is_admin(secret) or (
-        secret.startswith(security.KEY_PREFIX) and pool.credentials.check_key(secret)
+        secret.startswith(security.KEY_PREFIX) and pool.credentials.lookup_key(secret)
     ):
         role = "admin" if pool.credentials.is_admin(secret) else "client"
         raise APIError(403, f"an {role} key cannot act as a worker", "forbidden")

@@ -1,15 +1,25 @@
 """Secrets the coordinator hands out: the admin key, join tokens and client API keys.
 
 Each is shown once and stored as a SHA-256 hash.  The admin key's and the API keys' hashes are
-also kept in memory, so checking them never waits on the database.
+also kept in memory, so checking a known key never waits on the database.
+
+Several coordinators may share one database.  A key this coordinator has not seen (created on
+another one) is looked up in the database once, off the event loop, and cached; a key the
+database does not know is remembered as unknown for ``key_miss_ttl`` seconds, so garbage keys
+cannot hammer the database.  Every ``key_refresh_interval`` seconds the whole cache is reloaded
+from the database (:meth:`Credentials.refresh`): a key revoked elsewhere stops working here within
+that bound, or at once where Redis carries the revocation (``rma.coordinator.shared``).
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +36,10 @@ from rma.schemas.api import ApiKeyCreated, ApiKeyPublic, TokenCreated, TokenPubl
 
 ADMIN_HASH = "admin_key_hash"
 SIGNING_KEY = "credential_signing_key"
+#: Most unknown keys remembered at once (then the expired ones go, or all of them).
+MAX_MISSES = 10_000
+
+log = logging.getLogger("rma.coordinator")
 
 
 def _dt(ts: float) -> datetime:
@@ -83,14 +97,21 @@ def write_secret_file(path: Path, secret: str) -> None:
 
 
 class Credentials:
-    def __init__(self, engine: Engine, clock: Clock, default_rpm: int) -> None:
+    def __init__(
+        self, engine: Engine, clock: Clock, default_rpm: int, miss_ttl: float = 5.0
+    ) -> None:
         self.engine = engine
         self.clock = clock
         self.default_rpm = default_rpm
+        self.miss_ttl = miss_ttl
         self.signing_key = ""
         self._admin_hash = ""
-        self._keys: dict[str, KeyInfo] = {}
+        self._keys: dict[str, KeyInfo] = {}  # id -> key; replaced whole by refresh()
+        self._misses: dict[str, float] = {}  # SHA-256 of an unknown secret -> forget at (monotonic)
+        self._revoked: set[str] = set()  # ids known revoked: never cached again
         self._lock = threading.Lock()
+        #: Called with a key's id after this coordinator revoked it (Redis tells the others).
+        self.on_revoke: list[Callable[[str], None]] = []
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -109,8 +130,7 @@ class Credentials:
                 s.add(admin)
             self.signing_key = signing.value
             self._admin_hash = admin.value
-            rows = s.exec(select(ApiKey).where(col(ApiKey.revoked).is_(False))).all()
-            self._keys = {r.id: KeyInfo(r.id, r.secret_hash, r.rpm) for r in rows}
+        self.refresh()
         if created and admin_key_file is not None:
             write_secret_file(admin_key_file, created)
         return created
@@ -225,15 +245,127 @@ class Credentials:
             row.revoked = True
             s.add(row)
             public = key_public(row)
-        with self._lock:
-            self._keys.pop(key_id, None)
+        self.forget_key(key_id)
+        for hook in self.on_revoke:
+            hook(key_id)
         return public
 
+    def forget_key(self, key_id: str) -> None:
+        """``key_id`` was revoked (here or on another coordinator): refuse it from now on."""
+        with self._lock:
+            self._revoked.add(key_id)
+            self._keys.pop(key_id, None)
+
     def check_key(self, secret: str) -> KeyInfo | None:
-        """The key if valid (in memory, constant time); ``None`` otherwise."""
+        """The key if valid and cached here (in memory, constant time); ``None`` otherwise.
+
+        Never touches the database: a key made on another coordinator is ``None`` until looked
+        up (:meth:`find_key`, :meth:`lookup_key`).
+        """
+        found = self._from_memory(secret)
+        return found if isinstance(found, KeyInfo) else None
+
+    async def find_key(self, secret: str) -> KeyInfo | None:
+        """:meth:`check_key`, and a key unknown here is looked up in the database in a thread."""
+        found = self._from_memory(secret)
+        if found is not _UNKNOWN:
+            return found if isinstance(found, KeyInfo) else None
+        import anyio
+
+        return await anyio.to_thread.run_sync(self._lookup, secret)
+
+    def lookup_key(self, secret: str) -> KeyInfo | None:
+        """:meth:`find_key` for code already off the event loop (it may block on the database)."""
+        found = self._from_memory(secret)
+        if found is not _UNKNOWN:
+            return found if isinstance(found, KeyInfo) else None
+        return self._lookup(secret)
+
+    def _from_memory(self, secret: str) -> KeyInfo | object | None:
+        """The cached answer for ``secret``: a key, ``None`` (refused), or ``_UNKNOWN``."""
         ident = security.split_prefixed(secret, security.KEY_PREFIX)
-        info = self._keys.get(ident) if ident else None
-        if info is None:
+        if not ident:
             return None
-        ok = hmac.compare_digest(security.hash_secret(secret), info.secret_hash)
-        return info if ok else None
+        digest = security.hash_secret(secret)
+        info = self._keys.get(ident)
+        if info is not None:
+            return info if hmac.compare_digest(digest, info.secret_hash) else None
+        if ident in self._revoked:
+            return None
+        until = self._misses.get(digest)
+        if until is not None and until > time.monotonic():
+            return None
+        return _UNKNOWN
+
+    def _lookup(self, secret: str) -> KeyInfo | None:
+        """Ask the database about a key this coordinator has not cached (blocking)."""
+        ident = security.split_prefixed(secret, security.KEY_PREFIX)
+        if not ident:
+            return None
+        digest = security.hash_secret(secret)
+        with session(self.engine) as s:
+            row = s.get(ApiKey, ident)
+            info = KeyInfo(row.id, row.secret_hash, row.rpm) if row is not None else None
+            revoked = row is not None and row.revoked
+        with self._lock:
+            if revoked:
+                self._revoked.add(ident)
+            if (
+                info is not None
+                and ident not in self._revoked
+                and hmac.compare_digest(digest, info.secret_hash)
+            ):
+                self._keys[ident] = info
+                return info
+            self._remember_miss(digest)
+        return None
+
+    def _remember_miss(self, digest: str) -> None:
+        if self.miss_ttl <= 0:
+            return
+        now = time.monotonic()
+        if len(self._misses) >= MAX_MISSES:
+            self._misses = {d: t for d, t in self._misses.items() if t > now}
+            if len(self._misses) >= MAX_MISSES:
+                self._misses.clear()
+        self._misses[digest] = now + self.miss_ttl
+
+    def refresh(self) -> None:
+        """Reload the admin key's hash and every active API key from the database (blocking).
+
+        Keys revoked on another coordinator drop out of the cache, new ones come in.
+        """
+        with session(self.engine) as s:
+            admin = s.get(Setting, ADMIN_HASH)
+            admin_hash = admin.value if admin is not None else ""
+            rows = s.exec(select(ApiKey).where(col(ApiKey.revoked).is_(False))).all()
+            fresh = {r.id: KeyInfo(r.id, r.secret_hash, r.rpm) for r in rows}
+        with self._lock:
+            for ident in self._revoked:
+                fresh.pop(ident, None)
+            self._keys = fresh
+            if admin_hash:
+                self._admin_hash = admin_hash
+
+    async def refresh_loop(self, interval: float) -> None:
+        """Run :meth:`refresh` every ``interval`` seconds (a background task of the app)."""
+        import asyncio
+
+        import anyio
+
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await anyio.to_thread.run_sync(self.refresh)
+            except Exception as exc:  # the database is away: keep the cache, say so once
+                if not failing:
+                    log.warning("cannot reload API keys from the database: %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.warning("API keys reloaded from the database again")
+                failing = False
+
+
+_UNKNOWN = object()

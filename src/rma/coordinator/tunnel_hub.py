@@ -252,7 +252,7 @@ class TunnelHub:
 
     # --- the WebSocket route ----------------------------------------------------------------------
 
-    def _authenticate(self, ws: WebSocket) -> tuple[WorkerState, float, str]:
+    async def _authenticate(self, ws: WebSocket) -> tuple[WorkerState, float, str]:
         """Like ``require_worker``: 401 unless a valid worker credential, 403 for other keys.
 
         Returns the worker, its credential's expiry and the subprotocol to speak.
@@ -270,7 +270,7 @@ class TunnelHub:
         creds = self.pool.credentials
         if creds.is_admin(secret):
             raise APIError(403, "an admin key cannot open a worker tunnel", "forbidden")
-        if secret.startswith(KEY_PREFIX) and creds.check_key(secret):
+        if secret.startswith(KEY_PREFIX) and await creds.find_key(secret):
             raise APIError(403, "a client key cannot open a worker tunnel", "forbidden")
         state, expires_at = self.pool.authenticate_worker(secret)
         if state.status is WorkerStatus.LEFT:
@@ -316,7 +316,7 @@ class TunnelHub:
         addr = ws.client.host if ws.client else "unknown"
         try:
             limiter.check(addr)
-            state, expires_at, protocol = self._authenticate(ws)
+            state, expires_at, protocol = await self._authenticate(ws)
         except APIError as exc:
             if exc.status == 401:
                 limiter.fail(addr)

@@ -18,6 +18,8 @@ def mount(app: FastAPI) -> Gateway:
     state = app.state
     pool = state.pool
     gateway = Gateway(pool, pool.settings, state.metrics, state.auth_limiter)
+    if getattr(state, "shared", None) is not None:  # several coordinators: limits in Redis
+        gateway.limiter = state.shared.limiter
     state.gateway = gateway
     from rma.coordinator.tunnel_hub import mount_tunnel  # GET /api/worker/tunnel
 

@@ -1,7 +1,8 @@
 """The gateway: authenticate, route by model or service name, forward with failover, relay.
 
 The hot path is raw ASGI: no pydantic, no Request objects, one ``json.loads`` of the request
-body (for ``model``), no database (usage goes to an in-memory buffer).
+body (for ``model``), no database (usage goes to an in-memory buffer; an API key is checked in
+memory, and only a key this coordinator has never seen is looked up, once, in a thread).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class Gateway:
             cooldown_max=settings.cooldown_max,
             reachable=self.reachable,
         )
-        self.limiter = RateLimiter()
+        #: Local per coordinator; with Redis, ``mount`` puts the shared one here.
+        self.limiter: RateLimiter = RateLimiter()
         self.usage = UsageRecorder(pool.engine)
 
     # --- transports -------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ class Gateway:
 
     # --- auth -------------------------------------------------------------------------------------
 
-    def authenticate(self, scope: Scope) -> KeyInfo | None:
+    async def authenticate(self, scope: Scope) -> KeyInfo | None:
         """The client's API key; ``None`` for an anonymous client (when allowed)."""
         raw = header(scope, b"authorization")
         secret = None
@@ -140,7 +142,7 @@ class Gateway:
             addr = scope["client"][0] if scope.get("client") else "unknown"
             if not self.settings.anonymous_clients:
                 self.auth_limiter.check(addr)
-            info = creds.check_key(secret)
+            info = await creds.find_key(secret)
             if info is not None:
                 return info
             self._refuse_other_roles(secret)
@@ -187,7 +189,7 @@ class Gateway:
         from rma.coordinator.gateway.asgi import send_json
 
         try:
-            self.authenticate(scope)
+            await self.authenticate(scope)
         except APIError as exc:
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
             return
@@ -218,8 +220,8 @@ class Gateway:
         """``POST /v1/chat/completions | /v1/completions | /v1/embeddings``: routed by model."""
         call = _Call(time.perf_counter())
         try:
-            call.key = self.authenticate(scope)
-            self._rate_limit(call)
+            call.key = await self.authenticate(scope)
+            await self._rate_limit(call)
             body = await read_body(receive)
             call.service = self._service_for_body(body)
             qs = scope.get("query_string", b"")
@@ -237,12 +239,12 @@ class Gateway:
         """``ANY /api/services/{service}/{path}``: any other service, by name."""
         call = _Call(time.perf_counter())
         try:
-            call.key = self.authenticate(scope)
+            call.key = await self.authenticate(scope)
             name = scope["path_params"]["service"]
             if name not in self.pool.catalog:
                 raise APIError(404, f"no service {name!r} in the catalog", "unknown_service")
             call.service = name
-            self._rate_limit(call)
+            await self._rate_limit(call)
             body = await read_body(receive)
             prefix = f"/api/services/{name}".encode()
             raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -276,9 +278,9 @@ class Gateway:
             )
         return service
 
-    def _rate_limit(self, call: _Call) -> None:
+    async def _rate_limit(self, call: _Call) -> None:
         if call.key is not None:
-            self.limiter.check(call.key.id, call.key.rpm)
+            await self.limiter.acquire(call.key.id, call.key.rpm)
 
     # --- forwarding -------------------------------------------------------------------------------
 

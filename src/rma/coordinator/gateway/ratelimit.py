@@ -1,4 +1,8 @@
-"""Per-API-key requests-per-minute limits: a token bucket per key, in memory."""
+"""Per-API-key requests-per-minute limits: a token bucket per key, in memory.
+
+Several coordinators share one bucket per key through Redis instead
+(``rma.coordinator.shared.SharedRateLimiter``, a subclass that falls back to this one).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,21 @@ import time
 from collections.abc import Callable
 
 from rma.coordinator.errors import APIError
+
+
+def rate_limited(rpm: int, retry: int) -> APIError:
+    """The 429 for a key over its ``rpm``, with ``Retry-After``."""
+    return APIError(
+        429,
+        f"this API key is limited to {rpm} requests per minute; retry in {retry} s",
+        "rate_limited",
+        headers={"Retry-After": str(retry)},
+    )
+
+
+def retry_after(tokens: float, rpm: int) -> int:
+    """Whole seconds until a bucket holding ``tokens`` has one again."""
+    return max(1, math.ceil((1.0 - tokens) / (rpm / 60.0)))
 
 
 class RateLimiter:
@@ -26,14 +45,12 @@ class RateLimiter:
         tokens = min(float(rpm), tokens + (now - updated) * rate)
         if tokens < 1.0:
             self._buckets[key_id] = (tokens, now)
-            retry = max(1, math.ceil((1.0 - tokens) / rate))
-            raise APIError(
-                429,
-                f"this API key is limited to {rpm} requests per minute; retry in {retry} s",
-                "rate_limited",
-                headers={"Retry-After": str(retry)},
-            )
+            raise rate_limited(rpm, retry_after(tokens, rpm))
         self._buckets[key_id] = (tokens - 1.0, now)
+
+    async def acquire(self, key_id: str, rpm: int) -> None:
+        """:meth:`check` as the gateway calls it (the shared limiter's may ask Redis)."""
+        self.check(key_id, rpm)
 
     def forget(self, key_id: str) -> None:
         self._buckets.pop(key_id, None)

@@ -19,10 +19,13 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(pool: PoolDep) -> dict[str, str]:
+async def readyz(pool: PoolDep, request: Request) -> dict[str, str]:
     if not await anyio.to_thread.run_sync(ping, pool.engine):
         raise APIError(503, "the database is not reachable", "db_unreachable")
-    return {"status": "ready"}
+    body = {"status": "ready"}
+    for part in getattr(request.app.state, "readiness", []):  # e.g. {"redis": "ok"}: never fails
+        body.update(await part())
+    return body
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
