@@ -1,7 +1,7 @@
 """Through the whole product: the ``openai`` SDK -> a real coordinator process (gateway) -> the
-tunnel -> a worker process -> a fake OpenAI backend process (no model can run in CI).
+tunnel -> a worker process -> a fake OpenAI backend process (fast and deterministic under load).
 
-The worker here is ``tests/tunnel/tunnel_worker.py`` (register, heartbeat, the real
+The worker here is ``bench/tunnel_worker.py`` (register, heartbeat, the real
 ``TunnelClient``) so that it can be SIGKILLed on its own, taking its tunnel with it; the agent
 proper (``rma worker join``) is exercised in ``test_netns.py``.
 """
@@ -25,7 +25,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-HELPER = Path(__file__).with_name("tunnel_worker.py")
+HELPER = ROOT / "bench" / "tunnel_worker.py"  # the real TunnelClient as its own process
 
 
 def _gateway_conftest() -> Any:
@@ -50,6 +50,7 @@ ENV = {"RMA_TUNNEL_PING_INTERVAL": "0.5", "RMA_TUNNEL_PING_TIMEOUT": "3"}
 class TunnelWorker:
     def __init__(self, pool: Any, name: str, services: dict[str, str]) -> None:
         args = [sys.executable, str(HELPER), "--coordinator", pool.url, "--name", name]
+        args += ["--heartbeat", "1"]
         args += ["--token", pool.coord.token()]
         for svc, url in services.items():
             args += ["--service", f"{svc}={url}"]
