@@ -1,7 +1,9 @@
 """Fixtures for the gateway: real fake-backend processes, a real coordinator, workers over HTTP.
 
 The backend is ``bench/fake_backend.py``, a real OpenAI-compatible HTTP server in its own process
-(no model can run in CI); everything between the client and it is the real product.
+that can be told to be slow, stall or die on cue (a model cannot), and answers hundreds of
+requests a second; everything between the client and it is the real product. The real models
+behind the same gateway are tested in ``tests/test_up.py`` and ``tests/services``.
 """
 
 from __future__ import annotations

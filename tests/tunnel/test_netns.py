@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FAKE_BACKEND = ROOT / "bench" / "fake_backend.py"
 CATALOG = f"""
 [services.fake]
-description = "fake OpenAI backend (no model can run in CI)"
+description = "fake OpenAI backend (fast and deterministic)"
 tier = 3
 kind = "openai"
 models = ["fake-model", "fake-embed"]
