@@ -26,6 +26,8 @@ import httptools
 _FRAMING = ("content-length", "transfer-encoding")
 #: Pause reading from a worker when this much of its answer waits for a slow client.
 HIGH_WATER = 1 << 20
+#: Largest response head accepted from a worker (names and values together).
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class H1Error(Exception):
@@ -62,6 +64,8 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.headers: list[tuple[str, str]] = []
+        self.header_bytes = 0
+        self.interim = False
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.started = False  # a byte of the response arrived
@@ -103,10 +107,19 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks ----------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value)
+        if self.header_bytes > MAX_HEADER_BYTES:  # raised through feed_data: a bad response
+            raise ValueError(f"response headers larger than {MAX_HEADER_BYTES} bytes")
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # 100 Continue, 103 Early Hints: not the answer, wait for it
+            self.interim = True
+            self.headers = []
+            self.header_bytes = 0
+            return
+        self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         self.framed = any(k.lower() in _FRAMING for k, _ in self.headers)
         _wake(self.head_waiter)
@@ -120,6 +133,9 @@ class _Connection(asyncio.Protocol):
         _wake(self.body_waiter)
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.complete = True
         _wake(self.body_waiter)
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 
 import httpx
 
@@ -27,6 +28,11 @@ from rma.schemas.api import (
     TokenPublic,
     WorkerPublic,
 )
+
+
+def _seg(ident: str) -> str:
+    """An id as one URL path segment: ``../keys/x`` must never address another resource."""
+    return quote(ident, safe="")
 
 
 class RmaError(Exception):
@@ -208,20 +214,20 @@ class CoordinatorClient:
 
     async def worker(self, worker_id: str) -> WorkerPublic:
         return WorkerPublic.model_validate(
-            await self.request("GET", f"/api/admin/workers/{worker_id}")
+            await self.request("GET", f"/api/admin/workers/{_seg(worker_id)}")
         )
 
     async def drain(self, worker_id: str) -> WorkerPublic:
-        data = await self.request("POST", f"/api/admin/workers/{worker_id}/drain")
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/drain")
         return WorkerPublic.model_validate(data)
 
     async def undrain(self, worker_id: str) -> WorkerPublic:
-        data = await self.request("POST", f"/api/admin/workers/{worker_id}/undrain")
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/undrain")
         return WorkerPublic.model_validate(data)
 
     async def remove(self, worker_id: str) -> WorkerPublic:
         return WorkerPublic.model_validate(
-            await self.request("DELETE", f"/api/admin/workers/{worker_id}")
+            await self.request("DELETE", f"/api/admin/workers/{_seg(worker_id)}")
         )
 
     async def create_token(self, ttl: float, uses: int | None, label: str) -> TokenCreated:
@@ -237,7 +243,7 @@ class CoordinatorClient:
 
     async def revoke_token(self, token_id: str) -> TokenPublic:
         return TokenPublic.model_validate(
-            await self.request("DELETE", f"/api/admin/tokens/{token_id}")
+            await self.request("DELETE", f"/api/admin/tokens/{_seg(token_id)}")
         )
 
     async def create_key(self, name: str, rpm: int | None) -> ApiKeyCreated:
@@ -253,7 +259,7 @@ class CoordinatorClient:
 
     async def revoke_key(self, key_id: str) -> ApiKeyPublic:
         return ApiKeyPublic.model_validate(
-            await self.request("DELETE", f"/api/admin/keys/{key_id}")
+            await self.request("DELETE", f"/api/admin/keys/{_seg(key_id)}")
         )
 
     async def stats(self) -> dict[str, Any]:
@@ -319,7 +325,14 @@ class CoordinatorClient:
                         payload = line[5:].strip()
                         if payload == "[DONE]":
                             return
-                        chunk = json.loads(payload)
+                        try:
+                            chunk = json.loads(payload)
+                        except ValueError:
+                            raise RmaError(
+                                "bad_response", f"the stream sent non-JSON: {payload[:200]}"
+                            ) from None
+                        if not isinstance(chunk, dict):
+                            raise RmaError("bad_response", f"unexpected chunk: {payload[:200]}")
                         if event == "error" or "error" in chunk:
                             err = chunk.get("error", chunk)
                             raise RmaError(

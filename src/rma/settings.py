@@ -191,6 +191,11 @@ class CoordinatorSettings(_Base):
     anonymous_clients: bool = Field(
         False, description="Serve /v1/* and /api/services/* without an API key."
     )
+    trust_worker_endpoints: bool = Field(
+        False,
+        description="Direct transport: use service endpoints on any host; by default an endpoint "
+        "must be on the IP address the worker connects from (no SSRF).",
+    )
 
     connect_timeout: float = Field(
         5.0, gt=0, description="Gateway: seconds to connect to a worker."
@@ -270,6 +275,18 @@ class CoordinatorSettings(_Base):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'rma.db'}"
+
+    @property
+    def local_only(self) -> bool:
+        """Whether only this machine can reach the coordinator (it listens on loopback)."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def grace(self) -> float:

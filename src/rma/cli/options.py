@@ -95,6 +95,12 @@ def make_client(
             "bad_setting",
             f"coordinator URL {s.coordinator_url!r} must start with http:// or https://",
         )
+    import httpx
+
+    try:
+        httpx.URL(s.coordinator_url)
+    except httpx.InvalidURL as exc:
+        raise RmaError("bad_setting", f"coordinator URL {s.coordinator_url!r}: {exc}") from None
     return CoordinatorClient(
         s.coordinator_url,
         admin_key=s.resolved_admin_key(),

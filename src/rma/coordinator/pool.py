@@ -21,6 +21,7 @@ from rma.coordinator import security
 from rma.coordinator.clock import Clock
 from rma.coordinator.credentials import Credentials
 from rma.coordinator.db import make_engine, migrate, session, sqlite_path
+from rma.coordinator.endpoints import endpoint_problem
 from rma.coordinator.errors import APIError
 from rma.coordinator.events import EventBus
 from rma.coordinator.registry import Registry, WorkerState
@@ -34,7 +35,7 @@ from rma.schemas.api import (
     ServiceStatus,
     WorkerPublic,
 )
-from rma.schemas.enums import Tier, WorkerStatus
+from rma.schemas.enums import Tier, Transport, WorkerStatus
 from rma.settings import CoordinatorSettings
 
 
@@ -118,8 +119,17 @@ class Pool:
             )
         return row
 
-    def register(self, req: RegisterRequest) -> RegisterResponse:
+    def register(self, req: RegisterRequest, *, peer: str = "127.0.0.1") -> RegisterResponse:
         now = self.clock.time()
+        if req.transport is Transport.DIRECT and req.endpoint:
+            problem = endpoint_problem(
+                req.endpoint,
+                peer,
+                trust=self.settings.trust_worker_endpoints,
+                local_only=self.settings.local_only,
+            )
+            if problem:
+                raise APIError(422, f"endpoint {req.endpoint} refused: {problem}", "bad_endpoint")
         old = self._reclaim(req)
         token_id: str | None = None
         if old is None or old.status == WorkerStatus.REMOVED:
@@ -229,7 +239,12 @@ class Pool:
     # --- heartbeats -------------------------------------------------------------------------------
 
     def heartbeat(
-        self, state: WorkerState, req: HeartbeatRequest, credential_expires: float
+        self,
+        state: WorkerState,
+        req: HeartbeatRequest,
+        credential_expires: float,
+        *,
+        peer: str = "127.0.0.1",
     ) -> HeartbeatResponse:
         now = self.clock.time()
         transitions: list[tuple[str, str, dict[str, Any]]] = []
@@ -255,8 +270,8 @@ class Pool:
                     )
                 )
             old_services = state.services
-            state.services = {s.name: s for s in req.services}
-            for svc in req.services:
+            state.services = {s.name: self._checked(state, s, peer) for s in req.services}
+            for svc in state.services.values():
                 prev = old_services.get(svc.name)
                 if prev is None or prev.state != svc.state or prev.healthy != svc.healthy:
                     word = "healthy" if svc.healthy else svc.state.value
@@ -291,6 +306,21 @@ class Pool:
             resp.credential = token
             resp.credential_expires_at = datetime.fromtimestamp(exp, UTC)
         return resp
+
+    def _checked(self, state: WorkerState, svc: ServiceStatus, peer: str) -> ServiceStatus:
+        """A direct worker's service whose endpoint the gateway must not use is not healthy."""
+        if state.transport is not Transport.DIRECT or not svc.endpoint:
+            return svc
+        problem = endpoint_problem(
+            svc.endpoint,
+            peer,
+            trust=self.settings.trust_worker_endpoints,
+            local_only=self.settings.local_only,
+        )
+        if problem is None:
+            return svc
+        message = f"endpoint {svc.endpoint} refused: {problem}"
+        return svc.model_copy(update={"healthy": False, "message": message[:1000]})
 
     def assignments_of(self, state: WorkerState) -> list[ServiceSpec]:
         if state.status in (WorkerStatus.REMOVED, WorkerStatus.LEFT):

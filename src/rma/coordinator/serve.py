@@ -106,6 +106,8 @@ def server_config(settings: CoordinatorSettings, app: Any, log_level: str) -> uv
     """uvicorn's settings for the coordinator (``rma coordinator serve`` and ``rma up``)."""
     import uvicorn
 
+    from rma.tunnel.frames import MAX_FRAME
+
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -117,7 +119,7 @@ def server_config(settings: CoordinatorSettings, app: Any, log_level: str) -> uv
         forwarded_allow_ips=settings.forwarded_allow_ips,
         server_header=False,
         timeout_graceful_shutdown=10,
-        ws_max_size=16 * 1024 * 1024,
+        ws_max_size=MAX_FRAME,  # the tunnel protocol's largest frame: nothing bigger is parsed
     )
 
 

@@ -394,19 +394,28 @@ class Gateway:
         """Stream the answer back as it comes; a broken SSE stream ends with an ``error`` event."""
         sse = False
         out: list[tuple[bytes, bytes]] = []
-        for k, v in resp.headers:
-            name = k.lower().encode("latin-1")
-            if name in _DROP_RESPONSE:
-                continue
-            if name == b"content-type" and v.startswith("text/event-stream"):
-                sse = True
-            out.append((name, v.encode("latin-1")))
-        if sse:
-            out = [h for h in out if h[0] != b"content-length"]
-        worker = call.worker
-        out.append((b"x-rma-worker", (worker.name if worker else "").encode("latin-1")))
-        call.status = resp.status
-        await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        try:
+            for k, v in resp.headers:
+                try:
+                    name, value = k.lower().encode("latin-1"), v.encode("latin-1")
+                except UnicodeEncodeError:
+                    continue  # not a valid HTTP header: dropped, never a 500
+                if name in _DROP_RESPONSE:
+                    continue
+                if name == b"content-type" and v.startswith("text/event-stream"):
+                    sse = True
+                out.append((name, value))
+            if sse:
+                out = [h for h in out if h[0] != b"content-length"]
+            worker = call.worker
+            name_bytes = (worker.name if worker else "").encode("latin-1", "replace")
+            out.append((b"x-rma-worker", name_bytes))
+            call.status = resp.status
+            await send({"type": "http.response.start", "status": resp.status, "headers": out})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await resp.aclose()  # the upstream connection or tunnel stream is never leaked
+            raise
         watcher = asyncio.ensure_future(_disconnected(receive)) if sse else None
         error: str | None = None
         code = "stream_broken"

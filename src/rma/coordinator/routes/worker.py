@@ -17,7 +17,7 @@ def register(req: RegisterRequest, request: Request, pool: PoolDep) -> RegisterR
     addr = client_addr(request)
     limiter.check(addr)
     try:
-        return pool.register(req)
+        return pool.register(req, peer=addr)
     except APIError as exc:
         if exc.status == 401:
             limiter.fail(addr)
@@ -25,9 +25,11 @@ def register(req: RegisterRequest, request: Request, pool: PoolDep) -> RegisterR
 
 
 @router.post("/heartbeat")
-def heartbeat(req: HeartbeatRequest, who: WorkerDep, pool: PoolDep) -> HeartbeatResponse:
+def heartbeat(
+    req: HeartbeatRequest, who: WorkerDep, pool: PoolDep, request: Request
+) -> HeartbeatResponse:
     state, expires = who
-    return pool.heartbeat(state, req, expires)
+    return pool.heartbeat(state, req, expires, peer=client_addr(request))
 
 
 @router.post("/leave", status_code=204)
