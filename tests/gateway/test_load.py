@@ -155,3 +155,26 @@ async def test_saturation_queues_then_429_with_retry_after(pool_factory, backend
     assert rejected.status_code == 429
     assert rejected.headers["retry-after"].isdigit()
     assert "at capacity" in rejected.json()["error"]["message"]
+
+
+def test_a_client_that_goes_away_frees_the_worker(pool_factory, backends) -> None:
+    """Non-streamed: the client hangs up while the worker thinks; its capacity comes back at once.
+
+    With capacity 1, a second request gets served right after the first client left, long
+    before the hanging worker request would have ended (first-byte timeout 30 s).
+    """
+    pool = pool_factory(env={"RMA_WORKER_CAPACITY": "1", "RMA_FIRST_BYTE_TIMEOUT": "30"})
+    pool.add_worker("wa", {"fake": backends("a").url})
+    hang = {"model": "fake-model", "messages": [{"role": "user", "content": "[hang]"}]}
+    with pool.client() as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/chat/completions", json=hang, timeout=1.0)
+    started = time.monotonic()
+    ok = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    with pool.client() as c:
+        r = c.post("/v1/chat/completions", json=ok, timeout=20)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started < 5
+    with pool.client() as c:
+        metrics = c.get("/metrics").text
+    busy = [ln for ln in metrics.splitlines() if ln.startswith("rma_gateway_inflight{")]
+    assert all(ln.endswith(" 0") for ln in busy), busy

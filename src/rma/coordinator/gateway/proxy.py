@@ -297,6 +297,23 @@ class Gateway:
         if scope.get("client"):
             headers.append(("x-forwarded-for", scope["client"][0]))
         request = UpstreamRequest(call.service, scope["method"], path, headers, body)
+        # The client may go away while a worker thinks: then the worker's request is cancelled
+        # (the tunnel resets its stream, the direct connection is closed), streamed or not.
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await self._attempts(call, request, send, deadline, watcher)
+        finally:
+            watcher.cancel()
+
+    async def _attempts(
+        self,
+        call: _Call,
+        request: UpstreamRequest,
+        send: Send,
+        deadline: float,
+        watcher: asyncio.Future[None],
+    ) -> None:
+        s = self.settings
         tried: set[str] = set()
         failures: list[str] = []
         timed_out = False
@@ -320,10 +337,19 @@ class Gateway:
                 if remaining <= 0:
                     timed_out = True
                     break
-                try:
-                    resp = await upstream.open(
+                opening = asyncio.ensure_future(
+                    upstream.open(
                         worker, request, first_byte_timeout=min(s.first_byte_timeout, remaining)
                     )
+                )
+                await asyncio.wait((opening, watcher), return_when=asyncio.FIRST_COMPLETED)
+                if not opening.done():
+                    opening.cancel()
+                    with contextlib.suppress(BaseException):
+                        await opening
+                    raise ClientGone
+                try:
+                    resp = opening.result()
                 except UpstreamError as exc:
                     if exc.status is not None:
                         last_status = exc.status
@@ -342,7 +368,7 @@ class Gateway:
                 self.metrics.observe(
                     FIRST_BYTE, time.perf_counter() - call.started, (("service", call.service),)
                 )
-                await self._relay(call, resp, scope, receive, send, deadline)
+                await self._relay(call, resp, send, deadline, watcher)
                 return
             finally:
                 lease.release()
@@ -386,10 +412,9 @@ class Gateway:
         self,
         call: _Call,
         resp: UpstreamResponse,
-        scope: Scope,
-        receive: Receive,
         send: Send,
         deadline: float,
+        watcher: asyncio.Future[None],
     ) -> None:
         """Stream the answer back as it comes; a broken SSE stream ends with an ``error`` event."""
         sse = False
@@ -416,14 +441,11 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await resp.aclose()  # the upstream connection or tunnel stream is never leaked
             raise
-        watcher = asyncio.ensure_future(_disconnected(receive)) if sse else None
         error: str | None = None
         code = "stream_broken"
         try:
             error, code = await self._pump(call, resp, send, deadline, watcher)
         finally:
-            if watcher is not None:
-                watcher.cancel()
             with contextlib.suppress(Exception):
                 await resp.aclose()
         if error is None:
