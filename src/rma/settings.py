@@ -155,6 +155,12 @@ class CoordinatorSettings(_Base):
         description="Seconds after start before anyone is judged; default offline_after.",
     )
     sweep_interval: float = Field(5.0, gt=0, description="Seconds between liveness sweeps.")
+    event_retention: float = Field(
+        2_592_000, gt=0, description="Seconds events are kept in the database (30 days)."
+    )
+    usage_retention: float = Field(
+        604_800, gt=0, description="Seconds usage records (one per request) are kept (7 days)."
+    )
     suspect_fraction: float = Field(
         0.5,
         gt=0,

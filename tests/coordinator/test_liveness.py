@@ -224,3 +224,20 @@ def test_draining_an_offline_worker_keeps_it_offline_until_it_returns(
     r = api.client.post(f"/api/admin/workers/{w.id}/drain", headers=api.admin)
     assert r.status_code == 200 and r.json()["status"] == "offline"
     assert api.heartbeat(w)["status"] == "draining"
+
+
+def test_old_events_and_usage_are_pruned(api: Api, clock: FakeClock) -> None:
+    from rma.coordinator.db import session
+    from rma.coordinator.tables import Usage
+
+    pool = api.pool
+    pool.events.emit("test", "old event")
+    with session(pool.engine) as s:
+        s.add(Usage(ts=clock.time(), service="llm", status=200, latency_ms=1.0))
+    clock.advance(pool.settings.usage_retention + 1)
+    pool.events.emit("test", "recent event")
+    assert api.app.state.sweeper.prune() == {"events": 0, "usage": 1}
+    clock.advance(pool.settings.event_retention)
+    assert api.app.state.sweeper.prune()["events"] >= 1  # the old one (and bootstrap's)
+    messages = [e["message"] for e in api.events("test")]
+    assert messages == ["recent event"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 
 import anyio
 
@@ -96,12 +97,33 @@ class Sweeper:
         self.suspecting = suspect
         return suspect
 
+    def prune(self) -> dict[str, int]:
+        """Delete events and usage records past their retention; returns how many of each."""
+        from sqlmodel import col, delete
+
+        from rma.coordinator.db import session
+        from rma.coordinator.tables import Event, Usage
+
+        pool, cfg = self.pool, self.pool.settings
+        now = pool.clock.time()
+        with session(pool.engine) as s:
+            events = s.exec(delete(Event).where(col(Event.ts) < now - cfg.event_retention))
+            usage = s.exec(delete(Usage).where(col(Usage.ts) < now - cfg.usage_retention))
+            return {"events": int(events.rowcount or 0), "usage": int(usage.rowcount or 0)}
+
     async def run(self) -> None:
-        """Sweep forever (the app's lifespan task), with jitter; errors are logged, never fatal."""
+        """Sweep forever (the app's lifespan task), with jitter; errors are logged, never fatal.
+
+        Old events and usage records are pruned about once an hour.
+        """
         interval = self.pool.settings.sweep_interval
+        next_prune = 0.0
         while True:
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
             try:
                 await anyio.to_thread.run_sync(self.run_once)
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + 3600
+                    await anyio.to_thread.run_sync(self.prune)
             except Exception:
                 log.exception("liveness sweep failed")
