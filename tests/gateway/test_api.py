@@ -190,3 +190,21 @@ def test_usage_stats_and_metrics(pool, backends) -> None:
     assert "rma_gateway_inflight" in metrics
     assert "rma_gateway_queue_depth 0" in metrics
     assert 'rma_workers{status="online"} 1' in metrics
+
+
+def test_an_oversized_chunked_body_is_a_413_in_the_metrics_too(pool_factory, backends) -> None:
+    pool = pool_factory(env={"RMA_MAX_GATEWAY_BODY_BYTES": "1000"})
+    pool.add_worker("wa", {"fake": backends("a").url})
+
+    def chunks():  # no Content-Length: the limit must count the bytes as they come
+        for _ in range(10):
+            yield b"x" * 500
+
+    with pool.client() as c:
+        r = c.post("/api/services/fake/echo", content=chunks())
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "too_large"
+        metrics = c.get("/metrics").text
+    lines = [ln for ln in metrics.splitlines() if ln.startswith("rma_gateway_requests_total{")]
+    assert any('status="413"' in ln for ln in lines), lines
+    assert not any('status="499"' in ln for ln in lines), lines

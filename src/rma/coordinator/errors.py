@@ -129,6 +129,7 @@ class BodyLimitMiddleware:
                 if seen > limit:
                     if not started and not answered:
                         answered = True
+                        scope["rma.body_too_large"] = True  # the app records a 413, not a 499
                         await _send_413(send, limit)
                     return {"type": "http.disconnect"}
             return message

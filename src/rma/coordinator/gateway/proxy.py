@@ -231,7 +231,7 @@ class Gateway:
             call.status = exc.status
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
         except ClientGone:
-            call.status = 499
+            call.status = 413 if scope.get("rma.body_too_large") else 499
         finally:
             self._done(call)
 
@@ -257,7 +257,7 @@ class Gateway:
             call.status = exc.status
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
         except ClientGone:
-            call.status = 499
+            call.status = 413 if scope.get("rma.body_too_large") else 499
         finally:
             self._done(call)
 
