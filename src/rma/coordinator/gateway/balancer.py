@@ -212,11 +212,11 @@ class Balancer:
         Returns the cool-down in seconds (0 when none was applied).
         """
         key = (worker.id, service)
-        n = self.failures.get(key, 0) + 1
-        self.failures[key] = n
         others = [w for w in self.workers_for(service) if w.id != worker.id]
         if not others:
-            return 0.0
+            return 0.0  # and no count either: a later second worker must not inherit a 60 s
+        n = self.failures.get(key, 0) + 1
+        self.failures[key] = n
         seconds = min(self.cooldown_base * 2.0 ** (n - 1), self.cooldown_max)
         self.cool_until[key] = self.clock() + seconds
         return seconds
