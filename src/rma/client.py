@@ -225,6 +225,14 @@ class CoordinatorClient:
         data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/undrain")
         return WorkerPublic.model_validate(data)
 
+    async def trust(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/trust")
+        return WorkerPublic.model_validate(data)
+
+    async def untrust(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/untrust")
+        return WorkerPublic.model_validate(data)
+
     async def remove(self, worker_id: str) -> WorkerPublic:
         return WorkerPublic.model_validate(
             await self.request("DELETE", f"/api/admin/workers/{_seg(worker_id)}")

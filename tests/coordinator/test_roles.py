@@ -270,6 +270,8 @@ def test_unknown_ids_are_404_json(matrix_app: tuple[FastAPI, TestClient, str]) -
         ("DELETE", "/api/admin/workers/nope"),
         ("POST", "/api/admin/workers/nope/drain"),
         ("POST", "/api/admin/workers/nope/undrain"),
+        ("POST", "/api/admin/workers/nope/trust"),
+        ("POST", "/api/admin/workers/nope/untrust"),
         ("DELETE", "/api/admin/tokens/nope"),
         ("DELETE", "/api/admin/keys/nope"),
         ("GET", "/api/no/such/route"),

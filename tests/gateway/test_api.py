@@ -6,6 +6,11 @@ away by the client) and plain httpx for the error shapes.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import httpx
 import openai
 import pytest
@@ -208,3 +213,39 @@ def test_an_oversized_chunked_body_is_a_413_in_the_metrics_too(pool_factory, bac
     lines = [ln for ln in metrics.splitlines() if ln.startswith("rma_gateway_requests_total{")]
     assert any('status="413"' in ln for ln in lines), lines
     assert not any('status="499"' in ln for ln in lines), lines
+
+
+def test_trusted_only_requests_go_to_trusted_workers(pool, backends) -> None:
+    """`x-rma-trusted: 1` (sensitive data): only workers the operator trusts ever see it."""
+    plain = pool.add_worker("plain", {"fake": backends("p").url})
+    trusted = pool.add_worker("vault", {"fake": backends("v").url})
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "secret"}]}
+    with pool.client() as c:
+        r = c.post("/v1/chat/completions", json=body, headers={"x-rma-trusted": "1"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "no_trusted_worker"
+    env = {**os.environ, "RMA_COORDINATOR_URL": pool.url, "RMA_ADMIN_KEY": pool.coord.admin_key}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rma", "admin", "trust", trusted, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["trusted"] is True
+    with pool.client() as c:
+        served = {
+            c.post("/v1/chat/completions", json=body, headers={"x-rma-trusted": "1"}).headers[
+                "x-rma-worker"
+            ]
+            for _ in range(12)
+        }
+        anyone = {
+            c.post("/v1/chat/completions", json=body).headers["x-rma-worker"] for _ in range(20)
+        }
+    assert served == {"vault"}
+    assert anyone == {"vault", "plain"}
+    with pool.coord.admin() as admin:
+        assert admin.get(f"/api/admin/workers/{plain}").json()["trusted"] is False
+        assert admin.post(f"/api/admin/workers/{trusted}/untrust").json()["trusted"] is False

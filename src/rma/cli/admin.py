@@ -134,7 +134,8 @@ def _worker_action(
     if json:
         print_json(w)
     else:
-        err.print(f"worker {w.name} ({w.id}) is now {coloured(w.status.value)}")
+        trust = ", trusted" if w.trusted else ""
+        err.print(f"worker {w.name} ({w.id}) is now {coloured(w.status.value)}{trust}")
 
 
 @app.command()
@@ -171,6 +172,30 @@ def remove(
 ) -> None:
     """Remove a worker from the pool; its credential stops working."""
     _worker_action("remove", worker_id, json, coordinator, admin_key, ca_file)
+
+
+@app.command()
+def trust(
+    worker_id: WorkerIdArg,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Mark a worker trusted: requests sent with `x-rma-trusted: 1` go only to trusted workers."""
+    _worker_action("trust", worker_id, json, coordinator, admin_key, ca_file)
+
+
+@app.command()
+def untrust(
+    worker_id: WorkerIdArg,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Take a worker's trusted mark away."""
+    _worker_action("untrust", worker_id, json, coordinator, admin_key, ca_file)
 
 
 # --- tokens --------------------------------------------------------------------------------------

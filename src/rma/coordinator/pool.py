@@ -363,6 +363,20 @@ class Pool:
             )
         return state.to_public()
 
+    def set_trusted(self, worker_id: str, trusted: bool) -> WorkerPublic:
+        """Mark a worker trusted (or not): requests with ``x-rma-trusted: 1`` go only to those."""
+        state = self.get(worker_id)
+        if state.status is WorkerStatus.REMOVED:
+            raise APIError(409, f"worker {state.name} is removed")
+        with self.registry.lock:
+            if state.trusted is trusted:
+                return state.to_public()
+            state.trusted = trusted
+            self._save(state)
+        word = "trusted" if trusted else "untrusted"
+        self.events.emit(word, f"worker {state.name} is {word} by the operator", state.id)
+        return state.to_public()
+
     def _set_drained(self, state: WorkerState, drained: bool) -> None:
         with self.registry.lock:
             if state.drained is drained:
@@ -422,6 +436,7 @@ class Pool:
             row.last_heartbeat_at = state.last_heartbeat_at
             row.status_changed_at = state.status_changed_at
             row.drained = state.drained
+            row.trusted = state.trusted
             s.add(row)
 
     def _notify(self, state: WorkerState) -> None:

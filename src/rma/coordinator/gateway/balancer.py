@@ -78,12 +78,23 @@ class Balancer:
         until = self.cool_until.get(key)
         return until is not None and until > now
 
-    def pick(self, service: str, exclude: set[str]) -> WorkerState | bool | None:
+    def pick(
+        self, service: str, exclude: set[str], trusted_only: bool = False
+    ) -> WorkerState | bool | None:
         """The best worker; ``None`` when no untried worker is left; ``False`` when all are full.
 
-        Raises 503 when no worker runs the service at all.
+        Raises 503 when no worker runs the service at all (no trusted one, with ``trusted_only``).
         """
         every = self.workers_for(service)
+        if trusted_only:
+            every = [w for w in every if w.trusted]
+            if not every:
+                raise APIError(
+                    503,
+                    f"no trusted worker is running service {service!r} right now "
+                    "(the request asked for trusted workers only: x-rma-trusted)",
+                    "no_trusted_worker",
+                )
         if not every:
             raise APIError(
                 503,
@@ -115,7 +126,9 @@ class Balancer:
             return False
         return best[0] if len(best) == 1 else random.choice(best)
 
-    async def acquire(self, service: str, exclude: set[str]) -> Lease | None:
+    async def acquire(
+        self, service: str, exclude: set[str], trusted_only: bool = False
+    ) -> Lease | None:
         """A lease on the best worker, waiting in the queue while every worker is at capacity.
 
         ``None`` when every worker was tried already.  429 when the queue is full or the wait
@@ -123,14 +136,14 @@ class Balancer:
         """
         waiting = self.waiters.get(service)
         if not waiting:  # nobody queued ahead of us
-            choice = self.pick(service, exclude)
+            choice = self.pick(service, exclude, trusted_only)
             if choice is None:
                 return None
             if isinstance(choice, WorkerState):
                 return self._take(choice, service)
-        return await self._wait(service, exclude)
+        return await self._wait(service, exclude, trusted_only)
 
-    async def _wait(self, service: str, exclude: set[str]) -> Lease | None:
+    async def _wait(self, service: str, exclude: set[str], trusted_only: bool) -> Lease | None:
         if self.queued >= self.queue_size:
             raise self._saturated(service, "the wait queue is full")
         loop = asyncio.get_running_loop()
@@ -160,7 +173,7 @@ class Balancer:
                         fut.cancel()
                     with contextlib.suppress(ValueError):
                         queue.remove(fut)
-                choice = self.pick(service, exclude)
+                choice = self.pick(service, exclude, trusted_only)
                 if choice is None:
                     return None
                 if isinstance(choice, WorkerState):

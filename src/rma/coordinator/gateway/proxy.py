@@ -299,9 +299,10 @@ class Gateway:
         request = UpstreamRequest(call.service, scope["method"], path, headers, body)
         # The client may go away while a worker thinks: then the worker's request is cancelled
         # (the tunnel resets its stream, the direct connection is closed), streamed or not.
+        trusted_only = (header(scope, b"x-rma-trusted") or b"").lower() in (b"1", b"true", b"yes")
         watcher = asyncio.ensure_future(_disconnected(receive))
         try:
-            await self._attempts(call, request, send, deadline, watcher)
+            await self._attempts(call, request, send, deadline, watcher, trusted_only)
         finally:
             watcher.cancel()
 
@@ -312,6 +313,7 @@ class Gateway:
         send: Send,
         deadline: float,
         watcher: asyncio.Future[None],
+        trusted_only: bool = False,
     ) -> None:
         s = self.settings
         tried: set[str] = set()
@@ -319,7 +321,7 @@ class Gateway:
         timed_out = False
         last_status: int | None = None
         while call.attempts < s.max_attempts:
-            lease = await self.balancer.acquire(call.service, tried)
+            lease = await self.balancer.acquire(call.service, tried, trusted_only)
             if lease is None:
                 break
             worker = lease.worker

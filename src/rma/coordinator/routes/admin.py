@@ -55,6 +55,16 @@ def undrain_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
     return pool.undrain(worker_id)
 
 
+@router.post("/workers/{worker_id}/trust")
+def trust_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.set_trusted(worker_id, True)
+
+
+@router.post("/workers/{worker_id}/untrust")
+def untrust_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.set_trusted(worker_id, False)
+
+
 @router.get("/tokens")
 def list_tokens(_: AdminDep, pool: PoolDep) -> list[TokenPublic]:
     return pool.credentials.list_tokens()
