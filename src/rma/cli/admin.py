@@ -118,84 +118,44 @@ def worker(
         out.print(f"    {s.name}: {s.state.value}{health}, {s.inflight} in flight")
 
 
-def _worker_action(
-    action: str,
-    worker_id: str,
-    json: bool,
-    coordinator: str | None,
-    admin_key: str | None,
-    ca_file: Any,
-) -> None:
-    async def go() -> Any:
-        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
-            return await getattr(c, action)(worker_id)
-
-    w = run_async(go, json_mode=json)
-    if json:
-        print_json(w)
-    else:
-        trust = ", trusted" if w.trusted else ""
-        err.print(f"worker {w.name} ({w.id}) is now {coloured(w.status.value)}{trust}")
+#: The one-worker actions: command name -> its help.
+WORKER_ACTIONS = {
+    "drain": "Stop sending new requests to a worker (it keeps running).",
+    "undrain": "Send requests to a drained worker again.",
+    "remove": "Remove a worker from the pool; its credential stops working.",
+    "trust": "Mark a worker trusted: requests sent with `x-rma-trusted: 1` go only to trusted "
+    "workers.",
+    "untrust": "Take a worker's trusted mark away.",
+}
 
 
-@app.command()
-def drain(
-    worker_id: WorkerIdArg,
-    json: JsonOpt = False,
-    coordinator: CoordinatorOpt = None,
-    admin_key: AdminKeyOpt = None,
-    ca_file: CaFileOpt = None,
-) -> None:
-    """Stop sending new requests to a worker (it keeps running)."""
-    _worker_action("drain", worker_id, json, coordinator, admin_key, ca_file)
+def _worker_action_command(action: str, help_text: str) -> None:
+    """``rma admin <action> WORKER_ID``: one call of the client's method of that name."""
+
+    def command(
+        worker_id: WorkerIdArg,
+        json: JsonOpt = False,
+        coordinator: CoordinatorOpt = None,
+        admin_key: AdminKeyOpt = None,
+        ca_file: CaFileOpt = None,
+    ) -> None:
+        async def go() -> Any:
+            async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+                return await getattr(c, action)(worker_id)
+
+        w = run_async(go, json_mode=json)
+        if json:
+            print_json(w)
+        else:
+            trust = ", trusted" if w.trusted else ""
+            err.print(f"worker {w.name} ({w.id}) is now {coloured(w.status.value)}{trust}")
+
+    command.__doc__ = help_text
+    app.command(action)(command)
 
 
-@app.command()
-def undrain(
-    worker_id: WorkerIdArg,
-    json: JsonOpt = False,
-    coordinator: CoordinatorOpt = None,
-    admin_key: AdminKeyOpt = None,
-    ca_file: CaFileOpt = None,
-) -> None:
-    """Send requests to a drained worker again."""
-    _worker_action("undrain", worker_id, json, coordinator, admin_key, ca_file)
-
-
-@app.command()
-def remove(
-    worker_id: WorkerIdArg,
-    json: JsonOpt = False,
-    coordinator: CoordinatorOpt = None,
-    admin_key: AdminKeyOpt = None,
-    ca_file: CaFileOpt = None,
-) -> None:
-    """Remove a worker from the pool; its credential stops working."""
-    _worker_action("remove", worker_id, json, coordinator, admin_key, ca_file)
-
-
-@app.command()
-def trust(
-    worker_id: WorkerIdArg,
-    json: JsonOpt = False,
-    coordinator: CoordinatorOpt = None,
-    admin_key: AdminKeyOpt = None,
-    ca_file: CaFileOpt = None,
-) -> None:
-    """Mark a worker trusted: requests sent with `x-rma-trusted: 1` go only to trusted workers."""
-    _worker_action("trust", worker_id, json, coordinator, admin_key, ca_file)
-
-
-@app.command()
-def untrust(
-    worker_id: WorkerIdArg,
-    json: JsonOpt = False,
-    coordinator: CoordinatorOpt = None,
-    admin_key: AdminKeyOpt = None,
-    ca_file: CaFileOpt = None,
-) -> None:
-    """Take a worker's trusted mark away."""
-    _worker_action("untrust", worker_id, json, coordinator, admin_key, ca_file)
+for _action, _help in WORKER_ACTIONS.items():
+    _worker_action_command(_action, _help)
 
 
 # --- tokens --------------------------------------------------------------------------------------
@@ -205,7 +165,7 @@ def untrust(
 def tokens_create(
     ttl: Annotated[str, typer.Option(help="How long it is valid: 90s, 30m, 12h, 7d.")] = "30m",
     uses: Annotated[
-        int | None, typer.Option(min=1, help="How many workers may join with it [default: 1].")
+        int | None, typer.Option(min=1, help="How many workers may join with it (default: 1).")
     ] = 1,
     unlimited: Annotated[
         bool, typer.Option("--unlimited", help="Any number of joins until it expires.")
@@ -294,7 +254,7 @@ def keys_create(
     name: Annotated[str, typer.Option(help="Who or what the key is for.")] = "",
     rpm: Annotated[
         int | None,
-        typer.Option(min=0, help="Requests per minute; 0 unlimited [default: the coordinator's]."),
+        typer.Option(min=0, help="Requests per minute; 0 unlimited (default: the coordinator's)."),
     ] = None,
     json: JsonOpt = False,
     coordinator: CoordinatorOpt = None,

@@ -15,13 +15,13 @@ app = typer.Typer(help="Run the coordinator.", no_args_is_help=True)
 @app.command()
 def serve(
     host: Annotated[
-        str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")
+        str | None, typer.Option(help="Address to listen on (default: 127.0.0.1).")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on [default: 8420].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (default: 8420).")] = None,
     data_dir: DataDirOpt = None,
     database_url: Annotated[
         str | None,
-        typer.Option("--database-url", help="SQLAlchemy URL [default: SQLite in the data dir]."),
+        typer.Option("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir)."),
     ] = None,
     redis_url: Annotated[
         str | None,
@@ -97,7 +97,7 @@ def reset_admin_key(
     data_dir: DataDirOpt = None,
     database_url: Annotated[
         str | None,
-        typer.Option("--database-url", help="SQLAlchemy URL [default: SQLite in the data dir]."),
+        typer.Option("--database-url", help="SQLAlchemy URL (default: SQLite in the data dir)."),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="TOML config file ([coordinator] section).")

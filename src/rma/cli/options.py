@@ -17,7 +17,7 @@ CoordinatorOpt = Annotated[
     typer.Option(
         "--coordinator",
         envvar="RMA_COORDINATOR_URL",
-        help="Coordinator URL [default: http://127.0.0.1:8420].",
+        help="Coordinator URL (default: http://127.0.0.1:8420).",
     ),
 ]
 AdminKeyOpt = Annotated[
@@ -25,7 +25,7 @@ AdminKeyOpt = Annotated[
     typer.Option(
         "--admin-key",
         envvar="RMA_ADMIN_KEY",
-        help="Admin key [default: <data-dir>/admin.key].",
+        help="Admin key (default: <data-dir>/admin.key).",
         show_default=False,
     ),
 ]
@@ -49,7 +49,7 @@ CaFileOpt = Annotated[
 DataDirOpt = Annotated[
     Path | None,
     typer.Option(
-        "--data-dir", envvar="RMA_DATA_DIR", help="Data directory [default: ~/.local/share/rma]."
+        "--data-dir", envvar="RMA_DATA_DIR", help="Data directory (default: ~/.local/share/rma)."
     ),
 ]
 

@@ -27,7 +27,7 @@ def up(
     services: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated services for the local worker [default: the built-in ones]."
+            help="Comma-separated services for the local worker (default: the built-in ones)."
         ),
     ] = None,
     catalog: Annotated[
