@@ -3,7 +3,6 @@ processes, and a Docker engine when there is one."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -84,17 +83,10 @@ health = "/"
 
 
 def root_conftest() -> Any:
-    """``tests/conftest.py`` as a module, for ``start_coordinator`` and ``free_port``."""
-    name = "_rma_root_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "conftest.py")
-    assert spec
-    assert spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """``tests/conftest.py``, for ``start_coordinator`` and ``free_port``."""
+    import tests.conftest
+
+    return tests.conftest
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30.0, every: float = 0.1) -> Any:

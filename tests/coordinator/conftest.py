@@ -7,9 +7,7 @@ Time is a :class:`FakeClock`; the sweeper does not run by itself (``app.state.sw
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,32 +15,11 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from tests.conftest import Coordinator, free_port, start_coordinator  # noqa: F401 (re-exported)
 
 from rma.coordinator.app import create_app
 from rma.coordinator.clock import FakeClock
 from rma.settings import CoordinatorSettings
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _root_conftest() -> Any:
-    """``tests/conftest.py`` as a module, for its helpers (``start_coordinator``, ``free_port``)."""
-    name = "_rma_root_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "conftest.py")
-    assert spec
-    assert spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_root = _root_conftest()
-free_port: Callable[[], int] = _root.free_port
-start_coordinator: Callable[..., Any] = _root.start_coordinator
-Coordinator: type = _root.Coordinator
 
 #: A tier-2 ("service") machine.
 SERVICE_CAPS: dict[str, Any] = {"cpu_cores": 4, "memory_mb": 8192, "disk_free_mb": 50_000}

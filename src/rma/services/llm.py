@@ -13,12 +13,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rma.services._common import (
     LOCAL_EXTRA,
     error_response,
     install_error_handlers,
+    read_body,
+    replaying,
     require,
     validation_message,
 )
@@ -71,29 +73,14 @@ class RequestGuard:
         if not http_post or scope["path"] not in self.schemas:
             await self.app(scope, receive, send)
             return
-        chunks = []
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = await read_body(receive)
+        if body is None:
+            return  # the client went away
         problem = self.check(scope["path"], body)
         if problem is not None:
             await error_response(*problem)(scope, receive, send)
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     def check(self, path: str, raw: bytes) -> tuple[int, str, str] | None:
         """(status, code, message) of what is wrong with the request, or None."""
