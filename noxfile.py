@@ -10,9 +10,24 @@ nox.options.reuse_existing_virtualenvs = True
 PY = "3.11"
 
 
+LOCK = "requirements/lock.txt"
+#: llama.cpp built for a portable x86-64 CPU (docs/development.md).
+CMAKE_ARGS = (
+    "-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+)
+
+
 def _install(session: nox.Session, extras: str = "all,dev") -> None:
-    session.install("-r", "requirements/torch-cpu.txt")
-    session.install("-e", f".[{extras}]")
+    """The project with ``extras``, every dependency at its version in the lock."""
+    session.install(
+        "-c",
+        LOCK,
+        "-r",
+        "requirements/torch-cpu.txt",
+        "-e",
+        f".[{extras}]",
+        env={"CMAKE_ARGS": CMAKE_ARGS},
+    )
 
 
 @nox.session(python=PY)
@@ -42,3 +57,28 @@ def bench(session: nox.Session) -> None:
     """Gateway benchmarks (docs/benchmarks.md): ``nox -s bench -- --quick`` for a short run."""
     _install(session, "dev")
     session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session(python=PY)
+def lock(session: nox.Session) -> None:
+    """Refresh requirements/lock.txt: every dependency of ``.[all,dev]``, direct and transitive.
+
+    ``nox -s lock`` keeps the pins that still satisfy pyproject.toml; ``nox -s lock -- --upgrade``
+    (or ``--upgrade-package NAME``) moves them.  Review the diff like code: CI installs exactly it.
+    """
+    session.install("pip-tools>=7.4")
+    session.run(
+        "pip-compile",
+        "--quiet",
+        "--allow-unsafe",
+        "--strip-extras",
+        "--no-emit-index-url",
+        "--no-emit-find-links",
+        *(f"--extra={extra}" for extra in ("postgres", "redis", "docker", "gpu", "local", "dev")),
+        "--output-file",
+        LOCK,
+        "pyproject.toml",
+        "requirements/torch-cpu.txt",
+        *session.posargs,
+        env={"CUSTOM_COMPILE_COMMAND": "nox -s lock"},
+    )

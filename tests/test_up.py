@@ -13,6 +13,7 @@ import httpx
 import psutil
 import pytest
 from tests.conftest import free_port
+from tests.llm_sanity import check_sane
 
 pytestmark = pytest.mark.slow
 
@@ -77,16 +78,23 @@ def test_up_answers_and_stops_cleanly(tmp_path: Path) -> None:
             timeout=120,
         )
         assert infer.returncode == 0, infer.stderr
-        assert "Paris" in infer.stdout
+        assert infer.stdout.strip()  # an answer (its sense is checked through the SDK below)
 
         client = OpenAI(base_url=url + "/v1", api_key="unused-on-loopback")
-        chat = client.chat.completions.create(
-            model="smollm2-135m",
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
-            temperature=0,
-            max_tokens=40,
-        )
-        assert "Paris" in (chat.choices[0].message.content or "")
+
+        def ask(question: str) -> str:
+            chat = client.chat.completions.create(
+                model="smollm2-135m",
+                messages=[{"role": "user", "content": question}],
+                temperature=0,
+                max_tokens=40,
+            )
+            return chat.choices[0].message.content or ""
+
+        answers = check_sane(ask)
+        # `rma infer` and the SDK reach the same model: the same answer at temperature 0
+        said = infer.stdout.strip()
+        assert "paris" in said.lower() or said[:12] == answers[0].strip()[:12], (said, answers[0])
         emb = client.embeddings.create(model="all-minilm-l6-v2", input=["hello", "world"])
         assert len(emb.data) == 2 and len(emb.data[0].embedding) == 384
 

@@ -145,6 +145,7 @@ class TunnelHub:
         self._tunnels: dict[str, _Tunnel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aborts: set[asyncio.Task[None]] = set()
+        self._emitting: set[asyncio.Future[Any]] = set()
         self.streams_opened = 0
         pool.on_status_change.append(self._on_status_change)
 
@@ -249,6 +250,9 @@ class TunnelHub:
     async def aclose(self) -> None:
         for worker_id in list(self._tunnels):
             self.disconnect(worker_id, "the coordinator is shutting down")
+        # events still being written in threads finish before the database goes away
+        while self._emitting:
+            await asyncio.gather(*list(self._emitting), return_exceptions=True)
 
     # --- the WebSocket route ----------------------------------------------------------------------
 
@@ -412,12 +416,15 @@ class TunnelHub:
             await mux.ping()
 
     def _emit(self, kind: str, message: str, worker_id: str) -> None:
-        """Record an event without blocking the loop (database write in a thread)."""
+        """Record an event without blocking the loop (database write in a thread; ``aclose``
+        waits for the writes still running)."""
         try:
             loop = asyncio.get_running_loop()
-            loop.run_in_executor(None, self.pool.events.emit, kind, message, worker_id)
+            fut = loop.run_in_executor(None, self.pool.events.emit, kind, message, worker_id)
         except RuntimeError:  # the executor is shutting down
-            pass
+            return
+        self._emitting.add(fut)
+        fut.add_done_callback(self._emitting.discard)
 
 
 class _Endpoint:
