@@ -38,6 +38,26 @@ from rma.schemas.api import (
 from rma.schemas.enums import Tier, Transport, WorkerStatus
 from rma.settings import CoordinatorSettings
 
+#: The message on a reported service the worker was not assigned (a claim refused).
+REFUSED_MESSAGE = "refused: not assigned to this worker by the coordinator"
+
+
+def removed_error(state: WorkerState) -> APIError:
+    """401 for a removed worker's credential; the code says who removed it.
+
+    ``removed``: the operator (re-joining needs a new join token); ``evicted``: the sweeper, for
+    silence (the agent re-joins with its saved worker secret and keeps its id).
+    """
+    if state.revoked:
+        return APIError(
+            401, "this worker was removed by the operator (rma admin remove)", "removed"
+        )
+    return APIError(
+        401,
+        "this worker was removed after a long silence; re-join with its worker_secret",
+        "evicted",
+    )
+
 
 class Pool:
     def __init__(
@@ -93,8 +113,10 @@ class Pool:
 
         ``worker_id`` of a record this coordinator does not know (its database was reset): a new
         registration, which needs a join token.  A known ``worker_id`` with a missing or wrong
-        ``worker_secret``: 401, so nobody takes over another worker's record.  A removed worker
-        comes back only with a new join token (the operator's consent).
+        ``worker_secret``: 401, so nobody takes over another worker's record.  A worker the
+        operator removed (``rma admin remove``: revoked) comes back only with a new join token
+        (the operator's consent); one the sweeper removed for its silence (a laptop that slept)
+        comes back with its secret alone, under its old id.
         """
         if not req.worker_id:
             return None
@@ -111,10 +133,11 @@ class Pool:
                 "join without worker_id (with a join token)",
                 "invalid_worker_secret",
             )
-        if row.status == WorkerStatus.REMOVED and not req.token:
+        if row.status == WorkerStatus.REMOVED and row.revoked and not req.token:
             raise APIError(
                 401,
-                "this worker was removed by the operator; join again with a new token",
+                "this worker was removed by the operator (rma admin remove); join again with a "
+                "new token",
                 "removed",
             )
         return row
@@ -132,7 +155,7 @@ class Pool:
                 raise APIError(422, f"endpoint {req.endpoint} refused: {problem}", "bad_endpoint")
         old = self._reclaim(req)
         token_id: str | None = None
-        if old is None or old.status == WorkerStatus.REMOVED:
+        if old is None or (old.status == WorkerStatus.REMOVED and old.revoked):
             if not req.token:
                 raise APIError(
                     401, "a join token is required (rma admin tokens create)", "invalid_token"
@@ -187,6 +210,7 @@ class Pool:
             row.version = req.version
             row.last_heartbeat_at = now
             row.status_changed_at = now
+            row.revoked = False
             with session(self.engine) as s:
                 s.merge(row)
             state = WorkerState.from_row(row)
@@ -233,7 +257,7 @@ class Pool:
                 401, "this coordinator does not know the worker; register again", "unknown_worker"
             )
         if state.status is WorkerStatus.REMOVED:
-            raise APIError(401, "this worker was removed by the operator", "removed")
+            raise removed_error(state)
         return state, cred.expires_at
 
     # --- heartbeats -------------------------------------------------------------------------------
@@ -252,7 +276,7 @@ class Pool:
             state = self.registry.get(state.id) or state  # a re-registration replaced it
             # re-checked under the lock: an operator's remove may have landed since authentication
             if state.status is WorkerStatus.REMOVED:
-                raise APIError(401, "this worker was removed by the operator", "removed")
+                raise removed_error(state)
             if state.status is WorkerStatus.LEFT:
                 raise APIError(409, "this worker has left; register again", "left")
             before = state.status
@@ -270,8 +294,25 @@ class Pool:
                     )
                 )
             old_services = state.services
+            refused_before = set(state.refused())
             state.services = {s.name: self._checked(state, s, peer) for s in req.services}
+            for name in state.refused():
+                svc = state.services[name]
+                state.services[name] = svc.model_copy(
+                    update={"healthy": False, "message": REFUSED_MESSAGE}
+                )
+                if name not in refused_before:  # once per claim, not once per heartbeat
+                    transitions.append(
+                        (
+                            "claim_refused",
+                            f"worker {state.name} reports {name}, which it was not assigned: "
+                            "no requests go to it",
+                            {"service": name, "endpoint": svc.endpoint, "healthy": svc.healthy},
+                        )
+                    )
             for svc in state.services.values():
+                if svc.name not in state.assignments:
+                    continue
                 prev = old_services.get(svc.name)
                 if prev is None or prev.state != svc.state or prev.healthy != svc.healthy:
                     word = "healthy" if svc.healthy else svc.state.value
@@ -389,13 +430,23 @@ class Pool:
 
     def remove(self, worker_id: str) -> WorkerPublic:
         state = self.get(worker_id)
-        if state.status is WorkerStatus.REMOVED:
+        if state.status is WorkerStatus.REMOVED and state.revoked:
             raise APIError(409, f"worker {state.name} is already removed")
+        with self.registry.lock:
+            state.revoked = True  # only the operator revokes; the sweeper's removal is not one
+            self._save(state)
+        if state.status is WorkerStatus.REMOVED:  # the sweeper removed it already: now revoked
+            self.events.emit(
+                "removed", f"worker {state.name} was removed by the operator", state.id,
+                {"from": state.status.value, "revoked": True},
+            )  # fmt: skip
+            return state.to_public()
         self._set_status(
             state,
             WorkerStatus.REMOVED,
             "removed",
             f"worker {state.name} was removed by the operator",
+            {"revoked": True},
         )
         return state.to_public()
 
@@ -437,6 +488,7 @@ class Pool:
             row.status_changed_at = state.status_changed_at
             row.drained = state.drained
             row.trusted = state.trusted
+            row.revoked = state.revoked
             s.add(row)
 
     def _notify(self, state: WorkerState) -> None:
