@@ -189,7 +189,14 @@ class CoordinatorSettings(_Base):
         32 << 20, gt=0, description="Largest request body through the gateway."
     )
     auth_fail_limit: int = Field(
-        10, gt=0, description="Failed authentications per client address per window."
+        10,
+        gt=0,
+        description="Failed authentications per role (admin, client, worker, join token) and "
+        "client address per window, and per join token; past it bad credentials get 429 (a "
+        "valid one never does).",
+    )
+    auth_fail_address_limit: int = Field(
+        50, gt=0, description="Failed authentications per client address per window, all roles."
     )
     auth_fail_window: float = Field(
         60.0, gt=0, description="Window in seconds for auth_fail_limit."

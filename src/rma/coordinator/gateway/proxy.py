@@ -137,30 +137,34 @@ class Gateway:
             if scheme.lower() == "bearer" and value.strip():
                 secret = value.strip()
         creds = self.pool.credentials
+        limiter = self.auth_limiter
+        addr = scope["client"][0] if scope.get("client") else "unknown"
         if secret is not None:
-            addr = scope["client"][0] if scope.get("client") else "unknown"
-            if not self.settings.anonymous_clients:
-                self.auth_limiter.check(addr)
             info = await creds.find_key(secret)
             if info is not None:
-                return info
+                return info  # a valid key is never refused for failures (its own or others')
             self._refuse_other_roles(secret)
             if self.settings.anonymous_clients:
                 return None
-            self.auth_limiter.fail(addr)
-            raise APIError(
-                401, "invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+            raise limiter.refuse(
+                limiter.buckets("client", addr),
+                APIError(
+                    401,
+                    "invalid API key",
+                    "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                ),
             )
         if self.settings.anonymous_clients:
             return None
-        addr = scope["client"][0] if scope.get("client") else "unknown"
-        self.auth_limiter.check(addr)
-        self.auth_limiter.fail(addr)
-        raise APIError(
-            401,
-            "an API key is required (Authorization: Bearer <key>; rma admin keys create)",
-            "missing_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
+        raise limiter.refuse(
+            limiter.buckets("client", addr),
+            APIError(
+                401,
+                "an API key is required (Authorization: Bearer <key>; rma admin keys create)",
+                "missing_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            ),
         )
 
     def _refuse_other_roles(self, secret: str) -> None:
