@@ -167,6 +167,12 @@ class CoordinatorSettings(_Base):
         le=1,
         description="If more than this fraction of workers go silent at once, remove nobody.",
     )
+    signing_key_file: Path | None = Field(
+        None,
+        description="File holding the worker-credential signing key (0600; an operator can "
+        "mount one). Default with SQLite: signing.key beside the database; with a shared "
+        "database and no file: kept in the database.",
+    )
     credential_ttl: float = Field(
         900.0, gt=0, description="Lifetime in seconds of a worker credential (JWT)."
     )

@@ -6,6 +6,8 @@ path (the gateway) only reads :attr:`Pool.registry`.
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -38,8 +40,23 @@ from rma.schemas.api import (
 from rma.schemas.enums import Tier, Transport, WorkerStatus
 from rma.settings import CoordinatorSettings
 
+log = logging.getLogger("rma.coordinator")
+
 #: The message on a reported service the worker was not assigned (a claim refused).
 REFUSED_MESSAGE = "refused: not assigned to this worker by the coordinator"
+
+
+def private(path: Path, mode: int) -> None:
+    """``chmod`` a path this process owns to ``mode`` (a file it does not own is left as is)."""
+    try:
+        if (
+            path.exists()
+            and path.stat().st_uid == os.getuid()
+            and path.stat().st_mode & 0o777 != mode
+        ):
+            os.chmod(path, mode)
+    except OSError as exc:
+        log.warning("cannot make %s private (mode %o): %s", path, mode, exc)
 
 
 def removed_error(state: WorkerState) -> APIError:
@@ -90,16 +107,31 @@ class Pool:
     def admin_key_file(self) -> Path:
         return self.settings.data_dir / "admin.key"
 
+    @property
+    def signing_key_file(self) -> Path | None:
+        """Where the credential signing key lives: the operator's file, else (SQLite) beside
+        the database, so coordinators sharing one SQLite file share it too; ``None`` (a shared
+        database, no key file mounted): in the database."""
+        if self.settings.signing_key_file is not None:
+            return self.settings.signing_key_file
+        sqlite_file = sqlite_path(self.settings.db_url)
+        return sqlite_file.parent / "signing.key" if sqlite_file is not None else None
+
     def bootstrap(self) -> str | None:
         """Migrate, load secrets and the routing table.  Returns a newly made admin key, once."""
         if self._ready:
             return None
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private(data_dir, 0o700)  # also when it was there before rma
         sqlite_file = sqlite_path(self.settings.db_url)
         if sqlite_file is not None:
             sqlite_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         migrate(self.engine)
-        created = self.credentials.bootstrap(self.admin_key_file)
+        if sqlite_file is not None:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                private(sqlite_file.with_name(sqlite_file.name + suffix), 0o600)
+        created = self.credentials.bootstrap(self.admin_key_file, self.signing_key_file)
         with session(self.engine) as s:
             self.registry.load(s.exec(select(Worker)).all())
         self.started_at = self.clock.time()
@@ -247,7 +279,10 @@ class Pool:
         """
         try:
             cred = security.verify_credential(
-                self.credentials.signing_key, credential, self.clock.time()
+                self.credentials.signing_key,
+                credential,
+                self.clock.time(),
+                max_ttl=self.settings.credential_ttl,
             )
         except security.CredentialError as exc:
             raise APIError(401, str(exc), "invalid_credential") from None

@@ -61,6 +61,7 @@ def build_server(settings: CoordinatorSettings, log_level: str = "info") -> uvic
 
     from rma.catalog import CatalogError
     from rma.coordinator.app import create_app
+    from rma.coordinator.credentials import SigningKeyError
     from rma.coordinator.pool import Pool
 
     if log_level not in LOG_LEVELS:
@@ -82,7 +83,7 @@ def build_server(settings: CoordinatorSettings, log_level: str = "info") -> uvic
     try:
         pool = Pool(settings)
         created = pool.bootstrap()
-    except CatalogError as exc:
+    except (CatalogError, SigningKeyError) as exc:
         raise ServeError(str(exc)) from None
     except Exception as exc:  # database URL wrong, server down, permissions...
         raise ServeError(f"cannot open the database: {one_line(exc)}") from None
