@@ -207,6 +207,31 @@ class CoordinatorSettings(_Base):
     auth_fail_window: float = Field(
         60.0, gt=0, description="Window in seconds for auth_fail_limit."
     )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Open client connections in all; past it new ones get a fast 503 and "
+        "/readyz answers 503. Default: the open-file limit (raised to its hard limit at start) "
+        "less a quarter.",
+    )
+    max_connections_per_address: int = Field(
+        256,
+        ge=0,
+        description="Open connections from one client address (behind a reverse proxy: the "
+        "proxy's); past it new ones get a fast 503. 0: no limit.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's line and headers (slowloris); "
+        "past it: 408 and the connection is closed.",
+    )
+    keepalive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection is kept open."
+    )
+    max_header_bytes: int = Field(
+        65536, ge=1024, description="Largest request line and headers in bytes; past it: 431."
+    )
     anonymous_clients: bool = Field(
         False, description="Serve /v1/* and /api/services/* without an API key."
     )

@@ -107,10 +107,27 @@ def server_config(settings: CoordinatorSettings, app: Any, log_level: str) -> uv
     """uvicorn's settings for the coordinator (``rma coordinator serve`` and ``rma up``)."""
     import uvicorn
 
+    from rma.coordinator.connections import (
+        ConnectionGuard,
+        default_max_connections,
+        protocol_class,
+        raise_nofile_limit,
+    )
     from rma.tunnel.frames import MAX_FRAME
 
+    nofile = raise_nofile_limit()
+    guard = ConnectionGuard(
+        max_connections=settings.max_connections or default_max_connections(nofile),
+        max_per_address=settings.max_connections_per_address,
+        header_timeout=settings.header_timeout,
+        max_header_bytes=settings.max_header_bytes,
+    )
+    if hasattr(app, "state"):
+        app.state.connections = guard  # /readyz says when it is saturated
     return uvicorn.Config(
         app,
+        http=protocol_class(guard),
+        timeout_keep_alive=max(1, round(settings.keepalive_timeout)),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
