@@ -177,6 +177,12 @@ class CoordinatorSettings(_Base):
         900.0, gt=0, description="Lifetime in seconds of a worker credential (JWT)."
     )
 
+    gpu_verify_window: float = Field(
+        1800.0,
+        gt=0,
+        description="Seconds a GPU-tier worker has to get one of its GPU services healthy; "
+        "past it they are unassigned and the worker is re-tiered by its other hardware.",
+    )
     gpu_min_vram_mb: int = Field(
         8192, ge=0, description="Tier 1 (gpu): a GPU with at least this much VRAM."
     )

@@ -135,6 +135,8 @@ class Pool:
         with session(self.engine) as s:
             self.registry.load(s.exec(select(Worker)).all())
         self.started_at = self.clock.time()
+        for w in self.registry.all():  # GPU claims not yet shown: a new window from this start
+            self._watch_gpu(w, self.started_at)
         self._ready = True
         return created
 
@@ -246,6 +248,7 @@ class Pool:
             with session(self.engine) as s:
                 s.merge(row)
             state = WorkerState.from_row(row)
+            self._watch_gpu(state, now)
             self.registry.put(state)
         kind = "rejoined" if old else "joined"
         self.events.emit(
@@ -363,6 +366,11 @@ class Pool:
                             },
                         )
                     )
+            if state.gpu_deadline is not None and any(
+                n in state.services and state.services[n].healthy
+                for n in self._gpu_services(state.assignments)
+            ):
+                state.gpu_deadline = None  # the GPU did real work: the claim holds
             state.load = req.load
             state.last_heartbeat_at = now
             self._save(state)
@@ -485,6 +493,58 @@ class Pool:
         )
         return state.to_public()
 
+    # --- claimed hardware -------------------------------------------------------------------------
+
+    def _gpu_services(self, names: list[str]) -> list[str]:
+        gpu = int(Tier.GPU)
+        return [
+            n
+            for n in names
+            if n in self.catalog and (self.catalog[n].gpu or self.catalog[n].tier == gpu)
+        ]
+
+    def _watch_gpu(self, state: WorkerState, now: float) -> None:
+        """Start the window in which a GPU-tier worker must show its GPU by a healthy service."""
+        if state.tier != int(Tier.GPU) or state.status is not WorkerStatus.ONLINE:
+            return
+        gpu = self._gpu_services(state.assignments)
+        if gpu and not any(n in state.services and state.services[n].healthy for n in gpu):
+            state.gpu_deadline = now + self.settings.gpu_verify_window
+
+    def check_gpu_claims(self) -> list[str]:
+        """Take the GPU services from GPU-tier workers that never got one healthy in time and
+        re-tier them by their other hardware (the sweeper calls it).  Returns their ids."""
+        now = self.clock.time()
+        demoted: list[str] = []
+        for state in self.registry.all():
+            deadline = state.gpu_deadline
+            if deadline is None or now < deadline or state.status in (
+                WorkerStatus.REMOVED, WorkerStatus.LEFT,
+            ):  # fmt: skip
+                continue
+            caps = state.capabilities.model_copy(update={"gpus": []})
+            try:
+                tier = self.policy.tier_for(caps)
+            except TierRefused:
+                tier = Tier.DATA
+            with self.registry.lock:
+                dropped = self._gpu_services(state.assignments)
+                state.assignments = [n for n in state.assignments if n not in dropped]
+                state.tier = int(tier)
+                state.gpu_deadline = None
+                self._save(state)
+            self.events.emit(
+                "gpu_unverified",
+                f"worker {state.name} reports a GPU, but {', '.join(dropped)} never became "
+                f"healthy within {self.settings.gpu_verify_window:g} s: unassigned, and the "
+                f"worker is tier {tier.label} now",
+                state.id,
+                {"dropped": dropped, "tier": int(tier)},
+            )
+            self._notify(state)
+            demoted.append(state.id)
+        return demoted
+
     # --- shared helpers ---------------------------------------------------------------------------
 
     def _set_status(
@@ -516,6 +576,7 @@ class Pool:
             if row is None:
                 return
             row.status = state.status.value
+            row.tier = state.tier
             row.services = [v.model_dump(mode="json") for v in state.services.values()]
             row.assignments = list(state.assignments)
             row.load = state.load.model_dump(mode="json")

@@ -41,6 +41,9 @@ class WorkerState:
     #: Removed by the operator (``rma admin remove``): re-joining needs a new join token.  A
     #: worker the sweeper removed for its silence is ``removed`` but not revoked.
     revoked: bool = False
+    #: A GPU-tier worker's GPU services must be healthy by then (seconds), or they are taken
+    #: away and the worker re-tiered; ``None`` once one was (or for other tiers).  In memory.
+    gpu_deadline: float | None = None
 
     def serves(self, service: str) -> bool:
         """Online, assigned this service by the coordinator, and reported it healthy.
