@@ -332,22 +332,30 @@ class Pool:
                     )
                 )
             old_services = state.services
-            refused_before = set(state.refused())
+            legit_before = {n for n in old_services if n not in state.claims}
             state.services = {s.name: self._checked(state, s, peer) for s in req.services}
-            for name in state.refused():
+            refused = set(state.refused())
+            for name in sorted(refused):
                 svc = state.services[name]
                 state.services[name] = svc.model_copy(
                     update={"healthy": False, "message": REFUSED_MESSAGE}
                 )
-                if name not in refused_before:  # once per claim, not once per heartbeat
-                    transitions.append(
-                        (
-                            "claim_refused",
-                            f"worker {state.name} reports {name}, which it was not assigned: "
-                            "no requests go to it",
-                            {"service": name, "endpoint": svc.endpoint, "healthy": svc.healthy},
-                        )
+                if name in state.claims:
+                    continue  # once per claim, not once per heartbeat
+                if name in legit_before and name not in state.claim_grace:
+                    state.claim_grace.add(name)  # just unassigned: one heartbeat to stop it
+                    continue
+                state.claims.add(name)
+                transitions.append(
+                    (
+                        "claim_refused",
+                        f"worker {state.name} reports {name}, which it was not assigned: "
+                        "no requests go to it",
+                        {"service": name, "endpoint": svc.endpoint, "healthy": svc.healthy},
                     )
+                )
+            state.claims &= refused
+            state.claim_grace &= refused
             for svc in state.services.values():
                 if svc.name not in state.assignments:
                     continue

@@ -44,6 +44,10 @@ class WorkerState:
     #: A GPU-tier worker's GPU services must be healthy by then (seconds), or they are taken
     #: away and the worker re-tiered; ``None`` once one was (or for other tiers).  In memory.
     gpu_deadline: float | None = None
+    #: Reported services outside the assignments already announced (``claim_refused``), and
+    #: those just unassigned, given one heartbeat to stop before they count as claims.
+    claims: set[str] = field(default_factory=set)
+    claim_grace: set[str] = field(default_factory=set)
 
     def serves(self, service: str) -> bool:
         """Online, assigned this service by the coordinator, and reported it healthy.
@@ -61,6 +65,12 @@ class WorkerState:
 
     @classmethod
     def from_row(cls, row: Worker) -> WorkerState:
+        state = cls._from_row(row)
+        state.claims = set(state.refused())  # announced before the restart
+        return state
+
+    @classmethod
+    def _from_row(cls, row: Worker) -> WorkerState:
         return cls(
             id=row.id,
             name=row.name,
