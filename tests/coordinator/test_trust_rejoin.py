@@ -6,6 +6,8 @@ Only ``rma admin remove`` revokes; the 401's code tells the two apart (``evicted
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi.testclient import TestClient
 
 from rma.coordinator.clock import FakeClock
@@ -96,3 +98,45 @@ def test_an_evicted_worker_the_operator_then_removes_is_revoked(api: Api, clock:
     again = rejoin(api.client, laptop)
     assert again.status_code == 401  # type: ignore[attr-defined]
     assert again.json()["error"]["code"] == "removed"  # type: ignore[attr-defined]
+
+
+def test_migration_0003_counts_workers_removed_before_as_revoked(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Who removed a worker before the flag existed is unknown: it stays out without a token."""
+    from importlib import resources
+
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from rma.coordinator.db import make_engine
+
+    (tmp_path / "data").mkdir(exist_ok=True)
+    engine = make_engine(database_url)
+    try:
+        cfg = Config()
+        where = resources.files("rma.coordinator") / "migrations"
+        cfg.set_main_option("script_location", str(where))
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0002")
+        columns = "id, name, status, tier, capabilities, labels, services, assignments, load, "
+        columns += "transport, trusted, version, registered_at, status_changed_at, secret_hash"
+        with engine.begin() as conn:
+            for ident, status in (("gone", "removed"), ("here", "online")):
+                conn.execute(
+                    text(
+                        f"INSERT INTO worker ({columns}, drained) VALUES (:id, :id, :status, 2, "
+                        "'{}', '{}', '[]', '[]', '{}', 'tunnel', false, '', 0, 0, '', false)"
+                    ),
+                    {"id": ident, "status": status},
+                )
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        with engine.connect() as conn:
+            rows = dict(conn.execute(text("SELECT id, revoked FROM worker")).all())
+        assert rows == {"gone": True, "here": False}
+    finally:
+        engine.dispose()
