@@ -122,11 +122,23 @@ def server_config(settings: CoordinatorSettings, app: Any, log_level: str) -> uv
         header_timeout=settings.header_timeout,
         max_header_bytes=settings.max_header_bytes,
     )
-    if hasattr(app, "state"):
-        app.state.connections = guard  # /readyz says when it is saturated
+    http: Any
+    try:
+        http = protocol_class(guard)
+    except ImportError:  # no httptools: uvicorn's h11 protocol, without the caps
+        http = "h11"
+        print(
+            "warning: httptools is not installed: no connection caps or header deadline "
+            "(pip install httptools)",
+            file=sys.stderr,
+        )
+    else:
+        if hasattr(app, "state"):
+            app.state.connections = guard  # /readyz says when it is saturated
     return uvicorn.Config(
         app,
-        http=protocol_class(guard),
+        http=http,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_keep_alive=max(1, round(settings.keepalive_timeout)),
         host=settings.host,
         port=settings.port,
