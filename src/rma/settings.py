@@ -167,10 +167,22 @@ class CoordinatorSettings(_Base):
         le=1,
         description="If more than this fraction of workers go silent at once, remove nobody.",
     )
+    signing_key_file: Path | None = Field(
+        None,
+        description="File holding the worker-credential signing key (0600; an operator can "
+        "mount one). Default with SQLite: signing.key beside the database; with a shared "
+        "database and no file: kept in the database.",
+    )
     credential_ttl: float = Field(
         900.0, gt=0, description="Lifetime in seconds of a worker credential (JWT)."
     )
 
+    gpu_verify_window: float = Field(
+        1800.0,
+        gt=0,
+        description="Seconds a GPU-tier worker has to get one of its GPU services healthy; "
+        "past it they are unassigned and the worker is re-tiered by its other hardware.",
+    )
     gpu_min_vram_mb: int = Field(
         8192, ge=0, description="Tier 1 (gpu): a GPU with at least this much VRAM."
     )
@@ -189,10 +201,42 @@ class CoordinatorSettings(_Base):
         32 << 20, gt=0, description="Largest request body through the gateway."
     )
     auth_fail_limit: int = Field(
-        10, gt=0, description="Failed authentications per client address per window."
+        10,
+        gt=0,
+        description="Failed authentications per role (admin, client, worker, join token) and "
+        "client address per window, and per join token; past it bad credentials get 429 (a "
+        "valid one never does).",
+    )
+    auth_fail_address_limit: int = Field(
+        50, gt=0, description="Failed authentications per client address per window, all roles."
     )
     auth_fail_window: float = Field(
         60.0, gt=0, description="Window in seconds for auth_fail_limit."
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Open client connections in all; past it new ones get a fast 503 and "
+        "/readyz answers 503. Default: the open-file limit (raised to its hard limit at start) "
+        "less a quarter.",
+    )
+    max_connections_per_address: int = Field(
+        256,
+        ge=0,
+        description="Open connections from one client address (behind a reverse proxy: the "
+        "proxy's); past it new ones get a fast 503. 0: no limit.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's line and headers (slowloris); "
+        "past it: 408 and the connection is closed.",
+    )
+    keepalive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection is kept open."
+    )
+    max_header_bytes: int = Field(
+        65536, ge=1024, description="Largest request line and headers in bytes; past it: 431."
     )
     anonymous_clients: bool = Field(
         False, description="Serve /v1/* and /api/services/* without an API key."

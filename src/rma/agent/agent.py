@@ -362,8 +362,19 @@ class Agent:
             except RmaError as exc:
                 if exc.status == 401 and exc.code == "removed":
                     raise AgentExit(
-                        1, "this worker was removed by the operator; its services are stopped"
+                        1,
+                        "this worker was removed by the operator (rma admin remove); its "
+                        "services are stopped (pass a new --token to join again)",
                     ) from None
+                if exc.status == 401 and exc.code == "evicted":
+                    log.warning(
+                        "the coordinator removed this worker after a long silence (asleep or "
+                        "offline?), not the operator: re-joining with its saved identity"
+                    )
+                    if await self.join() is None:
+                        return
+                    await self.reconcile_once()
+                    continue
                 if exc.status in (401, 409):
                     log.warning(
                         "the coordinator does not know this worker (%s): registering again",

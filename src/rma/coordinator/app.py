@@ -66,7 +66,9 @@ def create_app(
     app.state.pool = pool
     app.state.sweeper = sweeper
     app.state.metrics = Metrics()
-    app.state.auth_limiter = FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window)
+    app.state.auth_limiter = FailureLimiter(
+        settings.auth_fail_limit, settings.auth_fail_window, settings.auth_fail_address_limit
+    )
     app.state.stats_extensions = []
     app.state.background = background
     app.state.on_shutdown = []

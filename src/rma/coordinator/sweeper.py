@@ -11,6 +11,9 @@ The rules (times are settings):
   the coordinator's side (its network, a stalled database): nobody is removed, and a ``suspect``
   event says so; a ``suspect_cleared`` event follows when that is over.  Workers are still
   marked offline meanwhile, so requests are not sent to them.
+
+Each sweep also checks claimed hardware: a GPU-tier worker whose GPU services did not become
+healthy within ``gpu_verify_window`` loses them and is re-tiered (``Pool.check_gpu_claims``).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Sweeper:
                     f"worker {w.name} is offline: no heartbeat for {quiet:.0f} s",
                 )
                 done["offline"].append(w.id)
+        pool.check_gpu_claims()
         if self._suspect(watched, silent):
             return done
         for w in silent:

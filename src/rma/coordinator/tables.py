@@ -31,6 +31,7 @@ class Worker(SQLModel, table=True):
     token_id: str | None = Field(default=None, max_length=32)
     secret_hash: str = Field(default="", max_length=128)
     drained: bool = False  # the operator's drain; survives going offline and coming back
+    revoked: bool = False  # removed by the operator (not by the sweeper): needs a new join token
 
 
 class JoinToken(SQLModel, table=True):

@@ -319,11 +319,10 @@ class TunnelHub:
         limiter = ws.app.state.auth_limiter
         addr = ws.client.host if ws.client else "unknown"
         try:
-            limiter.check(addr)
             state, expires_at, protocol = await self._authenticate(ws)
         except APIError as exc:
-            if exc.status == 401:
-                limiter.fail(addr)
+            if exc.status == 401:  # a valid credential is never refused for failures
+                exc = limiter.refuse(limiter.buckets("worker", addr), exc)
             await _deny(ws, exc)
             return
         await ws.accept(subprotocol=protocol)

@@ -210,6 +210,10 @@ class WorkerPublic(BaseModel):
     load: Load
     transport: Transport
     trusted: bool
+    #: Services the worker reports but was not assigned: never routed to (``claim_refused``).
+    refused: list[str] = Field(default_factory=list)
+    #: Removed by the operator (``rma admin remove``), as opposed to by the sweeper for silence.
+    revoked: bool = False
     version: str
     endpoint: str | None
     registered_at: datetime

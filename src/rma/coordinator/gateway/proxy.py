@@ -22,6 +22,7 @@ from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
 from rma.coordinator.gateway.balancer import Balancer
 from rma.coordinator.gateway.direct import DirectUpstream
+from rma.coordinator.gateway.headers import request_headers, response_header_allowed
 from rma.coordinator.gateway.ratelimit import RateLimiter
 from rma.coordinator.gateway.upstream import (
     Upstream,
@@ -50,8 +51,6 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-#: Request headers not passed to workers (the client's API key stays here).
-_DROP_REQUEST = _HOP_BY_HOP | {b"host", b"authorization", b"content-length", b"expect"}
 #: Response headers not passed back (the server adds its own ``date``).
 _DROP_RESPONSE = _HOP_BY_HOP | {b"date", b"server"}
 _RETRY_STATUSES = (502, 503)
@@ -138,30 +137,34 @@ class Gateway:
             if scheme.lower() == "bearer" and value.strip():
                 secret = value.strip()
         creds = self.pool.credentials
+        limiter = self.auth_limiter
+        addr = scope["client"][0] if scope.get("client") else "unknown"
         if secret is not None:
-            addr = scope["client"][0] if scope.get("client") else "unknown"
-            if not self.settings.anonymous_clients:
-                self.auth_limiter.check(addr)
             info = await creds.find_key(secret)
             if info is not None:
-                return info
+                return info  # a valid key is never refused for failures (its own or others')
             self._refuse_other_roles(secret)
             if self.settings.anonymous_clients:
                 return None
-            self.auth_limiter.fail(addr)
-            raise APIError(
-                401, "invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+            raise limiter.refuse(
+                limiter.buckets("client", addr),
+                APIError(
+                    401,
+                    "invalid API key",
+                    "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                ),
             )
         if self.settings.anonymous_clients:
             return None
-        addr = scope["client"][0] if scope.get("client") else "unknown"
-        self.auth_limiter.check(addr)
-        self.auth_limiter.fail(addr)
-        raise APIError(
-            401,
-            "an API key is required (Authorization: Bearer <key>; rma admin keys create)",
-            "missing_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
+        raise limiter.refuse(
+            limiter.buckets("client", addr),
+            APIError(
+                401,
+                "an API key is required (Authorization: Bearer <key>; rma admin keys create)",
+                "missing_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            ),
         )
 
     def _refuse_other_roles(self, secret: str) -> None:
@@ -264,7 +267,7 @@ class Gateway:
     def _service_for_body(self, body: bytes) -> str:
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # also invalid UTF-8, nesting past the stack
             raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model:
@@ -289,13 +292,7 @@ class Gateway:
     ) -> None:
         s = self.settings
         deadline = call.started + s.total_timeout
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k not in _DROP_REQUEST
-        ]
-        if scope.get("client"):
-            headers.append(("x-forwarded-for", scope["client"][0]))
+        headers = request_headers(scope["headers"])  # an allow-list: no cookie, key or address
         request = UpstreamRequest(call.service, scope["method"], path, headers, body)
         # The client may go away while a worker thinks: then the worker's request is cancelled
         # (the tunnel resets its stream, the direct connection is closed), streamed or not.
@@ -427,8 +424,8 @@ class Gateway:
                     name, value = k.lower().encode("latin-1"), v.encode("latin-1")
                 except UnicodeEncodeError:
                     continue  # not a valid HTTP header: dropped, never a 500
-                if name in _DROP_RESPONSE:
-                    continue
+                if name in _DROP_RESPONSE or not response_header_allowed(name, value):
+                    continue  # an allow-list: no set-cookie, location... from a worker
                 if name == b"content-type" and v.startswith("text/event-stream"):
                     sse = True
                 out.append((name, value))
