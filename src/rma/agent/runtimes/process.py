@@ -1,5 +1,11 @@
 """The process runtime: the catalog's command as a subprocess in its own process group.
 
+Donor limits (``--max-cpu``, ``--max-memory``) are applied to each service as it starts, in the
+child before ``exec``: ``--max-cpu N`` pins it to N of this agent's CPUs (``sched_setaffinity``,
+N rounded up), ``--max-memory`` caps its data segment (``RLIMIT_DATA``: heap and private
+anonymous memory, what a runaway service grows; file mappings such as model weights and
+reserved-but-unused address space do not count).  Its children inherit both.
+
 Logs go to ``<data-dir>/logs/<service>.log``.  Each running service leaves a small record in
 ``<data-dir>/run/<service>.json`` (pid, process group, start time) so that an agent restarted
 after a crash (SIGKILL) finds what its predecessor started and stops the whole group.
@@ -11,17 +17,21 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import psutil
 
+from rma.agent.policy import Limits
 from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure, expand
 from rma.schemas.api import ServiceSpec
 
@@ -36,8 +46,12 @@ def _module_missing(module: str) -> bool:
 class ProcessRuntime(Runtime):
     name = "process"
 
-    def __init__(self, data_dir: Path, *, stop_timeout: float = 10.0) -> None:
+    def __init__(
+        self, data_dir: Path, *, stop_timeout: float = 10.0, limits: Limits | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.limits = limits or Limits()
+        self._cpus = _cpu_set(self.limits.cpu)
         self.logs = data_dir / "logs"
         self.run_dir = data_dir / "run"
         self.stop_timeout = stop_timeout
@@ -94,6 +108,7 @@ class ProcessRuntime(Runtime):
                     env=env,
                     start_new_session=True,  # its own process group: stopped as a whole
                     close_fds=True,
+                    preexec_fn=self._limiter(),  # two syscalls in the child, no locks taken
                 )
             except OSError as exc:
                 raise RuntimeFailure(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
@@ -160,8 +175,50 @@ class ProcessRuntime(Runtime):
         tail = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("--- ")]
         return " | ".join(tail[-lines:])
 
+    def _limiter(self) -> Callable[[], None] | None:
+        """The function the child runs before ``exec`` to apply the donor's limits."""
+        cpus, memory_mb = self._cpus, self.limits.memory_mb
+        if cpus is None and memory_mb is None:
+            return None
+        data = None if memory_mb is None else memory_mb << 20
+
+        def limit() -> None:
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+            if data is not None:
+                resource.setrlimit(resource.RLIMIT_DATA, (data, data))
+
+        return limit
+
+    def enforced(self) -> dict[str, str]:
+        """How each donor limit is applied to this runtime's services."""
+        out: dict[str, str] = {}
+        if self._cpus is not None:
+            out["cpu"] = f"CPU affinity: CPUs {','.join(map(str, sorted(self._cpus)))}"
+        if self.limits.memory_mb is not None:
+            out["memory"] = f"RLIMIT_DATA {self.limits.memory_mb} MB per service process"
+        if self.limits.vram_mb is not None:
+            out["vram"] = "planned only (the coordinator and the agent keep services within it)"
+        return out
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "python": sys.executable, "logs": str(self.logs)}
+        return {
+            "name": self.name,
+            "python": sys.executable,
+            "logs": str(self.logs),
+            "limits": self.enforced(),
+        }
+
+
+def _cpu_set(cpu: float | None) -> set[int] | None:
+    """The CPUs a service may use under ``--max-cpu``: the first N of this agent's own."""
+    if cpu is None:
+        return None
+    try:
+        mine = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: no affinity; the limit is planned only
+        return None
+    return set(mine[: max(1, math.ceil(cpu))])
 
 
 def _group_alive(pgid: int) -> bool:

@@ -72,10 +72,15 @@ def list_tokens(_: AdminDep, pool: PoolDep) -> list[TokenPublic]:
 
 @router.post("/tokens", status_code=201)
 def create_token(body: TokenCreate, _: AdminDep, pool: PoolDep) -> TokenCreated:
+    from rma.pinning import certificate_file_hash, join_command
+
     created = pool.credentials.create_token(body.ttl, body.uses, body.label)
     pool.events.emit(
         "token_created", f"join token {created.id} created", data={"label": body.label}
     )
+    cert = pool.settings.tls_cert
+    created.ca_hash = certificate_file_hash(str(cert)) if cert else None
+    created.join_command = join_command(pool.settings.url, created.token, created.ca_hash)
     return created
 
 
