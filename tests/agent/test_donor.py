@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from .conftest import ECHO_CATALOG, admin_workers, procs_with, wait_for
+from .conftest import (
+    DOCKER_CATALOG,
+    ECHO_CATALOG,
+    admin_workers,
+    docker_client,
+    procs_with,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -162,6 +169,50 @@ def test_trusting_the_coordinator_is_an_explicit_choice_and_still_no_bind_mounts
         assert str(tmp_path) in reported["web"]["message"]
         assert agent.alive()
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.docker
+def test_a_bind_mount_never_reaches_docker(tmp_path: Path, agent_factory: Any) -> None:
+    from rma.agent.state import agent_key
+    from rma.catalog import load_catalog
+
+    engine = docker_client()
+    catalog = tmp_path / "docker-catalog.toml"
+    catalog.write_text(DOCKER_CATALOG)
+    web = load_catalog(catalog)["web"].model_dump(mode="json")
+    secret = tmp_path / "home"
+    secret.mkdir()
+    mount = {**web, "name": "mount", "volumes": {"/mnt": str(secret)}}
+    data_dir = tmp_path / "worker"
+    key = agent_key(data_dir)
+
+    def ours() -> dict[str, Any]:
+        found = engine.containers.list(all=True, filters={"label": [f"rma.agent={key}"]})
+        return {c.labels["rma.service"]: c for c in found}
+
+    try:
+        with FakeCoordinator([web, mount]) as fake:
+            agent_factory(
+                fake.url, "--token", "x", "--runtime", "docker", "--transport", "direct",
+                "--catalog", str(catalog), "--trust-coordinator-catalog", data_dir=data_dir,
+            )  # fmt: skip
+            reported = wait_for(
+                lambda: (
+                    (r := fake.reported()).get("web", {}).get("healthy")
+                    and r.get("mount", {}).get("state") == "refused"
+                    and r
+                ),
+                90,
+                every=0.2,
+            )
+            assert str(secret) in reported["mount"]["message"]
+            assert set(ours()) == {"web"}  # the donor's web runs; no container mounts the path
+            mounts = ours()["web"].attrs["Mounts"]
+            assert all(m.get("Source") != str(secret) for m in mounts)
+    finally:
+        for c in ours().values():
+            c.remove(force=True)
+        engine.close()
 
 
 def test_the_allow_list_and_limits_reach_the_coordinator_and_the_status(
