@@ -125,6 +125,7 @@ class LocalPool:
             transport="direct",
             catalog=self.opts.catalog,
             data_dir=self.settings.data_dir / "worker",
+            trust_coordinator_catalog=True,  # the donor runs this coordinator: one catalog
         )
 
     def build_agent(self) -> Agent:
