@@ -241,7 +241,7 @@ class LocalPool:
             if states != last and progress:
                 progress(states)
             last = states
-            if states and all(s in ("ready", "failed") for s in states.values()):
+            if states and all(s in ("ready", "failed", "refused") for s in states.values()):
                 if on_ready:
                     on_ready(time.monotonic() - started)
                 return

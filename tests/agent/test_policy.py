@@ -167,3 +167,25 @@ def test_plain_http_only_to_this_machine(url: str, insecure: bool, refused: bool
 def test_loopback_names() -> None:
     assert is_loopback("127.9.9.9") and is_loopback("::1") and is_loopback("LOCALHOST")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1")
+
+
+def test_a_pin_needs_https() -> None:
+    problem = coordinator_problem("http://127.0.0.1:8420", False, pinned=True)
+    assert problem is not None and "https://" in problem
+    assert coordinator_problem("https://127.0.0.1:8420", False, pinned=True) is None
+
+
+def test_the_join_line() -> None:
+    from rma.pinning import join_command, normalize
+
+    pin = normalize("AB:" * 31 + "AB")
+    assert pin == "sha256:" + "ab" * 32
+    assert join_command("https://pool.example.org", "rma_join_a.b", pin) == (
+        "rma worker join --coordinator https://pool.example.org --token rma_join_a.b "
+        f"--ca-hash {pin}"
+    )
+    assert join_command("http://127.0.0.1:8420", "t", None) == (
+        "rma worker join --coordinator http://127.0.0.1:8420 --token t"
+    )
+    # no TLS to another machine: the line says so rather than fail on the donor's side
+    assert join_command("http://10.0.0.2:8420", "t", None).endswith(" --insecure")

@@ -323,7 +323,9 @@ class Agent:
 
     async def join(self) -> RegisterResponse | None:
         """Register, retrying while the coordinator is unreachable; ``None`` if stopped first."""
-        problem = coordinator_problem(self.settings.coordinator_url, self.settings.insecure)
+        problem = coordinator_problem(
+            self.settings.coordinator_url, self.settings.insecure, bool(self.settings.ca_hash)
+        )
         if problem is not None:
             raise AgentExit(1, problem)
         backoff = Backoff(1.0, self.retry_cap)

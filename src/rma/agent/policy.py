@@ -93,7 +93,7 @@ def differences(mine: ServiceSpec, theirs: ServiceSpec) -> list[str]:
     return [f for f in GUARDED if getattr(mine, f) != getattr(theirs, f)]
 
 
-def coordinator_problem(url: str, insecure: bool) -> str | None:
+def coordinator_problem(url: str, insecure: bool, pinned: bool = False) -> str | None:
     """Why the agent must not talk to ``url``, or ``None``.
 
     Plain ``http://`` is only for a coordinator on this machine (a loopback address,
@@ -104,6 +104,8 @@ def coordinator_problem(url: str, insecure: bool) -> str | None:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         return f"--coordinator must be an http:// or https:// URL, not {url!r}"
+    if scheme == "http" and pinned:
+        return f"--ca-hash pins a TLS certificate: the coordinator URL must be https://, not {url}"
     if scheme == "https" or insecure or is_loopback(parts.hostname):
         return None
     return (

@@ -305,7 +305,9 @@ def join(
         max_vram=max_vram,
         trust_coordinator_catalog=trust_coordinator_catalog,
     )
-    problem = coordinator_problem(settings.coordinator_url, settings.insecure)
+    problem = coordinator_problem(
+        settings.coordinator_url, settings.insecure, bool(settings.ca_hash)
+    )
     if problem is not None:
         fail(problem)  # before anything connects anywhere
     _configure_logging(verbose)
