@@ -59,6 +59,8 @@ log = logging.getLogger("rma.agent")
 
 #: Least time between two heartbeats, even when service transitions ask for one sooner.
 MIN_HEARTBEAT_GAP = 0.25
+#: Refused assignments reported per heartbeat (a hostile coordinator may send any number).
+MAX_REFUSED_REPORTED = 64
 
 
 class AgentExit(Exception):
@@ -227,7 +229,7 @@ class Agent:
         out = [s for s in self.reconciler.statuses() if s.name not in self.refused]
         out += [
             ServiceStatus(name=n, state=ServiceState.REFUSED, healthy=False, message=why[:1000])
-            for n, why in sorted(self.refused.items())
+            for n, why in sorted(self.refused.items())[:MAX_REFUSED_REPORTED]
         ]
         return out
 
@@ -276,7 +278,7 @@ class Agent:
             self.settings.coordinator_url,
             resp.worker_id,
             resp.tier_name,
-            ", ".join(s.name for s in resp.assignments) or "no services",
+            ", ".join(self.reconciler.desired) or "no services",
         )
         return resp
 

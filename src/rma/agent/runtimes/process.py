@@ -1,10 +1,12 @@
 """The process runtime: the catalog's command as a subprocess in its own process group.
 
-Donor limits (``--max-cpu``, ``--max-memory``) are applied to each service as it starts, in the
-child before ``exec``: ``--max-cpu N`` pins it to N of this agent's CPUs (``sched_setaffinity``,
-N rounded up), ``--max-memory`` caps its data segment (``RLIMIT_DATA``: heap and private
-anonymous memory, what a runaway service grows; file mappings such as model weights and
-reserved-but-unused address space do not count).  Its children inherit both.
+Donor limits (``--max-cpu``, ``--max-memory``) are applied to each service as it starts, by a
+tiny launcher (``python -I -c``) that sets them and then ``exec``s the service's command (same
+pid, same process group; no ``preexec_fn``, which is unsafe in a threaded agent):
+``--max-cpu N`` pins it to N of this agent's CPUs (``sched_setaffinity``, N rounded up),
+``--max-memory`` caps its data segment (``RLIMIT_DATA``: heap and private anonymous memory, what
+a runaway service grows; file mappings such as model weights and reserved-but-unused address
+space do not count).  Its children inherit both.
 
 Logs go to ``<data-dir>/logs/<service>.log``.  Each running service leaves a small record in
 ``<data-dir>/run/<service>.json`` (pid, process group, start time) so that an agent restarted
@@ -19,13 +21,11 @@ import importlib.util
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,6 +34,21 @@ import psutil
 from rma.agent.policy import Limits
 from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure, expand
 from rma.schemas.api import ServiceSpec
+
+#: Sets the limits given as arguments (CPUs "0,1" or "", data bytes or 0), then becomes the service.
+_LAUNCHER = """\
+import os, resource, sys
+cpus, data, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+if cpus:
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+if data:
+    resource.setrlimit(resource.RLIMIT_DATA, (data, data))
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    print(f"rma: cannot start {argv[0]}: {exc.strerror}", file=sys.stderr)
+    sys.exit(127)
+"""
 
 
 def _module_missing(module: str) -> bool:
@@ -89,14 +104,15 @@ class ProcessRuntime(Runtime):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        argv = [expand(a, port=host_port, data_dir=data_dir) for a in spec.command]
+        command = [expand(a, port=host_port, data_dir=data_dir) for a in spec.command]
+        argv = self.limited(command)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.update({k: expand(v, port=host_port, data_dir=data_dir) for k, v in spec.env.items()})
         log_path = self.logs / f"{spec.name}.log"
         log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"\n--- {stamp} rma starts: {' '.join(argv)}\n".encode())
+            log.write(f"\n--- {stamp} rma starts: {' '.join(command)}\n".encode())
             log.flush()
             try:
                 proc = subprocess.Popen(
@@ -108,10 +124,9 @@ class ProcessRuntime(Runtime):
                     env=env,
                     start_new_session=True,  # its own process group: stopped as a whole
                     close_fds=True,
-                    preexec_fn=self._limiter(),  # two syscalls in the child, no locks taken
                 )
             except OSError as exc:
-                raise RuntimeFailure(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+                raise RuntimeFailure(f"cannot start {command[0]}: {exc.strerror or exc}") from None
         finally:
             log.close()
         self._procs[spec.name] = proc
@@ -175,20 +190,14 @@ class ProcessRuntime(Runtime):
         tail = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("--- ")]
         return " | ".join(tail[-lines:])
 
-    def _limiter(self) -> Callable[[], None] | None:
-        """The function the child runs before ``exec`` to apply the donor's limits."""
+    def limited(self, argv: list[str]) -> list[str]:
+        """``argv``, behind the launcher that applies the donor's limits (when there are any)."""
         cpus, memory_mb = self._cpus, self.limits.memory_mb
         if cpus is None and memory_mb is None:
-            return None
-        data = None if memory_mb is None else memory_mb << 20
-
-        def limit() -> None:
-            if cpus is not None:
-                os.sched_setaffinity(0, cpus)
-            if data is not None:
-                resource.setrlimit(resource.RLIMIT_DATA, (data, data))
-
-        return limit
+            return argv
+        cpu_arg = ",".join(str(c) for c in sorted(cpus)) if cpus is not None else ""
+        data = str(memory_mb << 20) if memory_mb is not None else "0"
+        return [sys.executable, "-I", "-c", _LAUNCHER, cpu_arg, data, *argv]
 
     def enforced(self) -> dict[str, str]:
         """How each donor limit is applied to this runtime's services."""
