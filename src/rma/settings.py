@@ -386,7 +386,8 @@ class WorkerSettings(_Base):
         "stored in MB.",
     )
     max_vram: int | None = Field(
-        None, description="GPU memory the pool may use here, e.g. 8G (all services together)."
+        None,
+        description="GPU memory the pool may use here, e.g. 8G (all services together); 0: no GPU.",
     )
     trust_coordinator_catalog: bool = Field(
         False,

@@ -53,10 +53,6 @@ class Limits:
     memory_mb: int | None = None
     vram_mb: int | None = None
 
-    @property
-    def any(self) -> bool:
-        return self.cpu is not None or self.memory_mb is not None or self.vram_mb is not None
-
     def to_json(self) -> dict[str, Any]:
         return {"cpu": self.cpu, "memory_mb": self.memory_mb, "vram_mb": self.vram_mb}
 
