@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from .conftest import (
@@ -218,7 +219,12 @@ def test_a_bind_mount_never_reaches_docker(tmp_path: Path, agent_factory: Any) -
 def test_the_allow_list_and_limits_reach_the_coordinator_and_the_status(
     tmp_path: Path, agent_factory: Any, catalog_file: Path
 ) -> None:
-    with FakeCoordinator([]) as fake:
+    from rma.catalog import load_catalog
+
+    catalog = load_catalog(catalog_file)
+    # the coordinator assigns the donor's own echo (runs, within the limits) and slow (not allowed)
+    wanted = [catalog[n].model_dump(mode="json") for n in ("echo", "slow")]
+    with FakeCoordinator(wanted) as fake:
         agent = agent_factory(
             fake.url,
             "--token", "x",
@@ -228,7 +234,20 @@ def test_the_allow_list_and_limits_reach_the_coordinator_and_the_status(
             "--max-memory", "256M",
             "--max-vram", "0",
         )  # fmt: skip
-        wait_for(lambda: fake.heartbeats, 60)
+        reported = wait_for(
+            lambda: (
+                (r := fake.reported()).get("echo", {}).get("healthy")
+                and r.get("slow", {}).get("state") == "refused"
+                and r
+            ),
+            60,
+        )
+        assert "--services" in reported["slow"]["message"]
+        # the service process itself runs within the limits
+        (echo,) = [p for p in procs_with(str(agent.data_dir / "services" / "echo"))]
+        assert len(echo.cpu_affinity()) == 1
+        assert echo.rlimit(psutil.RLIMIT_DATA) == (256 << 20, 256 << 20)
+        assert not procs_with(str(agent.data_dir / "services" / "slow"))
         (reg,) = fake.registered
         assert reg["runnable"] == ["echo"]  # not slow, nor any built-in
         assert reg["capabilities"]["cpu_cores"] == 1
