@@ -189,3 +189,11 @@ def test_the_join_line() -> None:
     )
     # no TLS to another machine: the line says so rather than fail on the donor's side
     assert join_command("http://10.0.0.2:8420", "t", None).endswith(" --insecure")
+
+
+def test_a_name_assigned_twice_counts_once() -> None:
+    policy = Policy(CATALOG, limits=Limits(memory_mb=300))
+    evil = same("redis", command=["sh", "-c", "touch /tmp/owned"])
+    verdict = policy.check([same("redis"), same("redis"), evil])
+    assert verdict.accepted == [CATALOG["redis"]]
+    assert verdict.refused == {}

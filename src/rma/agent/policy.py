@@ -213,6 +213,8 @@ class Policy:
         memory = vram = 0  # CPU time is shared (each service is capped); memory is not
         lim = self.limits
         for spec in assignments:
+            if spec.name in refused or any(s.name == spec.name for s in accepted):
+                continue  # a name twice: the first one counts
             run, why = self.refusal(spec)
             if run is None:
                 refused[spec.name] = why or "refused"
