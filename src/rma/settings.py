@@ -7,13 +7,15 @@ default.  Flags are passed as constructor keyword arguments; ``None`` means "not
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from platformdirs import user_config_dir, user_data_dir
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -37,6 +39,29 @@ def default_config_file() -> Path:
         if env
         else Path(user_config_dir("rma", appauthor=False)) / "config.toml"
     )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNIT_MB = {"": 1.0, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}
+
+
+def parse_size(value: str | int | float) -> int:
+    """``4G``, ``512M``, ``1.5g``, ``2048`` (megabytes) -> megabytes.
+
+    Raises :class:`ValueError` saying what a size looks like.
+    """
+    if isinstance(value, bool):
+        raise ValueError("must be a size such as 4G or 512M")
+    if isinstance(value, int | float):
+        mb = float(value)
+    else:
+        m = _SIZE.match(value)
+        if m is None:
+            raise ValueError(f"{value!r} is not a size such as 4G, 512M or 2048 (megabytes)")
+        mb = float(m.group(1)) * _UNIT_MB[m.group(2).lower()]
+    if mb < 1:
+        raise ValueError(f"{value!r} is less than one megabyte")
+    return int(mb)
 
 
 class _Base(BaseSettings):
@@ -381,13 +406,75 @@ class WorkerSettings(_Base):
     ca_file: Path | None = Field(
         None, description="CA bundle to verify the coordinator's TLS certificate."
     )
-    insecure: bool = Field(False, description="Skip TLS verification (testing only).")
+    insecure: bool = Field(
+        False,
+        description="Skip TLS verification, and allow plain http:// to a coordinator on another "
+        "machine (testing only).",
+    )
+    ca_hash: str | None = Field(
+        None,
+        description="The coordinator's pinned identity, sha256:<hex> of its TLS certificate (from "
+        "`rma admin tokens create`); any other certificate is refused.",
+    )
+    services: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="Allow-list: only these catalog services run here (comma-separated in "
+        "RMA_SERVICES); default every one that fits.",
+    )
+    max_cpu: float | None = Field(
+        None, gt=0, description="CPU cores the pool may use here (each service is capped at it)."
+    )
+    max_memory: int | None = Field(
+        None,
+        description="Memory the pool may use here, e.g. 4G or 512M (all services together); "
+        "stored in MB.",
+    )
+    max_vram: int | None = Field(
+        None,
+        description="GPU memory the pool may use here, e.g. 8G (all services together); 0: no GPU.",
+    )
+    trust_coordinator_catalog: bool = Field(
+        False,
+        description="Run the coordinator's definitions of services (command, image, env, "
+        "volumes) instead of only this machine's catalog: for a donor who runs the coordinator.",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds to let in-flight requests finish on leave."
     )
     health_timeout: float = Field(
         600.0, gt=0, description="Seconds a service may take to become healthy."
     )
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _services(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, list | tuple):
+            names = [str(n).strip() for n in v if str(n).strip()]
+            if not names:
+                raise ValueError("name at least one service")
+            return names
+        return v
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        return None if v is None else parse_size(v)
+
+    @field_validator("max_vram", mode="before")
+    @classmethod
+    def _vram(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        return 0 if str(v).strip() == "0" else parse_size(v)
+
+    @field_validator("ca_hash", mode="after")
+    @classmethod
+    def _ca_hash(cls, v: str | None) -> str | None:
+        from rma.pinning import normalize
+
+        return normalize(v) if v else None
 
     @classmethod
     def load(cls, config_file: Path | None = None, **flags: Any) -> WorkerSettings:

@@ -125,6 +125,7 @@ class LocalPool:
             transport="direct",
             catalog=self.opts.catalog,
             data_dir=self.settings.data_dir / "worker",
+            trust_coordinator_catalog=True,  # the donor runs this coordinator: one catalog
         )
 
     def build_agent(self) -> Agent:
@@ -240,7 +241,7 @@ class LocalPool:
             if states != last and progress:
                 progress(states)
             last = states
-            if states and all(s in ("ready", "failed") for s in states.values()):
+            if states and all(s in ("ready", "failed", "refused") for s in states.values()):
                 if on_ready:
                     on_ready(time.monotonic() - started)
                 return

@@ -29,6 +29,7 @@ import psutil
 from rma import __version__
 from rma.agent.backoff import Backoff, jittered
 from rma.agent.gpu import Nvml
+from rma.agent.policy import Policy, clip_capabilities, coordinator_problem, policy_from
 from rma.agent.reconcile import Reconciler, Unit
 from rma.agent.runtimes.base import Runtime
 from rma.agent.state import (
@@ -49,6 +50,7 @@ from rma.schemas.api import (
     RegisterRequest,
     RegisterResponse,
     ServiceSpec,
+    ServiceStatus,
 )
 from rma.schemas.enums import ServiceState, Transport
 from rma.settings import WorkerSettings
@@ -57,6 +59,8 @@ log = logging.getLogger("rma.agent")
 
 #: Least time between two heartbeats, even when service transitions ask for one sooner.
 MIN_HEARTBEAT_GAP = 0.25
+#: Refused assignments reported per heartbeat (a hostile coordinator may send any number).
+MAX_REFUSED_REPORTED = 64
 
 
 class AgentExit(Exception):
@@ -103,6 +107,7 @@ class Agent:
         transport: Transport | None = None,
         client: CoordinatorClient | None = None,
         nvml: Nvml | None = None,
+        policy: Policy | None = None,
         probe_interval: float = 5.0,
         reconcile_interval: float = 5.0,
         retry_cap: float = 60.0,
@@ -114,7 +119,10 @@ class Agent:
         self.transport = transport or resolve_transport(settings.transport)
         self.data_dir = settings.data_dir
         self.name = settings.name or default_name()
-        self.verify = tls_verify(settings.ca_file, settings.insecure)
+        self.policy = policy or policy_from(settings, catalog)
+        #: Assignments this donor's policy refused: name -> why (reported as ``refused``).
+        self.refused: dict[str, str] = {}
+        self.verify = tls_verify(settings.ca_file, settings.insecure, settings.ca_hash)
         self.client = client or CoordinatorClient(
             settings.coordinator_url, timeout=15.0, verify=self.verify
         )
@@ -202,8 +210,28 @@ class Agent:
     # --- one step each ---------------------------------------------------------------------------
 
     def runnable(self) -> list[str]:
-        """The catalog services this machine's runtime can actually start."""
-        return [n for n, spec in self.catalog.items() if self.runtime.unavailable(spec) is None]
+        """The catalog services this machine's runtime can start and this donor allows."""
+        names = [n for n, spec in self.catalog.items() if self.runtime.unavailable(spec) is None]
+        return self.policy.runnable(names)
+
+    def accept(self, assignments: list[ServiceSpec]) -> list[ServiceSpec]:
+        """What of the coordinator's assignments may run here (the donor's policy); the rest is
+        refused: logged once, reported as ``refused`` in heartbeats."""
+        verdict = self.policy.check(assignments)
+        for name, why in verdict.refused.items():
+            if self.refused.get(name) != why:
+                log.warning("refused the assignment %s: %s", name, why)
+        self.refused = verdict.refused
+        return self.with_pool_env(verdict.accepted)
+
+    def service_statuses(self) -> list[ServiceStatus]:
+        """What the heartbeat reports: the services that run, and the refused assignments."""
+        out = [s for s in self.reconciler.statuses() if s.name not in self.refused]
+        out += [
+            ServiceStatus(name=n, state=ServiceState.REFUSED, healthy=False, message=why[:1000])
+            for n, why in sorted(self.refused.items())[:MAX_REFUSED_REPORTED]
+        ]
+        return out
 
     def register_request(self) -> RegisterRequest:
         ident = self.identity
@@ -212,7 +240,7 @@ class Agent:
         return RegisterRequest(
             token=self.settings.token,
             name=self.name,
-            capabilities=self.capabilities,
+            capabilities=clip_capabilities(self.capabilities, self.policy.limits),
             labels=self.settings.labels,
             version=__version__,
             worker_id=ident.worker_id if ident else None,
@@ -243,14 +271,14 @@ class Agent:
         self.tier_name = resp.tier_name
         self.interval = resp.heartbeat_interval
         self.coordinator_status = "online"
-        if self.reconciler.set_desired(self.with_pool_env(resp.assignments)):
+        if self.reconciler.set_desired(self.accept(resp.assignments)):
             self._wake_reconcile.set()
         log.info(
             "joined %s as worker %s (tier %s) with %s",
             self.settings.coordinator_url,
             resp.worker_id,
             resp.tier_name,
-            ", ".join(s.name for s in resp.assignments) or "no services",
+            ", ".join(self.reconciler.desired) or "no services",
         )
         return resp
 
@@ -272,7 +300,7 @@ class Agent:
         )
 
     async def heartbeat_once(self) -> HeartbeatResponse:
-        statuses = self.reconciler.statuses()
+        statuses = self.service_statuses()
         req = HeartbeatRequest(load=self.load(), services=statuses, draining=self.draining)
         self._last_beat = time.monotonic()
         try:
@@ -285,7 +313,7 @@ class Agent:
         self.interval = resp.heartbeat_interval
         self.coordinator_status = resp.status.value
         self.last_heartbeat = {"at": time.time(), "ok": True, "status": resp.status.value}
-        if not self.stopping and self.reconciler.set_desired(self.with_pool_env(resp.assignments)):
+        if not self.stopping and self.reconciler.set_desired(self.accept(resp.assignments)):
             self._wake_reconcile.set()
         self.write_status()
         return resp
@@ -297,11 +325,18 @@ class Agent:
 
     async def join(self) -> RegisterResponse | None:
         """Register, retrying while the coordinator is unreachable; ``None`` if stopped first."""
+        problem = coordinator_problem(
+            self.settings.coordinator_url, self.settings.insecure, bool(self.settings.ca_hash)
+        )
+        if problem is not None:
+            raise AgentExit(1, problem)
         backoff = Backoff(1.0, self.retry_cap)
         while not self.stopping:
             try:
                 return await self.register_once()
             except RmaError as exc:
+                if exc.code == "coordinator_mismatch":
+                    raise AgentExit(1, exc.message) from None
                 if not retryable(exc):
                     raise AgentExit(1, self._refusal(exc)) from None
                 delay = backoff.next()
@@ -510,13 +545,15 @@ class Agent:
             "heartbeat_interval": self.interval,
             "last_heartbeat": self.last_heartbeat,
             "tunnel": self._tunnel_status(),
+            "pinned": self.settings.ca_hash,
+            **self.policy.to_json(),
             "services": [
                 {
                     **s.model_dump(mode="json"),
                     "port": units[s.name].port if s.name in units else None,
                     "restarts": units[s.name].restarts if s.name in units else 0,
                 }
-                for s in self.reconciler.statuses()
+                for s in self.service_statuses()
             ],
         }
 

@@ -66,7 +66,7 @@ def up(
                 "[green]✓[/green]"
                 if state == "ready"
                 else "[red]✗[/red]"
-                if state == "failed"
+                if state in ("failed", "refused")
                 else Spinner("dots")
             )
             t.add_row(icon, name, state)
@@ -90,7 +90,7 @@ def up(
             live = None
             err.print()
         url = pool.settings.url
-        failed = [n for n, s in pool.service_states().items() if s == "failed"]
+        failed = [n for n, s in pool.service_states().items() if s in ("failed", "refused")]
         err.print(f"[bold green]pool ready[/bold green] in {seconds:.1f} s at {url}")
         if failed:
             err.print(

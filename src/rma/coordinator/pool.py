@@ -37,7 +37,7 @@ from rma.schemas.api import (
     ServiceStatus,
     WorkerPublic,
 )
-from rma.schemas.enums import Tier, Transport, WorkerStatus
+from rma.schemas.enums import ServiceState, Tier, Transport, WorkerStatus
 from rma.settings import CoordinatorSettings
 
 log = logging.getLogger("rma.coordinator")
@@ -362,6 +362,15 @@ class Pool:
                 prev = old_services.get(svc.name)
                 if prev is None or prev.state != svc.state or prev.healthy != svc.healthy:
                     word = "healthy" if svc.healthy else svc.state.value
+                    if svc.state is ServiceState.REFUSED:  # the donor's policy said no
+                        transitions.append(
+                            (
+                                "assignment_refused",
+                                f"{state.name} refused to run {svc.name}: {svc.message}",
+                                {"service": svc.name, "message": svc.message},
+                            )
+                        )
+                        continue
                     transitions.append(
                         (
                             "service",

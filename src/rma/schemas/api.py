@@ -244,6 +244,12 @@ class TokenPublic(BaseModel):
 
 class TokenCreated(TokenPublic):
     token: str = Field(description="The secret; shown once.")
+    join_command: str | None = Field(
+        None, description="A ready `rma worker join ...` line for a donor (with the pin)."
+    )
+    ca_hash: str | None = Field(
+        None, description="sha256:<hex> of the coordinator's TLS certificate, when it serves TLS."
+    )
 
 
 class ApiKeyCreate(_Strict):
