@@ -439,7 +439,13 @@ class WorkerSettings(_Base):
         "volumes) instead of only this machine's catalog: for a donor who runs the coordinator.",
     )
     drain_timeout: float = Field(
-        30.0, ge=0, description="Seconds to let in-flight requests finish on leave."
+        30.0, ge=0, description="Seconds to let in-flight requests finish on leave or pause."
+    )
+    check_interval: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between checks of the donor's pause switch and computing "
+        "preferences (prefs.json).",
     )
     health_timeout: float = Field(
         600.0, gt=0, description="Seconds a service may take to become healthy."

@@ -6,6 +6,14 @@ reconcile and, with the tunnel transport, the tunnel client) in one task group u
 requests finish (bounded), stops its services and ``POST /api/worker/leave``.  A second
 :meth:`request_stop` stops at once.  Every loop has jitter and backoff; ``register_once``,
 ``heartbeat_once`` and ``reconcile_once`` do one step each (tests drive them directly).
+
+Pausing (the donor's side): every ``check_interval`` the agent reads the donor's pause switch
+(``pause.json``, :mod:`rma.agent.pause`) and computing preferences (``prefs.json``,
+:mod:`rma.agent.prefs`).  When either says "pause", :meth:`Agent.pause` heartbeats
+``paused: true`` (the coordinator routes nothing more here), waits (at most ``drain_timeout``) for
+the requests in flight to finish, then stops every service (no process left, GPU memory freed)
+and keeps heartbeating.  When both allow it again, :meth:`Agent.resume` starts the assigned
+services again and heartbeats as soon as they are healthy.  ``check_once`` does one check.
 """
 
 from __future__ import annotations
@@ -29,7 +37,16 @@ import psutil
 from rma import __version__
 from rma.agent.backoff import Backoff, jittered
 from rma.agent.gpu import Nvml
+from rma.agent.pause import load_pause
 from rma.agent.policy import Policy, clip_capabilities, coordinator_problem, policy_from
+from rma.agent.prefs import (
+    Preferences,
+    PrefsChecker,
+    PrefsError,
+    Sources,
+    SystemSources,
+    load_prefs,
+)
 from rma.agent.reconcile import Reconciler, Unit
 from rma.agent.runtimes.base import Runtime
 from rma.agent.state import (
@@ -111,6 +128,7 @@ class Agent:
         probe_interval: float = 5.0,
         reconcile_interval: float = 5.0,
         retry_cap: float = 60.0,
+        sources: Sources | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -155,6 +173,18 @@ class Agent:
         self._lock = AgentLock(self.data_dir)
         self._last_beat = 0.0
         self._running = False
+        #: The donor's side: paused (by ``rma worker pause`` or the preferences), and why.
+        self.paused = False
+        self.pause_reason: str | None = None
+        #: ``donor`` (the pause switch) or ``prefs`` (a computing preference does not hold).
+        self.pause_source: str | None = None
+        self.paused_at: float | None = None
+        #: What the coordinator assigned and the policy accepted (kept while paused).
+        self.assigned: list[ServiceSpec] = []
+        self.prefs = Preferences()
+        self._prefs_mtime: float | None = None
+        self._prefs_error: str | None = None
+        self.checker = PrefsChecker(sources or SystemSources())
 
     # --- context ---------------------------------------------------------------------------------
 
@@ -222,7 +252,8 @@ class Agent:
             if self.refused.get(name) != why:
                 log.warning("refused the assignment %s: %s", name, why)
         self.refused = verdict.refused
-        return self.with_pool_env(verdict.accepted)
+        self.assigned = self.with_pool_env(verdict.accepted)
+        return self.assigned
 
     def service_statuses(self) -> list[ServiceStatus]:
         """What the heartbeat reports: the services that run, and the refused assignments."""
@@ -271,7 +302,8 @@ class Agent:
         self.tier_name = resp.tier_name
         self.interval = resp.heartbeat_interval
         self.coordinator_status = "online"
-        if self.reconciler.set_desired(self.accept(resp.assignments)):
+        accepted = self.accept(resp.assignments)
+        if not self.paused and self.reconciler.set_desired(accepted):
             self._wake_reconcile.set()
         log.info(
             "joined %s as worker %s (tier %s) with %s",
@@ -301,7 +333,13 @@ class Agent:
 
     async def heartbeat_once(self) -> HeartbeatResponse:
         statuses = self.service_statuses()
-        req = HeartbeatRequest(load=self.load(), services=statuses, draining=self.draining)
+        req = HeartbeatRequest(
+            load=self.load(),
+            services=statuses,
+            draining=self.draining,
+            paused=self.paused,
+            pause_reason=(self.pause_reason or "")[:200] or None,
+        )
         self._last_beat = time.monotonic()
         try:
             resp = await self.client.heartbeat(req)
@@ -313,13 +351,110 @@ class Agent:
         self.interval = resp.heartbeat_interval
         self.coordinator_status = resp.status.value
         self.last_heartbeat = {"at": time.time(), "ok": True, "status": resp.status.value}
-        if not self.stopping and self.reconciler.set_desired(self.accept(resp.assignments)):
+        accepted = self.accept(resp.assignments)
+        if not self.stopping and not self.paused and self.reconciler.set_desired(accepted):
             self._wake_reconcile.set()
         self.write_status()
         return resp
 
     async def reconcile_once(self) -> None:
         await self.reconciler.run_once()
+
+    # --- the donor's side: pause and resume --------------------------------------------------
+
+    def read_prefs(self) -> Preferences:
+        """The computing preferences, re-read when ``prefs.json`` changed (a bad file: the last
+        good ones stay, and the problem is logged once)."""
+        path = self.data_dir / "prefs.json"
+        try:
+            mtime: float | None = path.stat().st_mtime
+        except OSError:
+            mtime = None
+        if mtime != self._prefs_mtime:
+            self._prefs_mtime = mtime
+            try:
+                self.prefs = load_prefs(self.data_dir)
+                self._prefs_error = None
+                log.info("computing preferences: %s", self.prefs.model_dump(exclude_defaults=True))
+            except PrefsError as exc:
+                if self._prefs_error != str(exc):
+                    log.warning("%s; keeping the preferences in force", exc)
+                self._prefs_error = str(exc)
+        return self.prefs
+
+    def pause_wanted(self) -> tuple[str, str] | None:
+        """``(source, reason)`` when the donor's switch or preferences say pause, else ``None``."""
+        switch = load_pause(self.data_dir)
+        if switch is not None:
+            return "donor", switch.describe()
+        reason = self.checker.check(self.read_prefs())
+        return ("prefs", reason) if reason else None
+
+    async def check_once(self) -> None:
+        """One check of the pause switch and the preferences: pause or resume if they changed."""
+        wanted = await asyncio.to_thread(self.pause_wanted)
+        if self.stopping:
+            return
+        if wanted is not None:
+            source, reason = wanted
+            if not self.paused:
+                await self.pause(reason, source)
+            elif (source, reason) != (self.pause_source, self.pause_reason):
+                if source != self.pause_source:
+                    self._wake_heartbeat.set()  # the next regular heartbeat carries the rest
+                self.pause_source, self.pause_reason = source, reason
+                self.write_status()
+        elif self.paused:
+            await self.resume()
+
+    async def pause(self, reason: str, source: str = "donor") -> None:
+        """Drain (bounded), stop every service, keep heartbeating as ``paused``."""
+        log.warning("pausing: %s", reason)
+        self.paused, self.pause_reason, self.pause_source = True, reason, source
+        self.paused_at = time.time()
+        with contextlib.suppress(RmaError, TimeoutError):
+            await asyncio.wait_for(self.heartbeat_once(), 10)  # no new requests from now on
+        await self._wait_idle(self.settings.drain_timeout)
+        await self.reconciler.stop_all()
+        release_memory()
+        log.warning("paused: no service runs here until resumed")
+        self._wake_heartbeat.set()
+        self.write_status()
+
+    async def resume(self) -> None:
+        """Start the assigned services again; heartbeat as soon as they are healthy."""
+        log.warning("resuming: starting %s", ", ".join(s.name for s in self.assigned) or "nothing")
+        self.paused, self.pause_reason, self.pause_source = False, None, None
+        self.paused_at = None
+        self.reconciler.set_desired(self.assigned)
+        await self.reconcile_once()
+        self._wake_heartbeat.set()
+        self.write_status()
+
+    def local_inflight(self) -> int:
+        """Requests in flight here: the tunnel's, plus open connections to the services' ports
+        (the direct transport; a kept-alive idle connection counts until its server closes it)."""
+        ports = {u.port for u in self.reconciler.units.values() if u.port}
+        count = self.inflight()
+        if not ports:
+            return count
+        try:
+            conns = psutil.net_connections("tcp")
+        except (psutil.Error, OSError):
+            return count
+        return count + sum(
+            1
+            for c in conns
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port in ports
+        )
+
+    async def _wait_idle(self, bound: float) -> None:
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self.local_inflight) == 0:
+                return
+            await asyncio.sleep(0.2)
+        log.warning("requests still in flight after %.0fs: stopping anyway", bound)
 
     # --- the loops -------------------------------------------------------------------------------
 
@@ -357,6 +492,11 @@ class Agent:
     async def run(self) -> int:
         """Join, run until stopped, leave.  Returns the exit status; raises :class:`AgentExit`."""
         self._main = asyncio.current_task()
+        wanted = await asyncio.to_thread(self.pause_wanted)
+        if wanted is not None:  # paused before it started: join, but start nothing
+            self.paused, self.pause_source, self.pause_reason = True, wanted[0], wanted[1]
+            self.paused_at = time.time()
+            log.warning("starting paused: %s", wanted[1])
         if await self.join() is None:
             return 0
         await self.reconcile_once()
@@ -366,6 +506,7 @@ class Agent:
                 loops = [
                     tg.create_task(self._heartbeat_loop(), name="rma:heartbeat"),
                     tg.create_task(self._reconcile_loop(), name="rma:reconcile"),
+                    tg.create_task(self._check_loop(), name="rma:donor"),
                 ]
                 tunnel = self._make_tunnel()
                 carrier = None
@@ -439,6 +580,14 @@ class Agent:
                 await self.reconcile_once()
             except Exception:
                 log.exception("reconcile failed; trying again")
+
+    async def _check_loop(self) -> None:
+        while True:
+            await self._sleep(self.settings.check_interval)
+            try:
+                await self.check_once()
+            except Exception:
+                log.exception("the pause check failed; trying again")
 
     async def _keep(self, fn: Callable[[], Awaitable[None]], what: str) -> None:
         """Run ``fn`` forever: restart it with backoff when it ends or fails."""
@@ -540,6 +689,12 @@ class Agent:
             "transport": self.transport.value,
             "status": self.coordinator_status,
             "draining": self.draining,
+            "state": self.donor_state(),
+            "paused": self.paused,
+            "pause_reason": self.pause_reason,
+            "pause_source": self.pause_source,
+            "paused_at": self.paused_at,
+            "preferences": self.prefs.model_dump(exclude_defaults=True),
             "started_at": self.started_at,
             "updated_at": time.time(),
             "heartbeat_interval": self.interval,
@@ -556,6 +711,14 @@ class Agent:
                 for s in self.service_statuses()
             ],
         }
+
+    def donor_state(self) -> str:
+        """``serving``, ``paused`` (by the donor), ``waiting`` (preferences), ``stopped``."""
+        if not self._running:
+            return "stopped"
+        if self.paused:
+            return "paused" if self.pause_source == "donor" else "waiting"
+        return "serving"
 
     def _tunnel_status(self) -> dict[str, Any] | None:
         t = self.tunnel

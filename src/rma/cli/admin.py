@@ -27,7 +27,8 @@ app.add_typer(keys_app, name="keys")
 StatusOpt = Annotated[
     str | None,
     typer.Option(
-        "--status", help="Only workers in this status: online, offline, draining, left, removed."
+        "--status",
+        help="Only workers in this status: online, offline, draining, paused, left, removed.",
     ),
 ]
 WorkerIdArg = Annotated[str, typer.Argument(help="The worker's id (see `rma admin workers`).")]
@@ -71,7 +72,7 @@ def workers(
     ca_file: CaFileOpt = None,
 ) -> None:
     """List the pool's workers."""
-    valid = {"online", "offline", "draining", "left", "removed"}
+    valid = {"online", "offline", "draining", "paused", "left", "removed"}
     if status is not None and status not in valid:
         raise typer.BadParameter(
             f"must be one of {', '.join(sorted(valid))}", param_hint="--status"

@@ -81,6 +81,7 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
 STATUS_COLOURS = {
     "online": "green",
     "draining": "yellow",
+    "paused": "cyan",
     "offline": "red",
     "left": "dim",
     "removed": "dim",

@@ -305,6 +305,7 @@ def join(
         max_vram=max_vram,
         trust_coordinator_catalog=trust_coordinator_catalog,
     )
+    settings = _with_pref_limits(settings)
     problem = coordinator_problem(
         settings.coordinator_url, settings.insecure, bool(settings.ca_hash)
     )
@@ -367,6 +368,20 @@ def join(
     except StateError as exc:
         fail(str(exc))
     raise typer.Exit(code)
+
+
+def _with_pref_limits(settings: WorkerSettings) -> WorkerSettings:
+    """The donor limits of ``rma worker prefs set`` where no flag (or env) gave one."""
+    from rma.agent.prefs import PrefsError, load_prefs
+
+    try:
+        prefs = load_prefs(settings.data_dir)
+    except PrefsError as exc:
+        fail(str(exc))
+    update = {
+        k: v for k, v in prefs.limits().items() if v is not None and getattr(settings, k) is None
+    }
+    return settings.model_copy(update=update) if update else settings
 
 
 # --- status --------------------------------------------------------------------------------------
@@ -436,9 +451,13 @@ def status(json: JsonOpt = False, data_dir: WorkerDataDirOpt = None) -> None:
         else f"failed {ago(when)}: {beat.get('error')}"
     )
     state = f"running (pid {doc['pid']})" if doc["running"] else "not running"
+    donor = doc.get("state") if doc["running"] else "stopped"
+    if doc.get("pause_reason") and donor in ("paused", "waiting"):
+        donor = f"{donor}: {doc['pause_reason']}"
     runtime = (doc.get("runtime") or {}).get("name")
     out.print(
-        f"agent: {state}\nworker: {doc.get('name')} ({doc.get('worker_id') or 'not joined'}), "
+        f"agent: {state}\nstate: {donor or '-'}\n"
+        f"worker: {doc.get('name')} ({doc.get('worker_id') or 'not joined'}), "
         f"tier {doc.get('tier') or '-'}, {doc.get('status') or '-'}\n"
         f"coordinator: {doc.get('coordinator')}  runtime: {runtime}  "
         f"transport: {doc.get('transport')}\nlast heartbeat: {result}\n"
@@ -462,3 +481,257 @@ def status(json: JsonOpt = False, data_dir: WorkerDataDirOpt = None) -> None:
     if not doc["running"]:
         age = time.time() - float(doc.get("updated_at") or 0)
         err.print(f"(as of {age:.0f}s ago, when the agent last wrote it)")
+
+
+# --- pause, resume, preferences (the donor's side) -----------------------------------------------
+
+
+def _agent_line(data_dir: Path) -> str:
+    from rma.agent.state import agent_running
+
+    pid = agent_running(data_dir)
+    if pid is None:
+        return "no agent runs with this data dir now: the next one starts paused"
+    return f"the agent (pid {pid}) sees it within its check interval"
+
+
+def _wait_state(data_dir: Path, want: set[str], timeout: float) -> dict[str, Any] | None:
+    from rma.agent.state import agent_running, load_status
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc = load_status(data_dir) or {}
+        if doc.get("state") in want or agent_running(data_dir) is None:
+            return doc
+        time.sleep(0.25)
+    return None
+
+
+WaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wait", help="Wait until the agent has done it (services stopped, or serving again)."
+    ),
+]
+WaitTimeoutOpt = Annotated[
+    float, typer.Option(help="With --wait: give up after this many seconds.", min=1)
+]
+
+
+@app.command()
+def pause(
+    for_: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="Resume by itself after this long, e.g. 30m, 2h, 1h30m (default: until resumed).",
+            show_default=False,
+        ),
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option(help="Why (shown to the operator).", show_default=False)
+    ] = None,
+    wait: WaitOpt = False,
+    timeout: WaitTimeoutOpt = 120.0,
+    json: JsonOpt = False,
+    data_dir: WorkerDataDirOpt = None,
+) -> None:
+    """Pause this machine's agent: finish what is in flight, stop every service, stay joined."""
+    from rma.agent.pause import parse_duration, request_pause
+    from rma.agent.state import StateError
+
+    seconds = None
+    if for_ is not None:
+        try:
+            seconds = parse_duration(for_)
+        except ValueError as exc:
+            fail(f"--for: {exc}", json_mode=json, code="bad_request", exit_code=2)
+    if reason is not None and len(reason) > 200:
+        fail("--reason: at most 200 characters", json_mode=json, code="bad_request", exit_code=2)
+    settings = _settings(data_dir=data_dir)
+    try:
+        req = request_pause(settings.data_dir, seconds, reason)
+    except (StateError, OSError) as exc:
+        fail(f"cannot write the pause switch: {exc}", json_mode=json)
+    doc: dict[str, Any] = {"paused": True, **req.model_dump()}
+    if wait:
+        got = _wait_state(settings.data_dir, {"paused", "waiting", "stopped"}, timeout)
+        if got is None:
+            fail(f"the agent did not pause within {timeout:.0f}s", json_mode=json)
+        doc["state"] = got.get("state")
+    if json:
+        print_json(doc)
+        return
+    err.print(f"paused: {req.describe()}; {_agent_line(settings.data_dir)}")
+
+
+@app.command()
+def resume(
+    wait: WaitOpt = False,
+    timeout: WaitTimeoutOpt = 600.0,
+    json: JsonOpt = False,
+    data_dir: WorkerDataDirOpt = None,
+) -> None:
+    """Resume after `rma worker pause`: the agent starts its services again."""
+    from rma.agent.pause import request_resume
+
+    settings = _settings(data_dir=data_dir)
+    try:
+        had = request_resume(settings.data_dir)
+    except OSError as exc:
+        fail(f"cannot remove the pause switch: {exc}", json_mode=json)
+    doc: dict[str, Any] = {"paused": False, "was_paused": had}
+    if wait:
+        got = _wait_state(settings.data_dir, {"serving", "waiting", "stopped"}, timeout)
+        if got is None:
+            fail(f"the agent did not resume within {timeout:.0f}s", json_mode=json)
+        doc["state"] = got.get("state")
+    if json:
+        print_json(doc)
+        return
+    if not had:
+        err.print("it was not paused by `rma worker pause`")
+    else:
+        err.print("resumed: the agent starts its services again when its preferences allow")
+
+
+prefs_app = typer.Typer(
+    help="Computing preferences: when this machine serves (idle, battery, hours, limits).",
+    no_args_is_help=True,
+)
+app.add_typer(prefs_app, name="prefs")
+
+
+def _load_prefs(data_dir: Path, json_mode: bool) -> Any:
+    from rma.agent.prefs import PrefsError, load_prefs
+
+    try:
+        return load_prefs(data_dir)
+    except PrefsError as exc:
+        fail(str(exc), json_mode=json_mode)
+
+
+def _print_prefs(prefs: Any, json_mode: bool) -> None:
+    from rma.agent.policy import format_mb
+
+    if json_mode:
+        print_json(prefs.model_dump())
+        return
+    idle = (
+        "always (no idle requirement)"
+        if prefs.idle_minutes is None
+        else f"after {prefs.idle_minutes:g} min idle (input idle, else others' CPU below "
+        f"{prefs.cpu_idle_below:g}%)"
+    )
+    rows: list[list[Any]] = [
+        ["serve", idle],
+        ["on battery", "serve" if prefs.on_battery else "pause"],
+        ["hours", prefs.hours or "any time"],
+        ["max cpu", "-" if prefs.max_cpu is None else f"{prefs.max_cpu:g} cores"],
+        ["max memory", "-" if prefs.max_memory is None else format_mb(prefs.max_memory)],
+        ["max vram", "-" if prefs.max_vram is None else format_mb(prefs.max_vram)],
+    ]
+    table(None, ["", "computing preferences"], rows)
+
+
+@prefs_app.command("show")
+def prefs_show(json: JsonOpt = False, data_dir: WorkerDataDirOpt = None) -> None:
+    """Show the computing preferences of the agent of this data dir."""
+    settings = _settings(data_dir=data_dir)
+    _print_prefs(_load_prefs(settings.data_dir, json), json)
+
+
+@prefs_app.command("set")
+def prefs_set(
+    idle_minutes: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Serve only after the machine was idle this many minutes.",
+            show_default=False,
+        ),
+    ] = None,
+    cpu_idle_below: Annotated[
+        float | None,
+        typer.Option(
+            min=1,
+            max=100,
+            help="Where input idle cannot be read: idle means others' CPU use below this %.",
+            show_default=False,
+        ),
+    ] = None,
+    on_battery: Annotated[
+        bool | None,
+        typer.Option(
+            "--on-battery/--not-on-battery",
+            help="Serve on battery too, or pause on battery (the default).",
+            show_default=False,
+        ),
+    ] = None,
+    hours: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve only in these local hours, e.g. 22:00-07:00 or 9:00-12:00,14:00-18:00.",
+            show_default=False,
+        ),
+    ] = None,
+    max_cpu: Annotated[
+        float | None,
+        typer.Option(min=0.01, help="CPU cores the pool may use here.", show_default=False),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(help="Memory the pool may use here, e.g. 4G.", show_default=False),
+    ] = None,
+    max_vram: Annotated[
+        str | None,
+        typer.Option(
+            help="GPU memory the pool may use here, e.g. 8G; 0 for none.", show_default=False
+        ),
+    ] = None,
+    reset: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Back to the default: idle-minutes, cpu-idle-below, on-battery, hours, max-cpu, "
+            "max-memory, max-vram (repeat).",
+            show_default=False,
+        ),
+    ] = None,
+    json: JsonOpt = False,
+    data_dir: WorkerDataDirOpt = None,
+) -> None:
+    """Change the computing preferences; a running agent applies them within its check interval
+    (limits at its next start)."""
+    from rma.agent.prefs import Preferences, PrefsError, update_prefs
+    from rma.settings import parse_size
+
+    changes: dict[str, Any] = {}
+    fields = set(Preferences.model_fields)
+    for name in reset or []:
+        key = name.replace("-", "_")
+        if key not in fields:
+            msg = f"--reset: no preference {name!r}"
+            fail(msg, json_mode=json, code="bad_request", exit_code=2)
+        changes[key] = Preferences.model_fields[key].default
+    try:
+        if max_memory is not None:
+            changes["max_memory"] = parse_size(max_memory)
+        if max_vram is not None:
+            changes["max_vram"] = 0 if max_vram.strip() == "0" else parse_size(max_vram)
+    except ValueError as exc:
+        fail(str(exc), json_mode=json, code="bad_request", exit_code=2)
+    for key, value in (
+        ("idle_minutes", idle_minutes),
+        ("cpu_idle_below", cpu_idle_below),
+        ("on_battery", on_battery),
+        ("hours", hours),
+        ("max_cpu", max_cpu),
+    ):
+        if value is not None:
+            changes[key] = value
+    settings = _settings(data_dir=data_dir)
+    try:
+        prefs = update_prefs(settings.data_dir, changes)
+    except PrefsError as exc:
+        fail(str(exc), json_mode=json, code="bad_request")
+    _print_prefs(prefs, json)

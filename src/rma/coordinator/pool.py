@@ -318,17 +318,21 @@ class Pool:
             if state.status is WorkerStatus.LEFT:
                 raise APIError(409, "this worker has left; register again", "left")
             before = state.status
-            if req.draining or state.drained:
+            state.pause_reason = req.pause_reason if req.paused else None
+            if req.paused:
+                state.status = WorkerStatus.PAUSED
+            elif req.draining or state.drained:
                 state.status = WorkerStatus.DRAINING
             else:
                 state.status = WorkerStatus.ONLINE
             if state.status is not before:
                 state.status_changed_at = now
+                why = f": {req.pause_reason}" if req.paused and req.pause_reason else ""
                 transitions.append(
                     (
-                        "online" if state.status is WorkerStatus.ONLINE else "draining",
-                        f"worker {state.name} is {state.status.value} (was {before.value})",
-                        {"from": before.value},
+                        state.status.value,
+                        f"worker {state.name} is {state.status.value} (was {before.value}){why}",
+                        {"from": before.value, "reason": state.pause_reason},
                     )
                 )
             old_services = state.services
@@ -442,7 +446,13 @@ class Pool:
     def drain(self, worker_id: str) -> WorkerPublic:
         """No new requests for this worker, until undrained (also across going offline)."""
         state = self.get(worker_id)
-        if state.status not in (WorkerStatus.ONLINE, WorkerStatus.DRAINING, WorkerStatus.OFFLINE):
+        live = (
+            WorkerStatus.ONLINE,
+            WorkerStatus.DRAINING,
+            WorkerStatus.OFFLINE,
+            WorkerStatus.PAUSED,
+        )
+        if state.status not in live:
             raise APIError(
                 409, f"worker {state.name} is {state.status.value}; only a live worker can drain"
             )

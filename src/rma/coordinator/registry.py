@@ -15,7 +15,8 @@ from rma.coordinator.tables import Worker
 from rma.schemas.api import Capabilities, Load, ServiceStatus, WorkerPublic
 from rma.schemas.enums import Tier, Transport, WorkerStatus
 
-#: Statuses whose workers still hold their assignments (count as replicas).
+#: Statuses whose workers still hold their assignments (count as replicas).  ``paused`` does
+#: not: a paused donor runs nothing, so placement counts its services elsewhere.
 HOLDING = (WorkerStatus.ONLINE, WorkerStatus.DRAINING, WorkerStatus.OFFLINE)
 
 
@@ -44,6 +45,8 @@ class WorkerState:
     #: A GPU-tier worker's GPU services must be healthy by then (seconds), or they are taken
     #: away and the worker re-tiered; ``None`` once one was (or for other tiers).  In memory.
     gpu_deadline: float | None = None
+    #: Why the donor paused it (status ``paused``); in memory, refreshed by every heartbeat.
+    pause_reason: str | None = None
     #: Reported services outside the assignments already announced (``claim_refused``), and
     #: those just unassigned, given one heartbeat to stop before they count as claims.
     claims: set[str] = field(default_factory=set)
@@ -108,6 +111,7 @@ class WorkerState:
             trusted=self.trusted,
             refused=self.refused(),
             revoked=self.revoked,
+            pause_reason=self.pause_reason if self.status is WorkerStatus.PAUSED else None,
             version=self.version,
             endpoint=self.endpoint,
             registered_at=_dt(self.registered_at),

@@ -31,7 +31,8 @@ from rma.schemas.enums import WorkerStatus
 
 log = logging.getLogger("rma.coordinator.sweeper")
 
-LIVE = (WorkerStatus.ONLINE, WorkerStatus.DRAINING)
+#: Heartbeating workers; a paused one heartbeats too (offline only when it falls silent).
+LIVE = (WorkerStatus.ONLINE, WorkerStatus.DRAINING, WorkerStatus.PAUSED)
 WATCHED = (*LIVE, WorkerStatus.OFFLINE)
 
 

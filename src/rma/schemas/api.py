@@ -187,6 +187,10 @@ class HeartbeatRequest(_Strict):
     load: Load = Field(default_factory=Load)
     services: list[ServiceStatus] = Field(default_factory=list, max_length=256)
     draining: bool = False
+    paused: bool = Field(
+        False, description="The donor paused this agent: it runs nothing and takes no requests."
+    )
+    pause_reason: str | None = Field(None, max_length=200, description="Why it is paused.")
 
 
 class HeartbeatResponse(BaseModel):
@@ -214,6 +218,8 @@ class WorkerPublic(BaseModel):
     refused: list[str] = Field(default_factory=list)
     #: Removed by the operator (``rma admin remove``), as opposed to by the sweeper for silence.
     revoked: bool = False
+    #: Why the donor's agent is paused (status ``paused``), as it reported.
+    pause_reason: str | None = None
     version: str
     endpoint: str | None
     registered_at: datetime

@@ -26,16 +26,22 @@ class WorkerStatus(StrEnum):
                       │  ^                                 │
                       │  └────────(heartbeat)──────────────┘
                       ├──(admin drain / agent draining)──> draining ──(undrain)──> online
+                      ├──(heartbeat paused: true)──> paused ──(heartbeat paused: false)──> online
                       └──(POST /api/worker/leave)──> left
         admin remove (any state) ──> removed;  register again with worker_id ──> online
 
     Only ``online`` workers get new requests.  A ``removed`` worker's credential is rejected.
+    ``paused``: the donor paused the agent (``rma worker pause``, or its computing preferences
+    stopped holding); it keeps heartbeating but runs nothing, gets no requests, its replicas do
+    not count for placement, and the sweeper treats it like a live worker (offline only when
+    silent).
     """
 
     ONLINE = "online"
     OFFLINE = "offline"
     DRAINING = "draining"
     LEFT = "left"
+    PAUSED = "paused"
     REMOVED = "removed"
 
 
