@@ -582,8 +582,8 @@ class Agent:
                 log.exception("reconcile failed; trying again")
 
     async def _check_loop(self) -> None:
-        while True:
-            await self._sleep(self.settings.check_interval)
+        while not self.stopping:
+            await asyncio.sleep(self.settings.check_interval)
             try:
                 await self.check_once()
             except Exception:
