@@ -735,3 +735,174 @@ def prefs_set(
     except PrefsError as exc:
         fail(str(exc), json_mode=json, code="bad_request")
     _print_prefs(prefs, json)
+
+
+# --- service install | uninstall | status ---------------------------------------------------------
+
+service_app = typer.Typer(
+    help="Run the agent as a service (systemd on Linux, launchd on macOS): at boot, restarted "
+    "when it fails.",
+    no_args_is_help=True,
+)
+app.add_typer(service_app, name="service")
+
+
+class Scope(StrEnum):
+    user = "user"
+    system = "system"
+
+
+class PlatformKind(StrEnum):
+    linux = "linux"
+    macos = "macos"
+
+
+SystemOpt = Annotated[
+    bool,
+    typer.Option(
+        "--system/--user",
+        help="A system service (needs root; runs as you) or your user's (the default).",
+    ),
+]
+UnitDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Write the unit here instead of the service manager's folder (to inspect it).",
+        show_default=False,
+    ),
+]
+PlatformOpt = Annotated[
+    PlatformKind | None,
+    typer.Option(
+        help="Write the unit for this platform (default: this machine's).", show_default=False
+    ),
+]
+
+
+def _plan(
+    data_dir: Path | None,
+    system: bool,
+    platform: PlatformKind | None,
+    unit_dir: Path | None,
+    join_args: list[str],
+    json_mode: bool,
+) -> Any:
+    from rma.agent.service_unit import ServiceError, plan
+
+    settings = _settings(data_dir=data_dir)
+    try:
+        return plan(
+            settings.data_dir,
+            join_args,
+            scope="system" if system else "user",
+            platform=platform.value if platform else None,
+            unit_dir=unit_dir,
+        )
+    except ServiceError as exc:
+        fail(str(exc), json_mode=json_mode)
+
+
+@service_app.command(
+    "install",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def service_install(
+    ctx: typer.Context,
+    system: SystemOpt = False,
+    enable: Annotated[
+        bool,
+        typer.Option(
+            "--enable/--no-enable", help="Enable and start it now (or only write the unit)."
+        ),
+    ] = True,
+    unit_dir: UnitDirOpt = None,
+    platform: PlatformOpt = None,
+    json: JsonOpt = False,
+    data_dir: WorkerDataDirOpt = None,
+) -> None:
+    """Install the agent as a service; options after these are `rma worker join` options
+    (e.g. --coordinator URL --token T --max-cpu 2)."""
+    from rma.agent.service_unit import ServiceError, install
+
+    join_args = list(ctx.args)
+    if not any(a == "--coordinator" or a.startswith("--coordinator=") for a in join_args):
+        import os
+
+        url = os.environ.get("RMA_COORDINATOR_URL")
+        if not url:
+            fail("name the pool: --coordinator URL (a join option)", json_mode=json, exit_code=2)
+        join_args = ["--coordinator", url, *join_args]
+    p = _plan(data_dir, system, platform, unit_dir, join_args, json)
+    try:
+        ran = install(p, enable=enable)
+    except ServiceError as exc:
+        fail(str(exc), json_mode=json)
+    if json:
+        print_json({**p.to_json(), "enabled": bool(ran), "ran": ran})
+        return
+    err.print(f"wrote {p.path}")
+    for cmd in ran:
+        err.print(f"ran: {cmd}")
+    if not ran:
+        err.print("not enabled (--no-enable): the service manager does not start it yet")
+
+
+@service_app.command("uninstall")
+def service_uninstall(
+    system: SystemOpt = False,
+    unit_dir: UnitDirOpt = None,
+    platform: PlatformOpt = None,
+    disable: Annotated[
+        bool, typer.Option("--disable/--no-disable", help="Stop and disable it first.")
+    ] = True,
+    json: JsonOpt = False,
+    data_dir: WorkerDataDirOpt = None,
+) -> None:
+    """Stop the service and remove its unit (the identity in the data dir stays)."""
+    from rma.agent.service_unit import ServiceError, uninstall
+
+    p = _plan(data_dir, system, platform, unit_dir, [], json)
+    try:
+        removed = uninstall(p, disable=disable)
+    except ServiceError as exc:
+        fail(str(exc), json_mode=json)
+    if json:
+        print_json({"path": str(p.path), "removed": removed})
+        return
+    err.print(f"removed {p.path}" if removed else f"no service installed at {p.path}")
+
+
+@service_app.command("status")
+def service_status(
+    system: SystemOpt = False,
+    unit_dir: UnitDirOpt = None,
+    platform: PlatformOpt = None,
+    json: JsonOpt = False,
+    data_dir: WorkerDataDirOpt = None,
+) -> None:
+    """Show the service's state (installed, enabled, active) and the agent's."""
+    from rma.agent.service_unit import unit_state
+    from rma.agent.state import agent_running, load_status
+
+    p = _plan(data_dir, system, platform, unit_dir, [], json)
+    state = unit_state(p)
+    doc = load_status(p.data_dir) or {}
+    pid = agent_running(p.data_dir)
+    agent = {
+        "running": pid is not None,
+        "pid": pid,
+        "state": doc.get("state") if pid is not None else "stopped",
+        "pause_reason": doc.get("pause_reason") if pid is not None else None,
+        "status": doc.get("status"),
+        "name": doc.get("name"),
+    }
+    if json:
+        print_json({**p.to_json(), "unit": state, "agent": agent})
+        return
+    enabled = state["enabled"] or "enabled: unknown"
+    active = state["active"] or "state unknown"
+    unit = f"installed, {enabled}, {active}" if state["installed"] else "not installed"
+    what = agent["state"] or "-"
+    if agent["pause_reason"]:
+        what = f"{what}: {agent['pause_reason']}"
+    out.print(f"service: {unit} ({p.path})\nagent: {what}" + (f" (pid {pid})" if pid else ""))
