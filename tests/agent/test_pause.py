@@ -202,3 +202,30 @@ def test_pause_and_prefs_bad_input(tmp_path: Path) -> None:
     res = rma("worker", "prefs", "set", "--reset", "hours", "--json", "--data-dir", dd)
     doc = json.loads(res.stdout)
     assert doc["hours"] is None and doc["idle_minutes"] == 5
+
+
+def test_status_shows_what_the_machine_did(
+    coordinator: Any, agent_factory: Any, echo_catalog: Path
+) -> None:
+    """Over the tunnel the agent counts the requests it served (today, in total) and its uptime;
+    they are kept in served.json."""
+    args = join_args(echo_catalog)
+    args[args.index("direct")] = "tunnel"
+    agent = agent_factory(coordinator.url, "--token", coordinator.token(), *args)
+    wait_for(lambda: serving(coordinator, "echo"), 60, every=0.5)
+    key = api_key(coordinator)
+    for _ in range(3):
+        assert gateway_get(coordinator, key, "echo/").status_code == 200
+
+    def status() -> dict[str, Any]:
+        res = rma("worker", "status", "--json", "--data-dir", str(agent.data_dir))
+        assert res.returncode == 0, res.stderr
+        return dict(json.loads(res.stdout))
+
+    doc = wait_for(lambda: (d := status())["served"]["total"] >= 3 and d, 30)
+    assert doc["served"]["today"] == doc["served"]["total"]
+    assert doc["served"]["counted"] is True
+    assert doc["state"] == "serving" and doc["uptime_s"] >= 0
+    human = rma("worker", "status", "--data-dir", str(agent.data_dir))
+    assert "state: serving" in human.stdout
+    assert f"{doc['served']['total']} in total" in human.stdout

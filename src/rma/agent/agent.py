@@ -52,9 +52,12 @@ from rma.agent.runtimes.base import Runtime
 from rma.agent.state import (
     AgentLock,
     Identity,
+    Served,
     ensure_dir,
     load_identity,
+    load_served,
     save_identity,
+    save_served,
     save_status,
 )
 from rma.catalog import Catalog
@@ -185,6 +188,8 @@ class Agent:
         self._prefs_mtime: float | None = None
         self._prefs_error: str | None = None
         self.checker = PrefsChecker(sources or SystemSources())
+        self.served = Served()
+        self._served_seen = 0
 
     # --- context ---------------------------------------------------------------------------------
 
@@ -193,6 +198,7 @@ class Agent:
         self._lock.acquire()
         try:
             self.identity = load_identity(self.data_dir)
+            self.served = load_served(self.data_dir)
             cleaned = await self.runtime.cleanup()
         except BaseException:
             self._lock.release()
@@ -696,6 +702,12 @@ class Agent:
             "paused_at": self.paused_at,
             "preferences": self.prefs.model_dump(exclude_defaults=True),
             "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "served": {
+                "today": self.served.today,
+                "total": self.served.total,
+                "counted": self.transport is Transport.TUNNEL,
+            },
             "updated_at": time.time(),
             "heartbeat_interval": self.interval,
             "last_heartbeat": self.last_heartbeat,
@@ -731,7 +743,18 @@ class Agent:
             "inflight": self.inflight(),
         }
 
+    def count_served(self) -> None:
+        """Add the requests the tunnel carried since the last count to ``served.json``."""
+        now = int(getattr(self.tunnel, "served", 0) or 0)
+        new, self._served_seen = now - self._served_seen, now
+        day = time.strftime("%Y-%m-%d")
+        if new > 0 or day != self.served.day:
+            self.served.add(max(new, 0), day)
+            with contextlib.suppress(OSError):
+                save_served(self.data_dir, self.served)
+
     def write_status(self) -> None:
+        self.count_served()
         try:
             save_status(self.data_dir, self.status())
         except OSError as exc:

@@ -4,6 +4,7 @@
   again as the same worker without a new token.
 - ``worker-status.json`` (0600): what the agent runs and its last heartbeat, for
   ``rma worker status``.
+- ``served.json`` (0600): requests served, today and in total (kept across restarts).
 - ``agent.lock``: held (``flock``) while an agent runs on this data dir; the kernel releases it
   when the agent dies, even by SIGKILL.
 """
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 IDENTITY_FILE = "worker.json"
 STATUS_FILE = "worker-status.json"
 LOCK_FILE = "agent.lock"
+SERVED_FILE = "served.json"
 
 
 class StateError(Exception):
@@ -156,3 +158,28 @@ def agent_running(data_dir: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+class Served(BaseModel):
+    """Requests this machine served for the pool (counted by the agent's tunnel)."""
+
+    total: int = 0
+    today: int = 0
+    day: str = ""
+
+    def add(self, n: int, day: str) -> None:
+        if day != self.day:
+            self.day, self.today = day, 0
+        self.today += n
+        self.total += n
+
+
+def load_served(data_dir: Path) -> Served:
+    try:
+        return Served.model_validate_json((data_dir / SERVED_FILE).read_text())
+    except (OSError, ValidationError):
+        return Served()
+
+
+def save_served(data_dir: Path, served: Served) -> None:
+    write_private(data_dir / SERVED_FILE, served.model_dump_json() + "\n")

@@ -87,6 +87,8 @@ class TunnelClient:
         #: Why the last connection ended or failed, for ``rma worker status``.
         self.last_error: str | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        #: Requests the tunnel has carried to this agent's services since it started.
+        self.served = 0
         self._connected_event = asyncio.Event()
 
     @property
@@ -176,6 +178,7 @@ class TunnelClient:
 
     def _spawn(self, stream: Stream, http: H1Client) -> None:
         task = asyncio.get_running_loop().create_task(self._forward(stream, http))
+        self.served += 1
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 

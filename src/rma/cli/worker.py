@@ -416,6 +416,24 @@ def _limits_line(doc: dict[str, Any]) -> str:
     return "; ".join(parts) or "none (the whole machine)"
 
 
+def _served_line(doc: dict[str, Any]) -> str:
+    served = doc.get("served") or {}
+    if not served:
+        return "-"
+    line = f"{served.get('today', 0)} today, {served.get('total', 0)} in total"
+    if not served.get("counted", True):
+        line += " (requests over the direct transport are not counted here)"
+    return line
+
+
+def _uptime(doc: dict[str, Any]) -> str:
+    from rma.agent.pause import format_duration
+
+    if not doc.get("running") or not doc.get("started_at"):
+        return "-"
+    return format_duration(time.time() - float(doc["started_at"]))
+
+
 @app.command()
 def status(json: JsonOpt = False, data_dir: WorkerDataDirOpt = None) -> None:
     """Show what the agent on this machine runs and its last heartbeat."""
@@ -461,7 +479,8 @@ def status(json: JsonOpt = False, data_dir: WorkerDataDirOpt = None) -> None:
         f"tier {doc.get('tier') or '-'}, {doc.get('status') or '-'}\n"
         f"coordinator: {doc.get('coordinator')}  runtime: {runtime}  "
         f"transport: {doc.get('transport')}\nlast heartbeat: {result}\n"
-        f"allowed: {_allowed_line(doc)}\nlimits: {_limits_line(doc)}"
+        f"allowed: {_allowed_line(doc)}\nlimits: {_limits_line(doc)}\n"
+        f"served: {_served_line(doc)}  uptime: {_uptime(doc)}"
     )
     table(
         None,
