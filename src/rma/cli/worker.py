@@ -925,3 +925,15 @@ def service_status(
     if agent["pause_reason"]:
         what = f"{what}: {agent['pause_reason']}"
     out.print(f"service: {unit} ({p.path})\nagent: {what}" + (f" (pid {pid})" if pid else ""))
+
+
+@app.command()
+def top(
+    data_dir: WorkerDataDirOpt = None,
+    refresh: Annotated[float, typer.Option(min=0.2, help="Seconds between updates.")] = 1.0,
+) -> None:
+    """A live view of this machine's agent: state, services, requests served (p pause, r resume)."""
+    from rma.tui.donor import DonorTop
+
+    settings = _settings(data_dir=data_dir)
+    DonorTop(settings.data_dir, refresh=refresh).run()
