@@ -8,6 +8,7 @@ from pathlib import Path
 
 from textual.widgets import DataTable
 
+from rma.agent.pause import DataDirSource
 from rma.agent.state import AgentLock, save_status
 from rma.tui.donor import DonorTop
 
@@ -31,7 +32,7 @@ async def test_shows_the_agent_and_pauses_and_resumes(tmp_path: Path) -> None:
     lock = AgentLock(tmp_path)  # an agent holds this data dir
     lock.acquire()
     try:
-        app = DonorTop(tmp_path, refresh=0.2)
+        app = DonorTop(DataDirSource(tmp_path), refresh=0.2)
         async with app.run_test() as pilot:
             text = str(app.query_one("#summary").render())
             assert "waiting for idle" in text
@@ -50,7 +51,7 @@ async def test_shows_the_agent_and_pauses_and_resumes(tmp_path: Path) -> None:
 
 async def test_no_agent_running(tmp_path: Path) -> None:
     save_status(tmp_path, status_doc())
-    app = DonorTop(tmp_path)
+    app = DonorTop(DataDirSource(tmp_path))
     async with app.run_test():
         text = str(app.query_one("#summary").render())
         assert "not running" in text

@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from rma.agent.state import ensure_dir, write_private
+from rma.agent.state import agent_running, ensure_dir, load_status, write_private
 
 PAUSE_FILE = "pause.json"
 
@@ -102,3 +103,19 @@ def load_pause(data_dir: Path, now: float | None = None) -> PauseRequest | None:
             path.unlink()
         return None
     return req
+
+
+class DataDirSource:
+    """What ``rma worker top`` shows and does, for the agent of one data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def status(self) -> tuple[dict[str, Any] | None, bool]:
+        return load_status(self.data_dir), agent_running(self.data_dir) is not None
+
+    def pause(self) -> None:
+        request_pause(self.data_dir, None, "paused by the donor (rma worker top)")
+
+    def resume(self) -> bool:
+        return request_resume(self.data_dir)

@@ -933,7 +933,8 @@ def top(
     refresh: Annotated[float, typer.Option(min=0.2, help="Seconds between updates.")] = 1.0,
 ) -> None:
     """A live view of this machine's agent: state, services, requests served (p pause, r resume)."""
+    from rma.agent.pause import DataDirSource
     from rma.tui.donor import DonorTop
 
     settings = _settings(data_dir=data_dir)
-    DonorTop(settings.data_dir, refresh=refresh).run()
+    DonorTop(DataDirSource(settings.data_dir), refresh=refresh).run()

@@ -1,22 +1,38 @@
 """``rma worker top``: a small live view of this machine's agent, for donors who like to watch.
 
-It reads what the agent writes in its data dir (``worker-status.json``) every second: the state
-(serving, paused and why, waiting for idle), the services, the requests served today and in
-total, the uptime.  ``p`` pauses (``rma worker pause``), ``r`` resumes, ``q`` quits.
+It shows, every second, what the agent writes in its data dir (``worker-status.json``): the
+state (serving, paused and why, waiting for idle), the services, the requests served today and in
+total, the uptime.  ``p`` pauses (``rma worker pause``), ``r`` resumes, ``q`` quits.  The app
+reads and acts through a :class:`DonorSource` (the CLI gives it the agent's data dir), so the TUI
+never imports the agent.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.widgets import DataTable, Footer, Header, Static
 
-from rma.agent.pause import format_duration, request_pause, request_resume
-from rma.agent.state import agent_running, load_status
+
+class DonorSource(Protocol):
+    def status(self) -> tuple[dict[str, Any] | None, bool]:
+        """The agent's last status document (or ``None``) and whether the agent runs."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> bool:
+        """``True`` when it was paused by the donor."""
+
+
+def format_duration(seconds: float) -> str:
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
 
 STATE_WORDS = {
     "serving": "[green]serving[/green]",
@@ -53,9 +69,9 @@ class DonorTop(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, data_dir: Path, refresh: float = 1.0) -> None:
+    def __init__(self, source: DonorSource, refresh: float = 1.0) -> None:
         super().__init__()
-        self.data_dir = data_dir
+        self.source = source
         self.refresh_every = refresh
 
     def compose(self) -> ComposeResult:
@@ -71,8 +87,7 @@ class DonorTop(App[None]):
         self.set_interval(self.refresh_every, self.update_view)
 
     def update_view(self) -> None:
-        doc = load_status(self.data_dir)
-        running = agent_running(self.data_dir) is not None
+        doc, running = self.source.status()
         self.query_one("#summary", Static).update(summary(doc, running))
         table = self.query_one(DataTable)
         table.clear()
@@ -86,11 +101,11 @@ class DonorTop(App[None]):
             )
 
     def action_pause(self) -> None:
-        request_pause(self.data_dir, None, "paused by the donor (rma worker top)")
+        self.source.pause()
         self.notify("paused: the agent finishes what is in flight, then stops its services")
 
     def action_resume(self) -> None:
-        if request_resume(self.data_dir):
+        if self.source.resume():
             self.notify("resumed: the agent starts its services again")
         else:
             self.notify("it was not paused by the donor")
