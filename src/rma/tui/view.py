@@ -15,6 +15,7 @@ from rma.schemas.api import WorkerPublic
 STATUS_STYLE = {
     "online": "green",
     "draining": "yellow",
+    "paused": "cyan",
     "offline": "red",
     "left": "bright_black",
     "removed": "bright_black",
