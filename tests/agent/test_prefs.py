@@ -178,3 +178,81 @@ async def test_agent_follows_its_preferences(
         finally:
             agent.request_stop()
             await asyncio.wait_for(task, 60)
+
+
+def gateway_inflight(coord: Any, service: str) -> float:
+    """``rma_gateway_inflight{service=...}`` from the coordinator's /metrics."""
+    import httpx
+
+    text = httpx.get(f"{coord.url}/metrics", timeout=10, trust_env=False).text
+    for line in text.splitlines():
+        if line.startswith("rma_gateway_inflight{") and f'service="{service}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.slow
+async def test_activity_pauses_after_the_request_in_flight(
+    coordinator: Any, tmp_path: Path, echo_catalog: Path
+) -> None:
+    import httpx
+
+    data_dir = tmp_path / "w"
+    save_prefs(data_dir, Preferences(idle_minutes=1))
+    settings = WorkerSettings(
+        coordinator_url=coordinator.url,
+        token=coordinator.token(),
+        name="busy-box",
+        labels={"rma.services": "slow"},
+        runtime="process",
+        transport="direct",
+        catalog=echo_catalog,
+        data_dir=data_dir,
+        drain_timeout=30,
+        check_interval=0.3,
+    )
+    caps = detect(data_dir, docker=DockerInfo(False, reason="not needed")).capabilities
+    src = FakeSources(idle=3600)
+    agent = Agent(
+        settings,
+        runtime=ProcessRuntime(data_dir),
+        catalog=load_catalog(echo_catalog),
+        capabilities=caps,
+        probe_interval=0.5,
+        reconcile_interval=0.5,
+        retry_cap=1.0,
+        sources=src,
+    )
+    with coordinator.admin() as c:
+        key = c.post("/api/admin/keys", json={"name": "prefs"}).json()["key"]
+    async with agent, httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        task = asyncio.create_task(agent.run())
+        try:
+
+            def healthy() -> bool:
+                unit = agent.reconciler.units.get("slow")
+                w = admin_workers(coordinator)
+                if not (unit and unit.healthy and w and w[0]["status"] == "online"):
+                    return False
+                return any(x["name"] == "slow" and x["healthy"] for x in w[0]["services"])
+
+            await until(healthy)
+            unit = agent.reconciler.units["slow"]
+            request = asyncio.create_task(
+                http.get(
+                    f"{coordinator.url}/api/services/slow/slow",
+                    headers={"authorization": f"Bearer {key}"},
+                )
+            )
+            await until(lambda: gateway_inflight(coordinator, "slow") > 0, 20)  # it is in
+            await until(lambda: agent.local_inflight() > 0, 20)  # and the agent sees it
+            src.idle = 1.0  # the owner is back
+            await until(lambda: agent.paused, 10)  # within a check interval
+            assert agent.reconciler.units.get("slow") is unit  # draining: still running
+            resp = await asyncio.wait_for(request, 30)
+            assert resp.status_code == 200 and resp.text == "done"
+            await until(lambda: "slow" not in agent.reconciler.units, 30)
+            assert the_worker(coordinator)["status"] == "paused"
+        finally:
+            agent.request_stop()
+            await asyncio.wait_for(task, 60)
