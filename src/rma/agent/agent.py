@@ -379,8 +379,11 @@ class Agent:
         if mtime != self._prefs_mtime:
             self._prefs_mtime = mtime
             try:
+                before = self.prefs.limits()
                 self.prefs = load_prefs(self.data_dir)
                 self._prefs_error = None
+                if self._running and self.prefs.limits() != before and self.worker_id:
+                    log.warning("the new limits in %s take effect at the agent's next start", path)
                 log.info("computing preferences: %s", self.prefs.model_dump(exclude_defaults=True))
             except PrefsError as exc:
                 if self._prefs_error != str(exc):
