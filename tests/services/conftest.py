@@ -23,7 +23,7 @@ from platformdirs import user_cache_path
 
 from rma.services.settings import ServiceSettings
 
-LOCAL_EXTRA = "needs the `local` extra: pip install 'rma[local]'"
+LOCAL_EXTRA = "needs the `local` extra: pip install 'rma-pool[local]'"
 
 
 def need(module: str) -> Any:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rma import __version__
+from rma import __version__, install_hint
 from rma.services.settings import ServiceSettings
 
 _CODES = {
@@ -31,7 +31,7 @@ _CODES = {
 }
 
 
-LOCAL_EXTRA = "install the `local` extra: pip install 'rma[local]'"
+LOCAL_EXTRA = f"install the `local` extra: {install_hint('local')}"
 
 
 def require(*modules: str) -> None:
