@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import time
 
 import httpx
@@ -66,3 +67,22 @@ def test_client_mistakes_are_4xx(llm_url: str, body: dict, status: int, code: st
     assert response.status_code == status
     if code:
         assert response.json()["error"]["code"] == code
+
+
+@pytest.mark.filterwarnings("ignore:Unclosed <MemoryObjectReceiveStream:ResourceWarning")
+def test_a_streamed_prompt_past_the_context_window_ends_with_an_error_event(llm_url: str) -> None:
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "hello " * 3000}],  # > n_ctx 2048 tokens
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{llm_url}/v1/chat/completions", json=body, timeout=120) as r:
+        text = r.read().decode()
+    events = [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
+    assert events, "the stream was empty"
+    last = events[-1].strip().splitlines()
+    assert last[0] == "event: error", text
+    error = json.loads(last[1].removeprefix("data: "))["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "context window" in error["message"]
+    gc.collect()
