@@ -131,6 +131,8 @@ class Agent:
         )
         self.identity: Identity | None = None
         self.worker_id: str | None = None
+        #: The gateway API key for this worker's pool-calling services (None: not needed).
+        self.service_key: str | None = None
         self.tier_name: str | None = None
         self.interval = 30.0
         self.coordinator_status: str | None = None
@@ -240,6 +242,7 @@ class Agent:
             path = save_identity(self.data_dir, self.identity)
             log.info("saved this worker's identity in %s", path)
         self.worker_id = resp.worker_id
+        self.service_key = resp.service_key
         self.tier_name = resp.tier_name
         self.interval = resp.heartbeat_interval
         self.coordinator_status = "online"
@@ -255,9 +258,12 @@ class Agent:
         return resp
 
     def with_pool_env(self, specs: list[ServiceSpec]) -> list[ServiceSpec]:
-        """Services that call the pool (rag, notes, doc) reach it through its gateway."""
-        url = self.settings.coordinator_url
-        return [s.model_copy(update={"env": {"RMA_GATEWAY_URL": url, **s.env}}) for s in specs]
+        """Services that call the pool (rag, notes, doc) reach it through its gateway, with
+        this worker's own service key when the pool requires API keys."""
+        pool_env = {"RMA_GATEWAY_URL": self.settings.coordinator_url}
+        if self.service_key:
+            pool_env["RMA_API_KEY"] = self.service_key
+        return [s.model_copy(update={"env": {**pool_env, **s.env}}) for s in specs]
 
     def load(self) -> Load:
         vm = psutil.virtual_memory()
