@@ -212,3 +212,20 @@ async def test_removed_ends_the_run(
         c.delete(f"/api/admin/workers/{agent.worker_id}").raise_for_status()
     with pytest.raises(AgentExit, match="removed by the operator"):
         await asyncio.wait_for(task, 30)
+
+
+async def test_services_get_the_gateway_and_the_workers_own_key(
+    coordinator: Any, tmp_path: Path, echo_catalog: Path
+) -> None:
+    import psutil
+
+    agent = make_agent(coordinator.url, coordinator.token(), tmp_path / "w", echo_catalog)
+    async with agent:
+        reg = await agent.register_once()
+        assert reg.service_key  # this coordinator requires client API keys
+        await agent.reconcile_once()
+        pid = await until(lambda: echo_pid(agent))
+        env = psutil.Process(pid).environ()
+        assert env["RMA_GATEWAY_URL"] == coordinator.url
+        assert env["RMA_API_KEY"] == reg.service_key
+        await agent.leave()
