@@ -25,6 +25,11 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="API key sent as a Bearer token to the gateway, if it needs one."
     )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File holding the gateway API key, read at each call (the worker agent "
+        "writes its own key there); wins over RMA_API_KEY.",
+    )
     gateway_timeout: float = Field(
         default=300.0, gt=0, description="Seconds to wait for one call through the gateway."
     )
