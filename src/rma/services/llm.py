@@ -50,6 +50,8 @@ def model_settings(settings: ServiceSettings) -> dict[str, Any]:
         "n_gpu_layers": settings.llm_n_gpu_layers,
         "verbose": False,
     }
+    if settings.llm_n_ubatch is not None:
+        options["n_ubatch"] = settings.llm_n_ubatch
     if settings.llm_n_threads is not None:
         options["n_threads"] = settings.llm_n_threads
         options["n_threads_batch"] = settings.llm_n_threads

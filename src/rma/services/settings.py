@@ -56,6 +56,12 @@ class ServiceSettings(BaseSettings):
     llm_n_threads: int | None = Field(
         default=None, description="CPU threads for the llm; unset: llama.cpp's default."
     )
+    llm_n_ubatch: int | None = Field(
+        default=None,
+        gt=0,
+        description="llama.cpp's physical batch size; unset: its default. 1 works around CPUs "
+        "where batched prompt processing crashes.",
+    )
     llm_n_gpu_layers: int = Field(
         default=0, ge=-1, description="Layers offloaded to a GPU (-1: all), if llama.cpp has one."
     )
