@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from rma import install_hint
+
 DEFAULT_PORT = 8420
 DEFAULT_COORDINATOR_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 
@@ -338,7 +340,7 @@ class CoordinatorSettings(_Base):
         import importlib.util
 
         if importlib.util.find_spec("redis") is None:
-            raise ValueError("needs the redis package: pip install 'rma[redis]'")
+            raise ValueError(f"needs the redis package: {install_hint('redis')}")
         return v
 
     @classmethod

@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -39,6 +40,7 @@ from rma.agent.state import (
     load_identity,
     save_identity,
     save_status,
+    write_private,
 )
 from rma.catalog import Catalog
 from rma.client import CoordinatorClient, RmaError, tls_verify
@@ -61,6 +63,8 @@ log = logging.getLogger("rma.agent")
 MIN_HEARTBEAT_GAP = 0.25
 #: Refused assignments reported per heartbeat (a hostile coordinator may send any number).
 MAX_REFUSED_REPORTED = 64
+#: The file (in the data dir) that holds the gateway key for this worker's services.
+SERVICE_KEY_FILE = "service.key"
 
 
 class AgentExit(Exception):
@@ -139,6 +143,8 @@ class Agent:
         )
         self.identity: Identity | None = None
         self.worker_id: str | None = None
+        #: The gateway API key for this worker's pool-calling services (None: not needed).
+        self.service_key: str | None = None
         self.tier_name: str | None = None
         self.interval = 30.0
         self.coordinator_status: str | None = None
@@ -268,6 +274,7 @@ class Agent:
             path = save_identity(self.data_dir, self.identity)
             log.info("saved this worker's identity in %s", path)
         self.worker_id = resp.worker_id
+        self.set_service_key(resp.service_key)
         self.tier_name = resp.tier_name
         self.interval = resp.heartbeat_interval
         self.coordinator_status = "online"
@@ -282,10 +289,32 @@ class Agent:
         )
         return resp
 
+    @property
+    def service_key_file(self) -> Path:
+        """Where the services read this worker's gateway key (0600; rewritten at each join)."""
+        return self.data_dir / SERVICE_KEY_FILE
+
+    def set_service_key(self, key: str | None) -> None:
+        """Keep the key the coordinator gave at (re-)join, in memory and in its file.
+
+        The services read the file at each gateway call, so a new key (a re-join) reaches
+        them without a restart: their environment, and so their specs, stay the same.
+        """
+        self.service_key = key
+        if key:
+            ensure_dir(self.data_dir)
+            write_private(self.service_key_file, key + "\n")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.service_key_file.unlink()
+
     def with_pool_env(self, specs: list[ServiceSpec]) -> list[ServiceSpec]:
-        """Services that call the pool (rag, notes, doc) reach it through its gateway."""
-        url = self.settings.coordinator_url
-        return [s.model_copy(update={"env": {"RMA_GATEWAY_URL": url, **s.env}}) for s in specs]
+        """Services that call the pool (rag, notes, doc) reach it through its gateway, with
+        this worker's own service key (its file) when the pool requires API keys."""
+        pool_env = {"RMA_GATEWAY_URL": self.settings.coordinator_url}
+        if self.service_key:
+            pool_env["RMA_API_KEY_FILE"] = str(self.service_key_file)
+        return [s.model_copy(update={"env": {**pool_env, **s.env}}) for s in specs]
 
     def load(self) -> Load:
         vm = psutil.virtual_memory()

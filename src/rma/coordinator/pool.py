@@ -76,6 +76,10 @@ def removed_error(state: WorkerState) -> APIError:
     )
 
 
+#: API keys made for workers' own services are named this, then the worker id.
+SERVICE_KEY_PREFIX = "worker services "
+
+
 class Pool:
     def __init__(
         self,
@@ -271,7 +275,21 @@ class Pool:
             heartbeat_interval=self.settings.heartbeat_interval,
             assignments=[self.catalog[n] for n in names],
             worker_secret=new_secret,
+            service_key=self._service_key(worker_id),
         )
+
+    def _service_key(self, worker_id: str) -> str | None:
+        """A fresh gateway API key for the worker's pool-calling services; the old one revoked.
+
+        Only where clients need keys: an anonymous pool's services need none.
+        """
+        if self.settings.anonymous_clients:
+            return None
+        name = f"{SERVICE_KEY_PREFIX}{worker_id}"
+        for key in self.credentials.list_keys():
+            if key.name == name and not key.revoked:
+                self.credentials.revoke_key(key.id)
+        return self.credentials.create_key(name, rpm=None).key
 
     # --- worker credentials -----------------------------------------------------------------------
 

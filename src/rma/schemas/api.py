@@ -172,6 +172,12 @@ class RegisterResponse(BaseModel):
     worker_secret: str | None = Field(
         None, description="Given on the first join only: keep it (0600) to re-join as this worker."
     )
+    service_key: str | None = Field(
+        None,
+        description="A client API key of this worker's own, for its services that call the pool "
+        "(rag, notes, doc) through the gateway; given when the pool requires API keys, replaced "
+        "at each (re-)join.",
+    )
 
 
 class ServiceStatus(BaseModel):

@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import psutil
 
+from rma import install_hint
 from rma.agent.policy import Limits
 from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure, expand
 from rma.schemas.api import ServiceSpec
@@ -83,7 +84,7 @@ class ProcessRuntime(Runtime):
             return f"{exe} is not installed on this machine"
         missing = [m for m in spec.requires if self._missing_module(m)]
         if missing:
-            how = f"pip install 'rma[{spec.extra}]'" if spec.extra else "install them"
+            how = install_hint(spec.extra) if spec.extra else "install them"
             return f"needs the Python module(s) {', '.join(missing)}: {how}"
         return None
 
