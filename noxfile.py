@@ -19,15 +19,8 @@ CMAKE_ARGS = (
 
 def _install(session: nox.Session, extras: str = "all,dev") -> None:
     """The project with ``extras``, every dependency at its version in the lock."""
-    session.install(
-        "-c",
-        LOCK,
-        "-r",
-        "requirements/torch-cpu.txt",
-        "-e",
-        f".[{extras}]",
-        env={"CMAKE_ARGS": CMAKE_ARGS},
-    )
+    session.install("-c", LOCK, "-e", f".[{extras}]", env={"CMAKE_ARGS": CMAKE_ARGS})
+    session.install("--no-deps", "-r", "requirements/no-deps.txt")
 
 
 @nox.session(python=PY)
@@ -78,7 +71,6 @@ def lock(session: nox.Session) -> None:
         "--output-file",
         LOCK,
         "pyproject.toml",
-        "requirements/torch-cpu.txt",
         *session.posargs,
         env={"CUSTOM_COMPILE_COMMAND": "nox -s lock"},
     )

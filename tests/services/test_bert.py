@@ -1,4 +1,8 @@
-"""The numpy BERT encoder behind `embeddings`: the same vectors as sentence-transformers."""
+"""The numpy BERT encoder behind `embeddings`: the same vectors as sentence-transformers.
+
+The reference vectors were recorded with sentence-transformers (bench/embeddings_parity.py
+compares the two directly where torch is installed, and re-records the file).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from tests.services.conftest import need
 
 from rma.services import minilm
 
@@ -47,16 +50,6 @@ def test_vectors_match_the_recorded_reference(encoder) -> None:  # type: ignore[
     assert vectors.shape == (len(reference), 384)
     cosines = _cosines(vectors, [item["embedding"] for item in reference])
     assert min(cosines) >= 0.9999, cosines
-
-
-def test_vectors_match_sentence_transformers(encoder, minilm_path: Path) -> None:  # type: ignore[no-untyped-def]
-    st = need("sentence_transformers")
-    model = st.SentenceTransformer(str(minilm_path), device="cpu")
-    expected = model.encode(SENTENCES, normalize_embeddings=True, convert_to_numpy=True)
-    vectors, tokens = encoder.encode(SENTENCES, batch_size=4)  # padding inside a batch too
-    assert min(_cosines(vectors, expected)) >= 0.9999
-    window = model.tokenizer(SENTENCES, truncation=True, max_length=model.max_seq_length)
-    assert tokens == sum(len(ids) for ids in window["input_ids"])
 
 
 def test_vectors_are_unit_length_and_batch_independent(encoder) -> None:  # type: ignore[no-untyped-def]
