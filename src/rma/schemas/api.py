@@ -55,26 +55,26 @@ class ErrorBody(BaseModel):
 
 class GpuInfo(BaseModel):
     name: str = Field(max_length=200)
-    memory_mb: int = Field(ge=0)
-    memory_free_mb: int | None = Field(None, ge=0)
-    utilization_percent: float | None = Field(None, ge=0, le=100)
+    memory_mb: int = Field(ge=0, strict=True)
+    memory_free_mb: int | None = Field(None, ge=0, strict=True)
+    utilization_percent: float | None = Field(None, ge=0, le=100, strict=True)
     driver: str | None = Field(None, max_length=100)
     uuid: str | None = Field(None, max_length=100)
-    index: int | None = Field(None, ge=0)
+    index: int | None = Field(None, ge=0, strict=True)
 
 
 class Capabilities(BaseModel):
     """What a worker's machine has (``rma worker detect``)."""
 
-    cpu_cores: int = Field(ge=1, le=4096)
-    memory_mb: int = Field(ge=0)
-    disk_free_mb: int = Field(0, ge=0)
+    cpu_cores: int = Field(ge=1, le=4096, strict=True)
+    memory_mb: int = Field(ge=0, strict=True)
+    disk_free_mb: int = Field(0, ge=0, strict=True)
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
-    docker: bool = False
+    docker: bool = Field(False, strict=True)
     os: str = Field("", max_length=100)
     arch: str = Field("", max_length=50)
     cpu_model: str | None = Field(None, max_length=200)
-    memory_available_mb: int | None = Field(None, ge=0)
+    memory_available_mb: int | None = Field(None, ge=0, strict=True)
 
     @property
     def max_vram_mb(self) -> int:
@@ -82,10 +82,10 @@ class Capabilities(BaseModel):
 
 
 class Load(BaseModel):
-    cpu_percent: float = Field(0.0, ge=0, le=100 * 4096)
-    memory_percent: float = Field(0.0, ge=0, le=100)
-    gpu_percent: float | None = Field(None, ge=0, le=100)
-    gpu_memory_percent: float | None = Field(None, ge=0, le=100)
+    cpu_percent: float = Field(0.0, ge=0, le=100 * 4096, strict=True)
+    memory_percent: float = Field(0.0, ge=0, le=100, strict=True)
+    gpu_percent: float | None = Field(None, ge=0, le=100, strict=True)
+    gpu_memory_percent: float | None = Field(None, ge=0, le=100, strict=True)
 
 
 # --- the catalog ---------------------------------------------------------------------------------
@@ -177,8 +177,8 @@ class RegisterResponse(BaseModel):
 class ServiceStatus(BaseModel):
     name: str = Field(pattern=_NAME)
     state: ServiceState
-    healthy: bool = False
-    inflight: int = Field(0, ge=0)
+    healthy: bool = Field(False, strict=True)
+    inflight: int = Field(0, ge=0, strict=True)
     endpoint: str | None = Field(None, max_length=500)
     message: str | None = Field(None, max_length=1000)
 
@@ -186,7 +186,7 @@ class ServiceStatus(BaseModel):
 class HeartbeatRequest(_Strict):
     load: Load = Field(default_factory=Load)
     services: list[ServiceStatus] = Field(default_factory=list, max_length=256)
-    draining: bool = False
+    draining: bool = Field(False, strict=True)
 
 
 class HeartbeatResponse(BaseModel):
@@ -220,9 +220,11 @@ class WorkerPublic(BaseModel):
 
 
 class TokenCreate(_Strict):
-    ttl: float = Field(1800.0, gt=0, le=366 * 86400, description="Seconds until it expires.")
+    ttl: float = Field(
+        1800.0, gt=0, le=366 * 86400, strict=True, description="Seconds until it expires."
+    )
     uses: int | None = Field(
-        1, ge=1, description="How many registrations it allows; null: unlimited."
+        1, ge=1, strict=True, description="How many registrations it allows; null: unlimited."
     )
     label: str = Field("", max_length=200)
 
@@ -245,7 +247,7 @@ class TokenCreated(TokenPublic):
 class ApiKeyCreate(_Strict):
     name: str = Field("", max_length=200)
     rpm: int | None = Field(
-        None, ge=0, le=1_000_000, description="Requests per minute; 0 unlimited."
+        None, ge=0, le=1_000_000, strict=True, description="Requests per minute; 0 unlimited."
     )
 
 

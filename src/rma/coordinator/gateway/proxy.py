@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -134,6 +135,19 @@ class Gateway:
 
     def reachable(self, worker: WorkerState) -> bool:
         return self.upstream_for(worker) is not None
+
+    def openapi_paths(self) -> dict[str, Any]:
+        """The gateway's operations for ``/openapi.json``, naming what the pool serves now."""
+        from rma.coordinator.gateway.openapi import paths
+
+        served = [name for name in self.pool.catalog if self.balancer.workers_for(name)]
+        models = [
+            m
+            for name in served
+            if (spec := self.pool.catalog[name]).kind == "openai"
+            for m in spec.models
+        ]
+        return paths(models, served)
 
     async def aclose(self) -> None:
         await self.direct.aclose()
@@ -333,7 +347,12 @@ class Gateway:
         timed_out = False
         last_status: int | None = None
         while call.attempts < s.max_attempts:
-            lease = await self.balancer.acquire(call.service, tried, trusted_only)
+            try:
+                lease = await self.balancer.acquire(call.service, tried, trusted_only)
+            except APIError as exc:
+                if exc.status == 503 and failures:
+                    break  # the ones that failed left routing: say why they failed
+                raise
             if lease is None:
                 break
             worker = lease.worker
@@ -368,6 +387,8 @@ class Gateway:
                     if exc.status is not None:
                         last_status = exc.status
                     timed_out = exc.timeout
+                    if exc.unreachable:
+                        self.balancer.mark_unreachable(worker)
                     self._worker_failed(worker, call.service, failures, str(exc))
                     continue
                 if resp.status in _RETRY_STATUSES and call.attempts < s.max_attempts:
