@@ -110,7 +110,11 @@ class Backend:
                         close = True
                 body = await reader.readexactly(length) if length else b""
                 self.requests += 1
-                await self.dispatch(method, target, body, writer)
+                try:
+                    await self.dispatch(method, target, body, writer)
+                except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                    # A real service answers odd input with a 400 too (the fuzz test sends any)
+                    writer.write(self.error(400, f"bad request: {exc}"))
                 if close:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):

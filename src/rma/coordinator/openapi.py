@@ -74,7 +74,7 @@ def _errors_for(path: str, method: str, op: dict[str, Any]) -> tuple[set[int], s
     """The error statuses an operation can answer, and the credential it needs."""
     codes: set[int] = set()
     if "requestBody" in op:
-        codes |= {413, 422}
+        codes |= {400, 413, 422}
     if op.get("parameters"):
         codes.add(422)
     scheme = None

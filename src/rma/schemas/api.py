@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from rma.schemas.enums import ServiceState, Transport, WorkerStatus
 
@@ -35,6 +35,19 @@ __all__ = [
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
+def _json_number(value: Any) -> Any:
+    """Numbers in request bodies are JSON numbers: ``false`` or ``"5"`` is refused, not cast."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"must be a number, not {type(value).__name__}")
+    return value
+
+
+#: An integer field of a request body (``4.0`` is an integer in JSON; ``true`` is not).
+Int = Annotated[int, BeforeValidator(_json_number)]
+#: A number field of a request body.
+Float = Annotated[float, BeforeValidator(_json_number)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -55,26 +68,26 @@ class ErrorBody(BaseModel):
 
 class GpuInfo(BaseModel):
     name: str = Field(max_length=200)
-    memory_mb: int = Field(ge=0, strict=True)
-    memory_free_mb: int | None = Field(None, ge=0, strict=True)
-    utilization_percent: float | None = Field(None, ge=0, le=100, strict=True)
+    memory_mb: Int = Field(ge=0)
+    memory_free_mb: Int | None = Field(None, ge=0)
+    utilization_percent: Float | None = Field(None, ge=0, le=100)
     driver: str | None = Field(None, max_length=100)
     uuid: str | None = Field(None, max_length=100)
-    index: int | None = Field(None, ge=0, strict=True)
+    index: Int | None = Field(None, ge=0)
 
 
 class Capabilities(BaseModel):
     """What a worker's machine has (``rma worker detect``)."""
 
-    cpu_cores: int = Field(ge=1, le=4096, strict=True)
-    memory_mb: int = Field(ge=0, strict=True)
-    disk_free_mb: int = Field(0, ge=0, strict=True)
+    cpu_cores: Int = Field(ge=1, le=4096)
+    memory_mb: Int = Field(ge=0)
+    disk_free_mb: Int = Field(0, ge=0)
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
     docker: bool = Field(False, strict=True)
     os: str = Field("", max_length=100)
     arch: str = Field("", max_length=50)
     cpu_model: str | None = Field(None, max_length=200)
-    memory_available_mb: int | None = Field(None, ge=0, strict=True)
+    memory_available_mb: Int | None = Field(None, ge=0)
 
     @property
     def max_vram_mb(self) -> int:
@@ -82,10 +95,10 @@ class Capabilities(BaseModel):
 
 
 class Load(BaseModel):
-    cpu_percent: float = Field(0.0, ge=0, le=100 * 4096, strict=True)
-    memory_percent: float = Field(0.0, ge=0, le=100, strict=True)
-    gpu_percent: float | None = Field(None, ge=0, le=100, strict=True)
-    gpu_memory_percent: float | None = Field(None, ge=0, le=100, strict=True)
+    cpu_percent: Float = Field(0.0, ge=0, le=100 * 4096)
+    memory_percent: Float = Field(0.0, ge=0, le=100)
+    gpu_percent: Float | None = Field(None, ge=0, le=100)
+    gpu_memory_percent: Float | None = Field(None, ge=0, le=100)
 
 
 # --- the catalog ---------------------------------------------------------------------------------
@@ -178,7 +191,7 @@ class ServiceStatus(BaseModel):
     name: str = Field(pattern=_NAME)
     state: ServiceState
     healthy: bool = Field(False, strict=True)
-    inflight: int = Field(0, ge=0, strict=True)
+    inflight: Int = Field(0, ge=0)
     endpoint: str | None = Field(None, max_length=500)
     message: str | None = Field(None, max_length=1000)
 
@@ -220,11 +233,9 @@ class WorkerPublic(BaseModel):
 
 
 class TokenCreate(_Strict):
-    ttl: float = Field(
-        1800.0, gt=0, le=366 * 86400, strict=True, description="Seconds until it expires."
-    )
-    uses: int | None = Field(
-        1, ge=1, strict=True, description="How many registrations it allows; null: unlimited."
+    ttl: Float = Field(1800.0, gt=0, le=366 * 86400, description="Seconds until it expires.")
+    uses: Int | None = Field(
+        1, ge=1, description="How many registrations it allows; null: unlimited."
     )
     label: str = Field("", max_length=200)
 
@@ -246,8 +257,8 @@ class TokenCreated(TokenPublic):
 
 class ApiKeyCreate(_Strict):
     name: str = Field("", max_length=200)
-    rpm: int | None = Field(
-        None, ge=0, le=1_000_000, strict=True, description="Requests per minute; 0 unlimited."
+    rpm: Int | None = Field(
+        None, ge=0, le=1_000_000, description="Requests per minute; 0 unlimited."
     )
 
 
