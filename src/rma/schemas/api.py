@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from functools import cache
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from rma.schemas.enums import ServiceState, Transport, WorkerStatus
 
@@ -35,20 +36,29 @@ __all__ = [
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
-def _json_number(value: Any) -> Any:
-    """Numbers in request bodies are JSON numbers: ``false`` or ``"5"`` is refused, not cast."""
-    if isinstance(value, (bool, str, bytes)):
-        raise ValueError(f"must be a number, not {type(value).__name__}")
-    return value
+@cache
+def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        kinds = get_args(info.annotation) or (info.annotation,)
+        if bool not in kinds and any(k in (int, float) for k in kinds):
+            names.add(name)
+    return frozenset(names)
 
 
-#: An integer field of a request body (``4.0`` is an integer in JSON; ``true`` is not).
-Int = Annotated[int, BeforeValidator(_json_number)]
-#: A number field of a request body.
-Float = Annotated[float, BeforeValidator(_json_number)]
+class _JsonNumbers(BaseModel):
+    """Numbers in request bodies are JSON numbers: ``false`` or ``"5"`` is refused, not cast
+    (``4.0`` is an integer in JSON and stays accepted)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, (bool, str, bytes)) and info.field_name in _numeric_fields(cls):
+            raise ValueError(f"must be a number, not {type(value).__name__}")
+        return value
 
 
-class _Strict(BaseModel):
+class _Strict(_JsonNumbers):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -66,39 +76,39 @@ class ErrorBody(BaseModel):
 # --- hardware and load ---------------------------------------------------------------------------
 
 
-class GpuInfo(BaseModel):
+class GpuInfo(_JsonNumbers):
     name: str = Field(max_length=200)
-    memory_mb: Int = Field(ge=0)
-    memory_free_mb: Int | None = Field(None, ge=0)
-    utilization_percent: Float | None = Field(None, ge=0, le=100)
+    memory_mb: int = Field(ge=0)
+    memory_free_mb: int | None = Field(None, ge=0)
+    utilization_percent: float | None = Field(None, ge=0, le=100)
     driver: str | None = Field(None, max_length=100)
     uuid: str | None = Field(None, max_length=100)
-    index: Int | None = Field(None, ge=0)
+    index: int | None = Field(None, ge=0)
 
 
-class Capabilities(BaseModel):
+class Capabilities(_JsonNumbers):
     """What a worker's machine has (``rma worker detect``)."""
 
-    cpu_cores: Int = Field(ge=1, le=4096)
-    memory_mb: Int = Field(ge=0)
-    disk_free_mb: Int = Field(0, ge=0)
+    cpu_cores: int = Field(ge=1, le=4096)
+    memory_mb: int = Field(ge=0)
+    disk_free_mb: int = Field(0, ge=0)
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
     docker: bool = Field(False, strict=True)
     os: str = Field("", max_length=100)
     arch: str = Field("", max_length=50)
     cpu_model: str | None = Field(None, max_length=200)
-    memory_available_mb: Int | None = Field(None, ge=0)
+    memory_available_mb: int | None = Field(None, ge=0)
 
     @property
     def max_vram_mb(self) -> int:
         return max((g.memory_mb for g in self.gpus), default=0)
 
 
-class Load(BaseModel):
-    cpu_percent: Float = Field(0.0, ge=0, le=100 * 4096)
-    memory_percent: Float = Field(0.0, ge=0, le=100)
-    gpu_percent: Float | None = Field(None, ge=0, le=100)
-    gpu_memory_percent: Float | None = Field(None, ge=0, le=100)
+class Load(_JsonNumbers):
+    cpu_percent: float = Field(0.0, ge=0, le=100 * 4096)
+    memory_percent: float = Field(0.0, ge=0, le=100)
+    gpu_percent: float | None = Field(None, ge=0, le=100)
+    gpu_memory_percent: float | None = Field(None, ge=0, le=100)
 
 
 # --- the catalog ---------------------------------------------------------------------------------
@@ -187,11 +197,11 @@ class RegisterResponse(BaseModel):
     )
 
 
-class ServiceStatus(BaseModel):
+class ServiceStatus(_JsonNumbers):
     name: str = Field(pattern=_NAME)
     state: ServiceState
     healthy: bool = Field(False, strict=True)
-    inflight: Int = Field(0, ge=0)
+    inflight: int = Field(0, ge=0)
     endpoint: str | None = Field(None, max_length=500)
     message: str | None = Field(None, max_length=1000)
 
@@ -233,8 +243,8 @@ class WorkerPublic(BaseModel):
 
 
 class TokenCreate(_Strict):
-    ttl: Float = Field(1800.0, gt=0, le=366 * 86400, description="Seconds until it expires.")
-    uses: Int | None = Field(
+    ttl: float = Field(1800.0, gt=0, le=366 * 86400, description="Seconds until it expires.")
+    uses: int | None = Field(
         1, ge=1, description="How many registrations it allows; null: unlimited."
     )
     label: str = Field("", max_length=200)
@@ -257,7 +267,7 @@ class TokenCreated(TokenPublic):
 
 class ApiKeyCreate(_Strict):
     name: str = Field("", max_length=200)
-    rpm: Int | None = Field(
+    rpm: int | None = Field(
         None, ge=0, le=1_000_000, description="Requests per minute; 0 unlimited."
     )
 
