@@ -52,8 +52,8 @@ async def test_worker_churn(tmp_path: Path, database_url: str, transport: str) -
             start(name)
         h.wait_for("three healthy workers", lambda: len(h.healthy(pool.coord)) == 3, 120)
         tally = h.Tally()
-        seconds = h.scale(20, 300)
-        every = h.scale(4, 15)
+        seconds = h.scale(20, 120)
+        every = h.scale(4, 5)
         kills = 0
         done = asyncio.Event()
 

@@ -3,21 +3,25 @@
 A real coordinator process with real fake-backend workers; each operation is called with the
 credential of its role (the admin key, a client API key, a worker credential) and schemathesis
 also tries it without one.  ``RMA_FUZZ_EXAMPLES`` lowers the examples per operation for a local
-run; the suite's default is 200.
+run; the suite's default is 200.  ``schemathesis.toml`` (repository root) holds the one
+per-operation setting, with its reason.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import CHECKS, load_all_checks
+from schemathesis.config import SchemathesisConfig
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("RMA_FUZZ_EXAMPLES", "200"))
 _TRUE = {"1", "true", "on", "yes", "t", "y"}
 _CURRENT: dict[str, Any] = {}  # the running test's pool, for the auth provider
@@ -41,7 +45,8 @@ def fuzz_pool(pool_factory, backends):
 
 @pytest.fixture
 def api_schema(fuzz_pool):
-    return schemathesis.openapi.from_url(fuzz_pool.url + "/openapi.json")
+    config = SchemathesisConfig.from_path(str(ROOT / "schemathesis.toml"))
+    return schemathesis.openapi.from_url(fuzz_pool.url + "/openapi.json", config=config)
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
