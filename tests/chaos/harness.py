@@ -245,7 +245,12 @@ def events(coord: Any, limit: int = 10_000) -> list[dict[str, Any]]:
         return data
 
 
-def log_tracebacks(path: Path | None) -> int:
+def log_count(path: Path | None, needle: str) -> int:
+    """How often ``needle`` occurs in a log file (0 when there is none)."""
     if path is None or not path.exists():
         return 0
-    return path.read_text(errors="replace").count("Traceback")
+    return path.read_text(errors="replace").count(needle)
+
+
+def log_tracebacks(path: Path | None) -> int:
+    return log_count(path, "Traceback")
