@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests lint typecheck bench``."""
+"""Developer sessions: ``nox -s tests lint typecheck bench chaos``."""
 
 from __future__ import annotations
 
@@ -73,4 +73,25 @@ def lock(session: nox.Session) -> None:
         "pyproject.toml",
         *session.posargs,
         env={"CUSTOM_COMPILE_COMMAND": "nox -s lock"},
+    )
+
+
+@nox.session(python=PY)
+def chaos(session: nox.Session) -> None:
+    """Chaos experiments at full scale (docs/reliability.md); the figures go to
+    ``bench/chaos-results.jsonl``.  Set ``RMA_TEST_DATABASE_URL`` for PostgreSQL."""
+    _install(session, "dev")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/chaos",
+        "-m",
+        "chaos",
+        "-s",
+        "-q",
+        "--timeout",
+        "1800",
+        *session.posargs,
+        env={"RMA_CHAOS_SCALE": "full", "RMA_CHAOS_RESULTS": "bench/chaos-results.jsonl"},
     )

@@ -287,6 +287,13 @@ class CoordinatorSettings(_Base):
     max_attempts: int = Field(
         3, ge=1, le=10, description="Gateway: attempts per request across workers."
     )
+    hold_back_bytes: int = Field(
+        1_048_576,
+        ge=0,
+        description="Gateway: a non-streamed answer up to this size is read whole before the "
+        "client gets a byte, so a worker that fails mid-body is retried on another one; larger "
+        "answers and SSE streams are relayed as they come (0: never hold back).",
+    )
     cooldown_base: float = Field(
         5.0, gt=0, description="Gateway: first cool-down of a failed worker, seconds."
     )

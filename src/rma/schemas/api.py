@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from functools import cache
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from rma.schemas.enums import ServiceState, Transport, WorkerStatus
 
@@ -35,7 +36,29 @@ __all__ = [
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
-class _Strict(BaseModel):
+@cache
+def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        kinds = get_args(info.annotation) or (info.annotation,)
+        if bool not in kinds and any(k in (int, float) for k in kinds):
+            names.add(name)
+    return frozenset(names)
+
+
+class _JsonNumbers(BaseModel):
+    """Numbers in request bodies are JSON numbers: ``false`` or ``"5"`` is refused, not cast
+    (``4.0`` is an integer in JSON and stays accepted)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, (bool, str, bytes)) and info.field_name in _numeric_fields(cls):
+            raise ValueError(f"must be a number, not {type(value).__name__}")
+        return value
+
+
+class _Strict(_JsonNumbers):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -53,7 +76,7 @@ class ErrorBody(BaseModel):
 # --- hardware and load ---------------------------------------------------------------------------
 
 
-class GpuInfo(BaseModel):
+class GpuInfo(_JsonNumbers):
     name: str = Field(max_length=200)
     memory_mb: int = Field(ge=0)
     memory_free_mb: int | None = Field(None, ge=0)
@@ -63,14 +86,14 @@ class GpuInfo(BaseModel):
     index: int | None = Field(None, ge=0)
 
 
-class Capabilities(BaseModel):
+class Capabilities(_JsonNumbers):
     """What a worker's machine has (``rma worker detect``)."""
 
     cpu_cores: int = Field(ge=1, le=4096)
     memory_mb: int = Field(ge=0)
     disk_free_mb: int = Field(0, ge=0)
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
-    docker: bool = False
+    docker: bool = Field(False, strict=True)
     os: str = Field("", max_length=100)
     arch: str = Field("", max_length=50)
     cpu_model: str | None = Field(None, max_length=200)
@@ -81,7 +104,7 @@ class Capabilities(BaseModel):
         return max((g.memory_mb for g in self.gpus), default=0)
 
 
-class Load(BaseModel):
+class Load(_JsonNumbers):
     cpu_percent: float = Field(0.0, ge=0, le=100 * 4096)
     memory_percent: float = Field(0.0, ge=0, le=100)
     gpu_percent: float | None = Field(None, ge=0, le=100)
@@ -180,10 +203,10 @@ class RegisterResponse(BaseModel):
     )
 
 
-class ServiceStatus(BaseModel):
+class ServiceStatus(_JsonNumbers):
     name: str = Field(pattern=_NAME)
     state: ServiceState
-    healthy: bool = False
+    healthy: bool = Field(False, strict=True)
     inflight: int = Field(0, ge=0)
     endpoint: str | None = Field(None, max_length=500)
     message: str | None = Field(None, max_length=1000)
@@ -192,7 +215,7 @@ class ServiceStatus(BaseModel):
 class HeartbeatRequest(_Strict):
     load: Load = Field(default_factory=Load)
     services: list[ServiceStatus] = Field(default_factory=list, max_length=256)
-    draining: bool = False
+    draining: bool = Field(False, strict=True)
 
 
 class HeartbeatResponse(BaseModel):

@@ -64,12 +64,32 @@ class Balancer:
         self.failures: dict[Key, int] = {}
         self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self.queued = 0
+        #: Workers that refused a connection: worker id -> its last heartbeat time then.  Out of
+        #: routing until a newer heartbeat (not for the whole offline window).
+        self.unreachable: dict[str, float | None] = {}
 
     # --- choosing ---------------------------------------------------------------------------------
 
     def workers_for(self, service: str) -> list[WorkerState]:
         """Workers that run ``service`` healthy and that a transport can reach now."""
+        if self.unreachable:
+            return [
+                w for w in self.registry.routable(service) if self.reachable(w) and self._heard(w)
+            ]
         return [w for w in self.registry.routable(service) if self.reachable(w)]
+
+    def _heard(self, worker: WorkerState) -> bool:
+        """False while ``worker`` is marked unreachable and has not sent a heartbeat since."""
+        if worker.id not in self.unreachable:
+            return True
+        if self.unreachable[worker.id] == worker.last_heartbeat_at:
+            return False
+        del self.unreachable[worker.id]  # a newer heartbeat: back in routing
+        return True
+
+    def mark_unreachable(self, worker: WorkerState) -> None:
+        """Take ``worker`` out of routing at once, until its next heartbeat."""
+        self.unreachable[worker.id] = worker.last_heartbeat_at
 
     def capacity_of(self, worker: WorkerState) -> int:
         return self.capacity

@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -54,6 +56,8 @@ _HOP_BY_HOP = frozenset(
 #: Response headers not passed back (the server adds its own ``date``).
 _DROP_RESPONSE = _HOP_BY_HOP | {b"date", b"server"}
 _RETRY_STATUSES = (502, 503)
+#: Content types that are streams by nature: never held back, relayed as they come.
+_STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 _TAIL = 1024
 
 REQUESTS = "rma_gateway_requests_total"
@@ -74,6 +78,15 @@ class _Call:
     status: int = 0
     attempts: int = 0
     tail: bytes = b""
+
+
+@dataclass(slots=True)
+class _Held:
+    """The start of an answer read before anything was sent (see ``hold_back_bytes``)."""
+
+    chunks: AsyncIterator[bytes]
+    parts: list[bytes] = field(default_factory=list)
+    complete: bool = False
 
 
 class Gateway:
@@ -121,6 +134,19 @@ class Gateway:
 
     def reachable(self, worker: WorkerState) -> bool:
         return self.upstream_for(worker) is not None
+
+    def openapi_paths(self) -> dict[str, Any]:
+        """The gateway's operations for ``/openapi.json``, naming what the pool serves now."""
+        from rma.coordinator.gateway.openapi import paths
+
+        served = [name for name in self.pool.catalog if self.balancer.workers_for(name)]
+        models = [
+            m
+            for name in served
+            if (spec := self.pool.catalog[name]).kind == "openai"
+            for m in spec.models
+        ]
+        return paths(models, served)
 
     async def aclose(self) -> None:
         await self.direct.aclose()
@@ -318,7 +344,12 @@ class Gateway:
         timed_out = False
         last_status: int | None = None
         while call.attempts < s.max_attempts:
-            lease = await self.balancer.acquire(call.service, tried, trusted_only)
+            try:
+                lease = await self.balancer.acquire(call.service, tried, trusted_only)
+            except APIError as exc:
+                if exc.status == 503 and failures:
+                    break  # the ones that failed left routing: say why they failed
+                raise
             if lease is None:
                 break
             worker = lease.worker
@@ -353,6 +384,8 @@ class Gateway:
                     if exc.status is not None:
                         last_status = exc.status
                     timed_out = exc.timeout
+                    if exc.unreachable:
+                        self.balancer.mark_unreachable(worker)
                     self._worker_failed(worker, call.service, failures, str(exc))
                     continue
                 if resp.status in _RETRY_STATUSES and call.attempts < s.max_attempts:
@@ -363,15 +396,79 @@ class Gateway:
                         worker, call.service, failures, f"answered HTTP {resp.status}"
                     )
                     continue
+                held: _Held | None = None
+                if self._holds(resp):
+                    try:
+                        held = await self._hold_back(resp, deadline, watcher)
+                    except UpstreamError as exc:  # nothing reached the client: try another
+                        await _close(resp)
+                        timed_out = exc.timeout
+                        self._worker_failed(worker, call.service, failures, str(exc))
+                        continue
+                    except BaseException:
+                        await _close(resp)
+                        raise
                 self.balancer.succeeded(worker, call.service)
                 self.metrics.observe(
                     FIRST_BYTE, time.perf_counter() - call.started, (("service", call.service),)
                 )
-                await self._relay(call, resp, send, deadline, watcher)
+                await self._relay(call, resp, send, deadline, watcher, held)
                 return
             finally:
                 lease.release()
         self._give_up(call, failures, timed_out, last_status)
+
+    def _holds(self, resp: UpstreamResponse) -> bool:
+        """Whether to read the answer before sending it: not a stream, not over the limit."""
+        limit = self.settings.hold_back_bytes
+        if limit <= 0:
+            return False
+        for k, v in resp.headers:
+            name = k.lower()
+            if name == "content-type" and v.lower().startswith(_STREAM_TYPES):
+                return False
+            if name == "content-length":
+                try:
+                    if int(v) > limit:
+                        return False
+                except ValueError:
+                    return False
+        return True
+
+    async def _hold_back(
+        self, resp: UpstreamResponse, deadline: float, watcher: asyncio.Future[None]
+    ) -> _Held:
+        """Read the body up to ``hold_back_bytes``; ``UpstreamError`` when it breaks meanwhile.
+
+        An answer that ends within the limit is ``complete``: a worker that fails before then
+        is retried on another one, as if it had failed before its headers.
+        """
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        loop_deadline = loop.time() + (deadline - time.perf_counter())
+        held = _Held(resp.aiter_bytes().__aiter__())
+        size = 0
+        try:
+            async with asyncio.timeout(None) as timer:
+                while size <= s.hold_back_bytes:
+                    timer.reschedule(min(loop.time() + s.stall_timeout, loop_deadline))
+                    try:
+                        chunk = await held.chunks.__anext__()
+                    except StopAsyncIteration:
+                        held.complete = True
+                        break
+                    if chunk:
+                        held.parts.append(chunk)
+                        size += len(chunk)
+                    if watcher.done():
+                        raise ClientGone
+        except TimeoutError:
+            raise UpstreamError(
+                f"the body stalled: nothing for {s.stall_timeout:g} s", timeout=True
+            ) from None
+        except UpstreamError as exc:
+            raise UpstreamError(f"the body broke: {exc}", timeout=exc.timeout) from None
+        return held
 
     def _worker_failed(
         self, worker: WorkerState, service: str, failures: list[str], why: str
@@ -414,8 +511,12 @@ class Gateway:
         send: Send,
         deadline: float,
         watcher: asyncio.Future[None],
+        held: _Held | None = None,
     ) -> None:
-        """Stream the answer back as it comes; a broken SSE stream ends with an ``error`` event."""
+        """Stream the answer back as it comes; a broken SSE stream ends with an ``error`` event.
+
+        ``held``: the part of the body read already (all of it when ``complete``).
+        """
         sse = False
         out: list[tuple[bytes, bytes]] = []
         try:
@@ -443,7 +544,16 @@ class Gateway:
         error: str | None = None
         code = "stream_broken"
         try:
-            error, code = await self._pump(call, resp, send, deadline, watcher)
+            if held is not None:
+                data = b"".join(held.parts)
+                call.tail = data[-_TAIL:]
+                more = not held.complete
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+                if not more:
+                    return
+            error, code = await self._pump(
+                call, resp, send, deadline, watcher, held.chunks if held else None
+            )
         finally:
             with contextlib.suppress(Exception):
                 await resp.aclose()
@@ -453,8 +563,10 @@ class Gateway:
         self.metrics.inc(BROKEN, (("service", call.service),))
         call.status = 502 if code != "stream_timeout" else 504
         log.warning("gateway: stream from %s broke: %s", worker.name if worker else "?", error)
-        if sse:
-            await send({"type": "http.response.body", "body": sse_error(code, error)})
+        if sse:  # one error event, then the end of a properly finished response
+            await send(
+                {"type": "http.response.body", "body": sse_error(code, error), "more_body": True}
+            )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         # Otherwise return without completing the response: the server drops the connection,
         # so the client sees a truncated answer as an error, not as a short success.
@@ -466,13 +578,15 @@ class Gateway:
         send: Send,
         deadline: float,
         watcher: asyncio.Future[None] | None,
+        chunks: AsyncIterator[bytes] | None = None,
     ) -> tuple[str | None, str]:
         stall = self.settings.stall_timeout
         loop = asyncio.get_running_loop()
         # perf_counter deadline -> loop clock
         loop_deadline = loop.time() + (deadline - time.perf_counter())
-        chunks = resp.aiter_bytes().__aiter__()
-        tail = b""
+        if chunks is None:
+            chunks = resp.aiter_bytes().__aiter__()
+        tail = call.tail
         try:
             async with asyncio.timeout(None) as timer:
                 while True:
@@ -527,6 +641,11 @@ class Gateway:
                 attempts=max(call.attempts, 1),
             )
         )
+
+
+async def _close(resp: UpstreamResponse) -> None:
+    with contextlib.suppress(Exception):
+        await resp.aclose()  # the upstream connection or tunnel stream is never leaked
 
 
 async def _disconnected(receive: Receive) -> None:
