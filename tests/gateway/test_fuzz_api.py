@@ -30,7 +30,9 @@ _CURRENT: dict[str, Any] = {}  # the running test's pool, for the auth provider
 @pytest.fixture
 def fuzz_pool(pool_factory, backends):
     # No failed-auth limit: schemathesis sends wrong credentials on purpose, thousands of times.
-    pool = pool_factory(env={"RMA_AUTH_FAIL_LIMIT": "100000000"})
+    pool = pool_factory(
+        env={"RMA_AUTH_FAIL_LIMIT": "100000000", "RMA_AUTH_FAIL_ADDRESS_LIMIT": "100000000"}
+    )
     # Two workers serve the gateway; a third one's credential is the fuzzer's (its heartbeats
     # may claim anything or leave, which must not take the serving workers down).
     pool.add_worker("wa", {"fake": backends("a").url, "echo": backends("ea").url})
