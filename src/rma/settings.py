@@ -170,6 +170,18 @@ class CoordinatorSettings(_Base):
     credential_ttl: float = Field(
         900.0, gt=0, description="Lifetime in seconds of a worker credential (JWT)."
     )
+    reconcile_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Scheduler: seconds between periodic reconciliation passes (it also runs on "
+        "every join, leave, offline, removal, drain and catalog reload).",
+    )
+    drain_timeout: float = Field(
+        300.0,
+        ge=0,
+        description="Scheduler: seconds a draining worker keeps its services while their "
+        "replacements elsewhere become healthy; then it lets go anyway.",
+    )
 
     gpu_min_vram_mb: int = Field(
         8192, ge=0, description="Tier 1 (gpu): a GPU with at least this much VRAM."

@@ -38,6 +38,14 @@ class Lease:
             self._balancer._release(self)
 
 
+def busy(worker: WorkerState) -> float:
+    """How busy the worker's host is, 0..1: the larger of its CPU and GPU utilization."""
+    load = worker.load
+    cpu = load.cpu_percent / 100  # the whole machine's (psutil.cpu_percent)
+    gpu = (load.gpu_percent or 0.0) / 100
+    return min(1.0, max(cpu, gpu))
+
+
 class Balancer:
     def __init__(
         self,
@@ -50,8 +58,10 @@ class Balancer:
         cooldown_max: float,
         reachable: Callable[[WorkerState], bool] = lambda w: True,
         clock: Callable[[], float] = time.monotonic,
+        service_capacity: Callable[[str], int | None] = lambda service: None,
     ) -> None:
         self.registry = registry
+        self.service_capacity = service_capacity
         self.capacity = capacity
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
@@ -71,8 +81,37 @@ class Balancer:
         """Workers that run ``service`` healthy and that a transport can reach now."""
         return [w for w in self.registry.routable(service) if self.reachable(w)]
 
-    def capacity_of(self, worker: WorkerState) -> int:
-        return self.capacity
+    def capacity_of(self, worker: WorkerState, service: str = "") -> int:
+        """Requests one copy of ``service`` takes at once: the catalog's ``capacity``, else the
+        gateway's default (``worker_capacity``)."""
+        cap = self.service_capacity(service) if service else None
+        return cap if cap is not None else self.capacity
+
+    def least_loaded(self, services: list[str]) -> str:
+        """Of several services answering to one model, the one with the most room now.
+
+        Room is this coordinator's in-flight count against the capacity of the healthy copies;
+        a tie is broken at random (so idle services share the traffic); services nobody runs
+        healthy are never chosen unless none runs (then the first, so the 503 names it).
+        """
+        if len(services) == 1:
+            return services[0]
+        best: list[str] = []
+        best_score = math.inf
+        for service in services:
+            workers = self.workers_for(service)
+            if not workers:
+                continue
+            cap = sum(self.capacity_of(w, service) for w in workers)
+            used = sum(self.inflight.get((w.id, service), 0) for w in workers)
+            score = used / cap
+            if score < best_score:
+                best, best_score = [service], score
+            elif score == best_score:
+                best.append(service)
+        if not best:
+            return services[0]
+        return best[0] if len(best) == 1 else random.choice(best)
 
     def cooling(self, key: Key, now: float) -> bool:
         until = self.cool_until.get(key)
@@ -110,13 +149,16 @@ class Balancer:
         best: list[WorkerState] = []
         best_score = math.inf
         for w in pool:
-            cap = self.capacity_of(w)
+            cap = self.capacity_of(w, service)
             mine = self.inflight.get((w.id, service), 0)
             if mine >= cap:
                 continue
             status = w.services.get(service)
             reported = status.inflight if status is not None else 0
-            score = (mine + reported) / cap
+            # The worker's own count includes ours (and other coordinators'), but is as old as
+            # its last heartbeat; ours is live: the larger of the two.  A busy host (CPU or GPU,
+            # from the heartbeat) weighs in as a tie-breaker of up to one tenth.
+            score = max(mine, reported) / cap + 0.1 * busy(w)
             if score < best_score:
                 best_score = score
                 best = [w]

@@ -100,10 +100,15 @@ class Gateway:
             cooldown_base=settings.cooldown_base,
             cooldown_max=settings.cooldown_max,
             reachable=self.reachable,
+            service_capacity=self._capacity,
         )
         #: Local per coordinator; with Redis, ``mount`` puts the shared one here.
         self.limiter: RateLimiter = RateLimiter()
         self.usage = UsageRecorder(pool.engine)
+
+    def _capacity(self, service: str) -> int | None:
+        spec = self.pool.catalog.get(service)
+        return spec.capacity if spec is not None else None
 
     # --- transports -------------------------------------------------------------------------------
 
@@ -193,19 +198,25 @@ class Gateway:
         except APIError as exc:
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
             return
-        data = [
-            {
-                "id": m,
-                "object": "model",
-                "created": 0,
-                "owned_by": "rma",
-                "service": name,
-                "task": spec.task,
-            }
-            for name, spec in self.pool.catalog.items()
-            if spec.kind == "openai" and self.balancer.workers_for(name)
-            for m in spec.models
-        ]
+        data: list[dict[str, object]] = []
+        seen: set[str] = set()
+        for name, spec in self.pool.catalog.items():
+            if spec.kind != "openai" or not self.balancer.workers_for(name):
+                continue
+            for m in spec.models:
+                if m in seen:  # several services list it: one entry, under the first healthy one
+                    continue
+                seen.add(m)
+                data.append(
+                    {
+                        "id": m,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "rma",
+                        "service": name,
+                        "task": spec.task,
+                    }
+                )
         wanted = scope.get("path_params", {}).get("model")
         if wanted is None:
             await send_json(send, 200, {"object": "list", "data": data})
@@ -269,14 +280,14 @@ class Gateway:
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model:
             raise APIError(400, "the request needs a 'model' (see GET /v1/models)", "no_model")
-        service = self.pool.catalog.service_for_model(model)
-        if service is None:
+        services = self.pool.catalog.services_for_model(model)
+        if not services:
             raise APIError(
                 404,
                 f"no service serves the model {model!r}; GET /v1/models lists the models",
                 "model_not_found",
             )
-        return service
+        return self.balancer.least_loaded(services)
 
     async def _rate_limit(self, call: _Call) -> None:
         if call.key is not None:

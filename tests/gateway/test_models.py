@@ -1,0 +1,45 @@
+"""Several services listing one model name: any healthy one serves it, /v1/models lists it once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TWO = """
+[services.fake]
+tier = 3
+kind = "openai"
+models = ["fake-model", "fake-embed"]
+command = ["true"]
+health = "/health"
+replicas = 16
+
+[services.fake2]
+description = "a second service answering to the same model"
+tier = 3
+kind = "openai"
+models = ["fake-model"]
+command = ["true"]
+health = "/health"
+replicas = 16
+"""
+
+
+def test_two_services_listing_one_model_both_serve(pool_factory: Any, backends: Any) -> None:
+    pool = pool_factory(catalog_text=TWO)
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    # only the second service (by name) runs: the model is served, not a 503
+    pool.add_worker("second", {"fake2": backends("b").url})
+    with pool.client() as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-backend"] == "b"
+        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert models.count("fake-model") == 1
+    # both run: both get traffic, and the model is still listed once
+    pool.add_worker("first", {"fake": backends("a").url})
+    with pool.client() as c:
+        served = {c.post("/v1/chat/completions", json=body).headers["x-backend"] for _ in range(30)}
+        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+    assert served == {"a", "b"}
+    assert models.count("fake-model") == 1
+    assert "fake-embed" in models
