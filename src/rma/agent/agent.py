@@ -272,7 +272,8 @@ class Agent:
         )
 
     async def heartbeat_once(self) -> HeartbeatResponse:
-        statuses = self.reconciler.statuses()
+        counts = getattr(self.tunnel, "inflight_by_service", None)
+        statuses = self.reconciler.statuses(counts() if callable(counts) else None)
         req = HeartbeatRequest(load=self.load(), services=statuses, draining=self.draining)
         self._last_beat = time.monotonic()
         try:

@@ -537,7 +537,7 @@ class Pool:
                 "name": spec.name,
                 "tier": spec.tier,
                 "kind": spec.kind,
-                "wanted": self.scheduler.last.wanted.get(spec.name, spec.replicas),
+                "wanted": spec.replicas,
                 "assigned": assigned.get(spec.name, 0),
                 "healthy": healthy.get(spec.name, 0),
             }
