@@ -1,0 +1,72 @@
+"""The balancer's choice on fabricated workers: capacity per service, reported load, host load."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rma.coordinator.gateway.balancer import Balancer
+from rma.coordinator.registry import Registry, WorkerState
+from rma.schemas.api import Capabilities, Load, ServiceStatus
+from rma.schemas.enums import ServiceState, Transport, WorkerStatus
+
+
+def worker(name: str, inflight: int = 0, **load: Any) -> WorkerState:
+    return WorkerState(
+        id=name,
+        name=name,
+        status=WorkerStatus.ONLINE,
+        tier=2,
+        transport=Transport.TUNNEL,
+        capabilities=Capabilities(cpu_cores=4, memory_mb=8192),
+        labels={},
+        assignments=["svc"],
+        services={
+            "svc": ServiceStatus(
+                name="svc", state=ServiceState.RUNNING, healthy=True, inflight=inflight
+            )
+        },
+        load=Load(**load),
+    )
+
+
+def balancer(*workers: WorkerState, capacity: int | None = None) -> Balancer:
+    registry = Registry()
+    for w in workers:
+        registry.put(w)
+    return Balancer(
+        registry,
+        capacity=8,
+        queue_size=0,
+        queue_timeout=1,
+        cooldown_base=1,
+        cooldown_max=2,
+        service_capacity=lambda service: capacity,
+    )
+
+
+def test_capacity_comes_from_the_catalog() -> None:
+    b = balancer(worker("a"), capacity=2)
+    assert b.capacity_of(worker("a"), "svc") == 2
+    first = b.pick("svc", set())
+    assert isinstance(first, WorkerState)
+    b._take(first, "svc")
+    second = b.pick("svc", set())
+    assert isinstance(second, WorkerState)
+    b._take(second, "svc")
+    assert b.pick("svc", set()) is False  # both of its 2 slots are taken
+    assert balancer(worker("a")).capacity_of(worker("a"), "svc") == 8  # the default
+
+
+def test_reported_inflight_counts_once_with_ours() -> None:
+    # a: 2 of ours, which its heartbeat also reports; b: 3 from another coordinator
+    a, b = worker("a", inflight=2), worker("b", inflight=3)
+    bal = balancer(a, b, capacity=10)
+    bal.inflight[("a", "svc")] = 2
+    assert bal.pick("svc", set()) is a
+
+
+def test_a_busy_host_gets_less() -> None:
+    idle, busy = worker("idle", cpu_percent=5), worker("busy", cpu_percent=100)
+    bal = balancer(busy, idle)
+    picked = [bal.pick("svc", set()) for _ in range(20)]
+    assert {w.name for w in picked if isinstance(w, WorkerState)} == {"idle"}
