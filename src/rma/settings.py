@@ -176,6 +176,27 @@ class CoordinatorSettings(_Base):
         description="Scheduler: seconds between periodic reconciliation passes (it also runs on "
         "every join, leave, offline, removal, drain and catalog reload).",
     )
+    scale_interval: float = Field(
+        5.0, gt=0, description="Scheduler: seconds between looks at demand (scaling)."
+    )
+    scale_up_utilization: float = Field(
+        0.8,
+        gt=0,
+        description="Scheduler: scale a service up while (in flight + queued) / (healthy "
+        "replicas x capacity) stays above this...",
+    )
+    scale_up_window: float = Field(30.0, ge=0, description="Scheduler: ...for this many seconds.")
+    scale_down_utilization: float = Field(
+        0.3,
+        ge=0,
+        description="Scheduler: scale a service down while its utilization stays below this...",
+    )
+    scale_down_after: float = Field(
+        300.0, ge=0, description="Scheduler: ...for this many seconds (the quiet period)."
+    )
+    scale_cooldown: float = Field(
+        60.0, ge=0, description="Scheduler: seconds between two scaling steps of one service."
+    )
     drain_timeout: float = Field(
         300.0,
         ge=0,

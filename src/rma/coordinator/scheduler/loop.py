@@ -13,15 +13,21 @@ seconds (from the sweeper).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from rma.coordinator.scheduler.feasible import Node
 from rma.coordinator.scheduler.reconcile import Change, Placement, Plan, plan
+from rma.coordinator.scheduler.scale import Demand, Scaler, ScaleSettings, Step
 
 if TYPE_CHECKING:
     from rma.coordinator.pool import Pool
     from rma.coordinator.registry import WorkerState
+
+log = logging.getLogger("rma.coordinator.scheduler")
 
 
 def node_of(w: WorkerState) -> Node:
@@ -50,6 +56,17 @@ class Scheduler:
         self.on_change: list[Callable[[list[Change]], None]] = []
         #: service -> the last ``scaled_up`` / ``scaled_down`` event's message.
         self.last_scaling: dict[str, str] = {}
+        cfg = pool.settings
+        self.scaler = Scaler(
+            ScaleSettings(
+                up_utilization=cfg.scale_up_utilization,
+                down_utilization=cfg.scale_down_utilization,
+                up_window=cfg.scale_up_window,
+                down_after=cfg.scale_down_after,
+                cooldown=cfg.scale_cooldown,
+                default_capacity=cfg.worker_capacity,
+            )
+        )
 
     def due(self, now: float) -> bool:
         return now - self.last_run >= self.pool.settings.reconcile_interval
@@ -74,6 +91,57 @@ class Scheduler:
         if emit:
             self.emit(result.changes, trigger)
         return result.changes
+
+    def scale(self, inflight: Mapping[str, int], queued: Mapping[str, int]) -> list[Step]:
+        """One look at demand (the gateway's counters and the workers' reports): scaling steps
+        are applied at once (a reconcile pass) and emitted as ``scaled_up`` / ``scaled_down``."""
+        pool = self.pool
+        now = pool.clock.time()
+        healthy = pool.registry.healthy_counts()
+        reported: dict[str, int] = {}
+        for w in pool.registry.all():
+            for name, st in w.services.items():
+                if w.serves(name):
+                    reported[name] = reported.get(name, 0) + st.inflight
+        steps = []
+        for spec in pool.catalog.values():
+            demand = Demand(
+                healthy=healthy.get(spec.name, 0),
+                inflight=max(inflight.get(spec.name, 0), reported.get(spec.name, 0)),
+                queued=queued.get(spec.name, 0),
+            )
+            step = self.scaler.observe(now, spec, demand)
+            if step is not None:
+                steps.append(step)
+        self.demand = self.scaler.wanted()
+        if not steps:
+            return steps
+        trigger = "; ".join(f"{s.kind} {s.service} to {s.wanted}" for s in steps)
+        changes = self.run(trigger, emit=False)
+        for s in steps:
+            word = "up" if s.kind == "scaled_up" else "down"
+            message = f"{s.service} scaled {word} to {s.wanted} replicas: {s.reason}"
+            self.last_scaling[s.service] = message
+            pool.events.emit(
+                s.kind, message, data={"service": s.service, "wanted": s.wanted, "reason": s.reason}
+            )
+        self.emit(changes, trigger)
+        return steps
+
+    async def scale_forever(
+        self, counts: Callable[[], tuple[dict[str, int], dict[str, int]]]
+    ) -> None:
+        """Look at demand every ``scale_interval`` seconds (a lifespan task of the gateway);
+        ``counts`` reads the balancer's in-flight and queued counters on the event loop."""
+        import anyio
+
+        while True:
+            await asyncio.sleep(self.pool.settings.scale_interval * random.uniform(0.9, 1.1))
+            try:
+                inflight, queued = counts()
+                await anyio.to_thread.run_sync(self.scale, inflight, queued)
+            except Exception:
+                log.exception("scaling pass failed")
 
     def _apply(self, w: WorkerState, placed: dict[str, Placement]) -> None:
         names = [n for n in w.assignments if n in placed]
