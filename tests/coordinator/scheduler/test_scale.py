@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.coordinator.conftest import Api
 
 from rma.coordinator.clock import FakeClock
 from rma.coordinator.scheduler.scale import Demand, Scaler, ScaleSettings
 from rma.schemas.api import ServiceSpec
 from rma.settings import CoordinatorSettings
-from tests.coordinator.conftest import Api
 
 BURST = ServiceSpec(name="burst", replicas=1, max_replicas=3, capacity=2)
 FAST = ScaleSettings(up_window=30, down_after=100, cooldown=60)
