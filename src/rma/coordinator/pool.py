@@ -175,6 +175,7 @@ class Pool:
             row.capabilities = req.capabilities.model_dump(mode="json")
             row.labels = dict(req.labels)
             row.services = []
+            row.runnable = sorted(set(req.runnable)) if req.runnable is not None else None
             row.transport = req.transport.value
             row.endpoint = req.endpoint
             row.version = req.version
@@ -183,7 +184,6 @@ class Pool:
             with session(self.engine) as s:
                 s.merge(row)
             state = WorkerState.from_row(row)
-            state.runnable = frozenset(req.runnable) if req.runnable is not None else None
             self.registry.put(state)
             changes = self.scheduler.run(f"worker {req.name} joined", emit=False)
             names = list(state.assignments)

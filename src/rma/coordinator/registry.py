@@ -71,6 +71,7 @@ class WorkerState:
             last_heartbeat_at=row.last_heartbeat_at,
             status_changed_at=row.status_changed_at,
             drained=row.drained,
+            runnable=frozenset(row.runnable) if row.runnable is not None else None,
         )
 
     def to_public(self) -> WorkerPublic:

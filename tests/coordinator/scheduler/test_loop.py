@@ -156,3 +156,22 @@ def test_services_route_lists_every_service(api: Api) -> None:
     assert {"wanted", "assigned", "healthy", "inflight", "queued"} <= set(rows["llm"])
     assert rows["pair"]["wanted"] == 2 and rows["pair"]["assigned"] == 1
     assert api.client.get("/api/admin/services").status_code == 401
+
+
+def test_what_a_worker_can_run_survives_a_coordinator_restart(
+    api: Api, settings: CoordinatorSettings, clock: FakeClock
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from rma.coordinator.app import create_app
+
+    w = api.register("picky", runnable=["llm", "pair"])
+    assert names(w.body) == ["llm", "pair"]
+    again = create_app(settings, clock=clock, run_sweeper=False)
+    try:
+        with TestClient(again):
+            state = again.state.pool.registry.get(w.id)
+            assert state.runnable == frozenset({"llm", "pair"})
+            assert sorted(state.assignments) == ["llm", "pair"]  # the restart's pass added nothing
+    finally:
+        again.state.pool.engine.dispose()

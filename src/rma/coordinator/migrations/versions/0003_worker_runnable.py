@@ -1,0 +1,23 @@
+"""worker runnable: the catalog services its runtime can start (kept for the scheduler)
+
+Revision ID: 0003
+Revises: 0002
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("worker", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("runnable", sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("worker", schema=None) as batch_op:
+        batch_op.drop_column("runnable")
