@@ -1,10 +1,14 @@
-"""The balancer's choice on fabricated workers: capacity per service, reported load, host load."""
+"""The balancer's choice on fabricated workers: capacity per service, reported load, host load,
+label wishes (``x-rma-prefer`` / ``x-rma-require``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rma.coordinator.gateway.balancer import Balancer
+import pytest
+
+from rma.coordinator.errors import APIError
+from rma.coordinator.gateway.balancer import Balancer, LabelWish
 from rma.coordinator.registry import Registry, WorkerState
 from rma.schemas.api import Capabilities, Load, ServiceStatus
 from rma.schemas.enums import ServiceState, Transport, WorkerStatus
@@ -70,3 +74,43 @@ def test_a_busy_host_gets_less() -> None:
     bal = balancer(busy, idle)
     picked = [bal.pick("svc", set()) for _ in range(20)]
     assert {w.name for w in picked if isinstance(w, WorkerState)} == {"idle"}
+
+
+def labelled(name: str, **labels: str) -> WorkerState:
+    w = worker(name)
+    w.labels = dict(labels)
+    return w
+
+
+def test_preferred_labels_first_then_anyone() -> None:
+    eu, us = labelled("eu", region="eu"), labelled("us", region="us")
+    bal = balancer(eu, us, capacity=1)
+    wish = LabelWish(prefer=(("region", "eu"),))
+    first = bal.pick("svc", set(), wish=wish)
+    assert isinstance(first, WorkerState) and first.name == "eu"
+    bal._take(first, "svc")
+    spill = bal.pick("svc", set(), wish=wish)  # the preferred one is full: anyone else
+    assert isinstance(spill, WorkerState) and spill.name == "us"
+    # nobody matches: any worker
+    assert isinstance(
+        bal.pick("svc", set(), wish=LabelWish(prefer=(("region", "ap"),))), WorkerState
+    )
+
+
+def test_required_labels_only() -> None:
+    eu, us = labelled("eu", region="eu"), labelled("us", region="us")
+    bal = balancer(eu, us, capacity=1)
+    wish = LabelWish(require=(("region", "us"),))
+    picked = {
+        p.name
+        for p in (bal.pick("svc", set(), wish=wish) for _ in range(10))
+        if isinstance(p, WorkerState)
+    }
+    assert picked == {"us"}
+    with pytest.raises(APIError) as exc:
+        bal.pick("svc", set(), wish=LabelWish(require=(("region", "ap"),)))
+    assert exc.value.status == 503 and exc.value.code == "no_matching_worker"
+    with pytest.raises(APIError) as bad:
+        LabelWish.parse("region", "x-rma-prefer")
+    assert bad.value.status == 400 and "x-rma-prefer" in bad.value.message
+    assert LabelWish.parse("region=eu, gpu=4090", "h") == (("region", "eu"), ("gpu", "4090"))

@@ -1,4 +1,5 @@
-"""Several services listing one model name: any healthy one serves it, /v1/models lists it once."""
+"""Routing by model and labels: several services listing one model name (any healthy one serves
+it, /v1/models lists it once); x-rma-prefer / x-rma-require."""
 
 from __future__ import annotations
 
@@ -43,3 +44,17 @@ def test_two_services_listing_one_model_both_serve(pool_factory: Any, backends: 
     assert served == {"a", "b"}
     assert models.count("fake-model") == 1
     assert "fake-embed" in models
+
+
+def test_label_headers_are_checked(pool: Any, backends: Any) -> None:
+    pool.add_worker("plain", {"fake": backends("p").url})
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    with pool.client() as c:
+        r = c.post("/v1/chat/completions", json=body, headers={"x-rma-require": "region=eu"})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "no_matching_worker"
+        r = c.post("/v1/chat/completions", json=body, headers={"x-rma-prefer": "region"})
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "bad_header"
+        r = c.post("/v1/chat/completions", json=body, headers={"x-rma-prefer": "region=eu"})
+        assert r.status_code == 200  # nobody matches a preference: anyone serves

@@ -13,11 +13,40 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from rma.coordinator.errors import APIError
 from rma.coordinator.registry import Registry, WorkerState
 
 Key = tuple[str, str]  # (worker id, service)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelWish:
+    """A request's wish about worker labels (``x-rma-prefer`` / ``x-rma-require``)."""
+
+    prefer: tuple[tuple[str, str], ...] = ()
+    require: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def matches(worker: WorkerState, pairs: tuple[tuple[str, str], ...]) -> bool:
+        return all(worker.labels.get(k) == v for k, v in pairs)
+
+    @staticmethod
+    def parse(value: str, header: str) -> tuple[tuple[str, str], ...]:
+        """``region=eu,gpu=4090`` -> pairs; a malformed value is a 400 naming the header."""
+        pairs = []
+        for part in value.split(","):
+            key, eq, val = part.strip().partition("=")
+            if not eq or not key.strip():
+                raise APIError(
+                    400, f"{header} must be KEY=VALUE[,KEY=VALUE...], not {value!r}", "bad_header"
+                )
+            pairs.append((key.strip(), val.strip()))
+        return tuple(pairs)
+
+    def describe(self, pairs: tuple[tuple[str, str], ...]) -> str:
+        return ",".join(f"{k}={v}" for k, v in pairs)
 
 
 class Lease:
@@ -118,11 +147,17 @@ class Balancer:
         return until is not None and until > now
 
     def pick(
-        self, service: str, exclude: set[str], trusted_only: bool = False
+        self,
+        service: str,
+        exclude: set[str],
+        trusted_only: bool = False,
+        wish: LabelWish | None = None,
     ) -> WorkerState | bool | None:
         """The best worker; ``None`` when no untried worker is left; ``False`` when all are full.
 
-        Raises 503 when no worker runs the service at all (no trusted one, with ``trusted_only``).
+        Raises 503 when no worker runs the service at all (no trusted one, with ``trusted_only``;
+        none with the required labels, with ``wish.require``).  Workers with the preferred
+        labels are chosen first while one has room; the others after them.
         """
         every = self.workers_for(service)
         if trusted_only:
@@ -140,6 +175,27 @@ class Balancer:
                 f"no worker is running service {service!r} right now; try again later",
                 "no_worker",
             )
+        if wish is not None and wish.require:
+            every = [w for w in every if wish.matches(w, wish.require)]
+            if not every:
+                raise APIError(
+                    503,
+                    f"no worker labelled {wish.describe(wish.require)} is running service "
+                    f"{service!r} right now (the request requires it: x-rma-require)",
+                    "no_matching_worker",
+                )
+        if wish is not None and wish.prefer:
+            preferred = [w for w in every if wish.matches(w, wish.prefer)]
+            if preferred and len(preferred) < len(every):
+                choice = self._choose(service, preferred, exclude)
+                if isinstance(choice, WorkerState):
+                    return choice
+        return self._choose(service, every, exclude)
+
+    def _choose(
+        self, service: str, every: list[WorkerState], exclude: set[str]
+    ) -> WorkerState | bool | None:
+        """The least loaded of ``every`` (see :meth:`pick`)."""
         now = self.clock()
         warm = [w for w in every if not self.cooling((w.id, service), now)]
         # Never cool a service down to zero capacity: when all are cooling, all may serve.
@@ -169,7 +225,11 @@ class Balancer:
         return best[0] if len(best) == 1 else random.choice(best)
 
     async def acquire(
-        self, service: str, exclude: set[str], trusted_only: bool = False
+        self,
+        service: str,
+        exclude: set[str],
+        trusted_only: bool = False,
+        wish: LabelWish | None = None,
     ) -> Lease | None:
         """A lease on the best worker, waiting in the queue while every worker is at capacity.
 
@@ -178,14 +238,16 @@ class Balancer:
         """
         waiting = self.waiters.get(service)
         if not waiting:  # nobody queued ahead of us
-            choice = self.pick(service, exclude, trusted_only)
+            choice = self.pick(service, exclude, trusted_only, wish)
             if choice is None:
                 return None
             if isinstance(choice, WorkerState):
                 return self._take(choice, service)
-        return await self._wait(service, exclude, trusted_only)
+        return await self._wait(service, exclude, trusted_only, wish)
 
-    async def _wait(self, service: str, exclude: set[str], trusted_only: bool) -> Lease | None:
+    async def _wait(
+        self, service: str, exclude: set[str], trusted_only: bool, wish: LabelWish | None = None
+    ) -> Lease | None:
         if self.queued >= self.queue_size:
             raise self._saturated(service, "the wait queue is full")
         loop = asyncio.get_running_loop()
@@ -215,7 +277,7 @@ class Balancer:
                         fut.cancel()
                     with contextlib.suppress(ValueError):
                         queue.remove(fut)
-                choice = self.pick(service, exclude, trusted_only)
+                choice = self.pick(service, exclude, trusted_only, wish)
                 if choice is None:
                     return None
                 if isinstance(choice, WorkerState):

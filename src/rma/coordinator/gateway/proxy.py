@@ -20,7 +20,7 @@ from rma.coordinator.auth import FailureLimiter, role_of
 from rma.coordinator.credentials import KeyInfo
 from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
-from rma.coordinator.gateway.balancer import Balancer
+from rma.coordinator.gateway.balancer import Balancer, LabelWish
 from rma.coordinator.gateway.direct import DirectUpstream
 from rma.coordinator.gateway.ratelimit import RateLimiter
 from rma.coordinator.gateway.upstream import (
@@ -62,6 +62,18 @@ LATENCY = "rma_gateway_request_duration_seconds"
 FIRST_BYTE = "rma_gateway_first_byte_seconds"
 RETRIES = "rma_gateway_retries_total"
 BROKEN = "rma_gateway_broken_streams_total"
+
+
+def _label_wish(scope: Scope) -> LabelWish | None:
+    """``x-rma-prefer`` / ``x-rma-require: KEY=VALUE[,...]``: the workers a request asks for."""
+    prefer = header(scope, b"x-rma-prefer")
+    require = header(scope, b"x-rma-require")
+    if prefer is None and require is None:
+        return None
+    return LabelWish(
+        prefer=LabelWish.parse(prefer.decode("latin-1"), "x-rma-prefer") if prefer else (),
+        require=LabelWish.parse(require.decode("latin-1"), "x-rma-require") if require else (),
+    )
 
 
 @dataclass(slots=True)
@@ -311,9 +323,10 @@ class Gateway:
         # The client may go away while a worker thinks: then the worker's request is cancelled
         # (the tunnel resets its stream, the direct connection is closed), streamed or not.
         trusted_only = (header(scope, b"x-rma-trusted") or b"").lower() in (b"1", b"true", b"yes")
+        wish = _label_wish(scope)
         watcher = asyncio.ensure_future(_disconnected(receive))
         try:
-            await self._attempts(call, request, send, deadline, watcher, trusted_only)
+            await self._attempts(call, request, send, deadline, watcher, trusted_only, wish)
         finally:
             watcher.cancel()
 
@@ -325,6 +338,7 @@ class Gateway:
         deadline: float,
         watcher: asyncio.Future[None],
         trusted_only: bool = False,
+        wish: LabelWish | None = None,
     ) -> None:
         s = self.settings
         tried: set[str] = set()
@@ -332,7 +346,7 @@ class Gateway:
         timed_out = False
         last_status: int | None = None
         while call.attempts < s.max_attempts:
-            lease = await self.balancer.acquire(call.service, tried, trusted_only)
+            lease = await self.balancer.acquire(call.service, tried, trusted_only, wish)
             if lease is None:
                 break
             worker = lease.worker
