@@ -257,6 +257,17 @@ class CoordinatorSettings(_Base):
         8, ge=1, description="Gateway: in-flight requests per worker service."
     )
     queue_size: int = Field(64, ge=0, description="Gateway: requests that may wait for capacity.")
+    affinity: bool = Field(
+        True,
+        description="Gateway: send one conversation's chat requests to the same worker while it "
+        "is healthy and not overloaded (prompt caches are reused).",
+    )
+    affinity_load_factor: float = Field(
+        1.25,
+        ge=1,
+        description="Gateway: affinity holds while the worker's load stays within this factor "
+        "of the average; past it, the conversation spills to the next worker.",
+    )
     queue_timeout: float = Field(
         30.0, gt=0, description="Gateway: seconds a request may wait in the queue."
     )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from rma.coordinator.errors import APIError
-from rma.coordinator.gateway.balancer import Balancer, LabelWish
+from rma.coordinator.gateway.balancer import Balancer, Wish
 from rma.coordinator.registry import Registry, WorkerState
 from rma.schemas.api import Capabilities, Load, ServiceStatus
 from rma.schemas.enums import ServiceState, Transport, WorkerStatus
@@ -85,22 +85,20 @@ def labelled(name: str, **labels: str) -> WorkerState:
 def test_preferred_labels_first_then_anyone() -> None:
     eu, us = labelled("eu", region="eu"), labelled("us", region="us")
     bal = balancer(eu, us, capacity=1)
-    wish = LabelWish(prefer=(("region", "eu"),))
+    wish = Wish(prefer=(("region", "eu"),))
     first = bal.pick("svc", set(), wish=wish)
     assert isinstance(first, WorkerState) and first.name == "eu"
     bal._take(first, "svc")
     spill = bal.pick("svc", set(), wish=wish)  # the preferred one is full: anyone else
     assert isinstance(spill, WorkerState) and spill.name == "us"
     # nobody matches: any worker
-    assert isinstance(
-        bal.pick("svc", set(), wish=LabelWish(prefer=(("region", "ap"),))), WorkerState
-    )
+    assert isinstance(bal.pick("svc", set(), wish=Wish(prefer=(("region", "ap"),))), WorkerState)
 
 
 def test_required_labels_only() -> None:
     eu, us = labelled("eu", region="eu"), labelled("us", region="us")
     bal = balancer(eu, us, capacity=1)
-    wish = LabelWish(require=(("region", "us"),))
+    wish = Wish(require=(("region", "us"),))
     picked = {
         p.name
         for p in (bal.pick("svc", set(), wish=wish) for _ in range(10))
@@ -108,9 +106,37 @@ def test_required_labels_only() -> None:
     }
     assert picked == {"us"}
     with pytest.raises(APIError) as exc:
-        bal.pick("svc", set(), wish=LabelWish(require=(("region", "ap"),)))
+        bal.pick("svc", set(), wish=Wish(require=(("region", "ap"),)))
     assert exc.value.status == 503 and exc.value.code == "no_matching_worker"
     with pytest.raises(APIError) as bad:
-        LabelWish.parse("region", "x-rma-prefer")
+        Wish.parse("region", "x-rma-prefer")
     assert bad.value.status == 400 and "x-rma-prefer" in bad.value.message
-    assert LabelWish.parse("region=eu, gpu=4090", "h") == (("region", "eu"), ("gpu", "4090"))
+    assert Wish.parse("region=eu, gpu=4090", "h") == (("region", "eu"), ("gpu", "4090"))
+
+
+def test_a_conversation_sticks_to_one_worker_until_it_is_overloaded() -> None:
+    ws = [worker(n) for n in "abcd"]
+    bal = balancer(*ws, capacity=100)
+    wish = Wish(affinity="model\0m:conversation-1")
+    first = bal.pick("svc", set(), wish=wish)
+    assert isinstance(first, WorkerState)
+    for _ in range(10):  # idle pool: always the same worker for this conversation
+        again = bal.pick("svc", set(), wish=wish)
+        assert isinstance(again, WorkerState) and again.name == first.name
+    # other conversations spread over the workers
+    others = {
+        p.name
+        for i in range(40)
+        if isinstance(p := bal.pick("svc", set(), wish=Wish(affinity=f"c{i}")), WorkerState)
+    }
+    assert len(others) >= 3
+    # its worker is loaded well above the others: the conversation spills to the next one
+    bal.inflight[(first.id, "svc")] = 5
+    spilled = bal.pick("svc", set(), wish=wish)
+    assert isinstance(spilled, WorkerState) and spilled.name != first.name
+    # without affinity: the least loaded, whoever that is
+    bal.affinity_load_factor = 0
+    assert all(
+        isinstance(p, WorkerState) and p.name != first.name
+        for p in (bal.pick("svc", set(), wish=wish) for _ in range(10))
+    )

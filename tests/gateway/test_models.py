@@ -58,3 +58,18 @@ def test_label_headers_are_checked(pool: Any, backends: Any) -> None:
         assert r.json()["error"]["code"] == "bad_header"
         r = c.post("/v1/chat/completions", json=body, headers={"x-rma-prefer": "region=eu"})
         assert r.status_code == 200  # nobody matches a preference: anyone serves
+
+
+def test_a_conversation_stays_on_one_worker(pool: Any, backends: Any) -> None:
+    for name in "abc":
+        pool.add_worker(f"w{name}", {"fake": backends(name).url})
+    with pool.client() as c:
+
+        def turn(session: str) -> str:
+            body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+            r = c.post("/v1/chat/completions", json=body, headers={"x-rma-session": session})
+            assert r.status_code == 200, r.text
+            return str(r.headers["x-backend"])
+
+        assert len({turn("conversation-1") for _ in range(12)}) == 1
+        assert len({turn(f"conversation-{i}") for i in range(30)}) >= 2

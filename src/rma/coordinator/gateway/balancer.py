@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import random
 import time
@@ -22,11 +23,14 @@ Key = tuple[str, str]  # (worker id, service)
 
 
 @dataclass(frozen=True, slots=True)
-class LabelWish:
-    """A request's wish about worker labels (``x-rma-prefer`` / ``x-rma-require``)."""
+class Wish:
+    """What a request asks of its worker: labels (``x-rma-prefer`` / ``x-rma-require``) and
+    cache affinity (a conversation's key: the same worker while it is healthy and not overloaded).
+    """
 
     prefer: tuple[tuple[str, str], ...] = ()
     require: tuple[tuple[str, str], ...] = ()
+    affinity: str | None = None
 
     @staticmethod
     def matches(worker: WorkerState, pairs: tuple[tuple[str, str], ...]) -> bool:
@@ -67,6 +71,11 @@ class Lease:
             self._balancer._release(self)
 
 
+def _rendezvous(key: str, worker_id: str) -> int:
+    digest = hashlib.blake2b(f"{key}\0{worker_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
 def busy(worker: WorkerState) -> float:
     """How busy the worker's host is, 0..1: the larger of its CPU and GPU utilization."""
     load = worker.load
@@ -88,8 +97,12 @@ class Balancer:
         reachable: Callable[[WorkerState], bool] = lambda w: True,
         clock: Callable[[], float] = time.monotonic,
         service_capacity: Callable[[str], int | None] = lambda service: None,
+        affinity_load_factor: float = 1.25,
     ) -> None:
         self.registry = registry
+        #: Cache affinity's bound: a worker takes a conversation while its load stays within this
+        #: factor of the average; 0 turns affinity off.
+        self.affinity_load_factor = affinity_load_factor
         self.service_capacity = service_capacity
         self.capacity = capacity
         self.queue_size = queue_size
@@ -151,7 +164,7 @@ class Balancer:
         service: str,
         exclude: set[str],
         trusted_only: bool = False,
-        wish: LabelWish | None = None,
+        wish: Wish | None = None,
     ) -> WorkerState | bool | None:
         """The best worker; ``None`` when no untried worker is left; ``False`` when all are full.
 
@@ -187,21 +200,53 @@ class Balancer:
         if wish is not None and wish.prefer:
             preferred = [w for w in every if wish.matches(w, wish.prefer)]
             if preferred and len(preferred) < len(every):
-                choice = self._choose(service, preferred, exclude)
+                choice = self._choose(service, preferred, exclude, wish.affinity)
                 if isinstance(choice, WorkerState):
                     return choice
-        return self._choose(service, every, exclude)
+        return self._choose(service, every, exclude, wish.affinity if wish else None)
+
+    def _load(self, w: WorkerState, service: str) -> int:
+        status = w.services.get(service)
+        reported = status.inflight if status is not None else 0
+        return max(self.inflight.get((w.id, service), 0), reported)
+
+    def _affine(self, service: str, pool: list[WorkerState], key: str) -> WorkerState | None:
+        """The conversation's worker: rendezvous hashing with bounded load.
+
+        Workers are ranked by ``hash(key, worker)`` (the same order for one key while the set of
+        workers stays; a worker leaving moves only its own keys); the first whose load stays within
+        ``affinity_load_factor`` x the average (+1 for this request) and below its capacity is it.
+        Overload spills to the next one in the key's order, so a hot conversation does not pile up.
+        """
+        total = sum(self._load(w, service) for w in pool) + 1
+        bound = math.ceil(total / len(pool) * self.affinity_load_factor)
+        ranked = sorted(pool, key=lambda w: _rendezvous(key, w.id), reverse=True)
+        for w in ranked:
+            load = self._load(w, service)
+            if load + 1 <= bound and self.inflight.get((w.id, service), 0) < self.capacity_of(
+                w, service
+            ):
+                return w
+        return None
 
     def _choose(
-        self, service: str, every: list[WorkerState], exclude: set[str]
+        self,
+        service: str,
+        every: list[WorkerState],
+        exclude: set[str],
+        affinity: str | None = None,
     ) -> WorkerState | bool | None:
-        """The least loaded of ``every`` (see :meth:`pick`)."""
+        """The conversation's worker (``affinity``), else the least loaded of ``every``."""
         now = self.clock()
         warm = [w for w in every if not self.cooling((w.id, service), now)]
         # Never cool a service down to zero capacity: when all are cooling, all may serve.
         pool = [w for w in (warm or every) if w.id not in exclude]
         if not pool:
             return None
+        if affinity is not None and self.affinity_load_factor > 0:
+            chosen = self._affine(service, pool, affinity)
+            if chosen is not None:
+                return chosen
         best: list[WorkerState] = []
         best_score = math.inf
         for w in pool:
@@ -229,7 +274,7 @@ class Balancer:
         service: str,
         exclude: set[str],
         trusted_only: bool = False,
-        wish: LabelWish | None = None,
+        wish: Wish | None = None,
     ) -> Lease | None:
         """A lease on the best worker, waiting in the queue while every worker is at capacity.
 
@@ -246,7 +291,7 @@ class Balancer:
         return await self._wait(service, exclude, trusted_only, wish)
 
     async def _wait(
-        self, service: str, exclude: set[str], trusted_only: bool, wish: LabelWish | None = None
+        self, service: str, exclude: set[str], trusted_only: bool, wish: Wish | None = None
     ) -> Lease | None:
         if self.queued >= self.queue_size:
             raise self._saturated(service, "the wait queue is full")

@@ -20,7 +20,7 @@ from rma.coordinator.auth import FailureLimiter, role_of
 from rma.coordinator.credentials import KeyInfo
 from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
-from rma.coordinator.gateway.balancer import Balancer, LabelWish
+from rma.coordinator.gateway.balancer import Balancer, Wish
 from rma.coordinator.gateway.direct import DirectUpstream
 from rma.coordinator.gateway.ratelimit import RateLimiter
 from rma.coordinator.gateway.upstream import (
@@ -64,16 +64,38 @@ RETRIES = "rma_gateway_retries_total"
 BROKEN = "rma_gateway_broken_streams_total"
 
 
-def _label_wish(scope: Scope) -> LabelWish | None:
-    """``x-rma-prefer`` / ``x-rma-require: KEY=VALUE[,...]``: the workers a request asks for."""
+def _wish(scope: Scope, affinity: str | None) -> Wish | None:
+    """``x-rma-prefer`` / ``x-rma-require: KEY=VALUE[,...]`` (the workers a request asks for)
+    and the conversation's affinity key."""
     prefer = header(scope, b"x-rma-prefer")
     require = header(scope, b"x-rma-require")
-    if prefer is None and require is None:
+    if prefer is None and require is None and affinity is None:
         return None
-    return LabelWish(
-        prefer=LabelWish.parse(prefer.decode("latin-1"), "x-rma-prefer") if prefer else (),
-        require=LabelWish.parse(require.decode("latin-1"), "x-rma-require") if require else (),
+    return Wish(
+        prefer=Wish.parse(prefer.decode("latin-1"), "x-rma-prefer") if prefer else (),
+        require=Wish.parse(require.decode("latin-1"), "x-rma-require") if require else (),
+        affinity=affinity,
     )
+
+
+def _affinity_key(scope: Scope, data: dict[str, object], model: str) -> str | None:
+    """One conversation's key: ``x-rma-session``, else OpenAI's ``user``, else the model and the
+    conversation's first two messages (its system prompt and first question: the prefix a prompt
+    cache holds).  ``None`` for requests without messages (embeddings, completions)."""
+    session = header(scope, b"x-rma-session")
+    if session:
+        return f"{model}\0s:{session.decode('latin-1')}"
+    user = data.get("user")
+    if isinstance(user, str) and user:
+        return f"{model}\0u:{user}"
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    try:
+        lead = json.dumps(messages[:2], sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+    return f"{model}\0m:{lead}"
 
 
 @dataclass(slots=True)
@@ -83,6 +105,7 @@ class _Call:
     started: float
     key: KeyInfo | None = None
     service: str = ""
+    affinity: str | None = None
     worker: WorkerState | None = None
     status: int = 0
     attempts: int = 0
@@ -113,6 +136,7 @@ class Gateway:
             cooldown_max=settings.cooldown_max,
             reachable=self.reachable,
             service_capacity=self._capacity,
+            affinity_load_factor=settings.affinity_load_factor,
         )
         #: Local per coordinator; with Redis, ``mount`` puts the shared one here.
         self.limiter: RateLimiter = RateLimiter()
@@ -246,7 +270,7 @@ class Gateway:
             call.key = await self.authenticate(scope)
             await self._rate_limit(call)
             body = await read_body(receive)
-            call.service = self._service_for_body(body)
+            call.service, call.affinity = self._route_body(scope, body)
             qs = scope.get("query_string", b"")
             path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
             await self._forward(call, scope, receive, send, path, body)
@@ -284,11 +308,19 @@ class Gateway:
         finally:
             self._done(call)
 
-    def _service_for_body(self, body: bytes) -> str:
+    def _route_body(self, scope: Scope, body: bytes) -> tuple[str, str | None]:
+        """The service for the body's ``model``, and the conversation's affinity key."""
         try:
             data = json.loads(body)
         except ValueError:
             raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+        service = self._service_for(data)
+        if not isinstance(data, dict):
+            return service, None
+        return service, _affinity_key(scope, data, str(data["model"]))
+
+    def _service_for(self, data: object) -> str:
+        """The service for a parsed body's ``model``: of several listing it, the least loaded."""
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model:
             raise APIError(400, "the request needs a 'model' (see GET /v1/models)", "no_model")
@@ -323,7 +355,7 @@ class Gateway:
         # The client may go away while a worker thinks: then the worker's request is cancelled
         # (the tunnel resets its stream, the direct connection is closed), streamed or not.
         trusted_only = (header(scope, b"x-rma-trusted") or b"").lower() in (b"1", b"true", b"yes")
-        wish = _label_wish(scope)
+        wish = _wish(scope, call.affinity if self.settings.affinity else None)
         watcher = asyncio.ensure_future(_disconnected(receive))
         try:
             await self._attempts(call, request, send, deadline, watcher, trusted_only, wish)
@@ -338,7 +370,7 @@ class Gateway:
         deadline: float,
         watcher: asyncio.Future[None],
         trusted_only: bool = False,
-        wish: LabelWish | None = None,
+        wish: Wish | None = None,
     ) -> None:
         s = self.settings
         tried: set[str] = set()
