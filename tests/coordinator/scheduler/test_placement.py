@@ -211,3 +211,15 @@ def test_removed_from_catalog_and_no_longer_fitting() -> None:
     cat = {"s": spec("s", resources={"memory_mb": 7000})}
     r = plan(cat, [node("a", current={"s": ()})])
     assert [c.reason for c in r.changes] == ["s no longer fits on worker a"]
+
+
+def test_a_leaving_agent_with_no_possible_replacement_lets_go_at_once() -> None:
+    """The agent's own drain (Ctrl-C): nothing else can take it, so nothing to wait for; an
+    operator's drain still waits (a worker may join within drain_timeout)."""
+    cat = {"db": spec("db", tier=3, replicas=1)}
+    leaving = node("a", status=WorkerStatus.DRAINING, current={"db": ()}, since=100.0)
+    r = plan(cat, [leaving], now=101.0, drain_timeout=300)
+    assert on(r, "a") == []
+    assert r.changes[0].reason == "worker a is draining; no other worker can take it"
+    drained = node("a", status=WorkerStatus.DRAINING, drained=True, current={"db": ()}, since=100)
+    assert on(plan(cat, [drained], now=101.0, drain_timeout=300), "a") == ["db"]
