@@ -437,13 +437,23 @@ class Agent:
         return int(value) if isinstance(value, int | float) else 0
 
     async def drain(self) -> None:
-        """Tell the coordinator this worker is draining; wait (bounded) for in-flight requests."""
+        """Tell the coordinator this worker is draining; wait (bounded by ``drain_timeout``) until
+        it has handed this worker's services over, then for the requests in flight."""
         if self.draining:
             return
         self.draining = True
+        held = True
         with contextlib.suppress(RmaError, TimeoutError):
-            await asyncio.wait_for(self.heartbeat_once(), 10)
+            held = bool((await asyncio.wait_for(self.heartbeat_once(), 10)).assignments)
         deadline = time.monotonic() + self.settings.drain_timeout
+        # The coordinator places this worker's services elsewhere and lets go of each once its
+        # replacement is healthy: wait (bounded) for that, then for the requests in flight.
+        while held and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            try:
+                held = bool((await asyncio.wait_for(self.heartbeat_once(), 10)).assignments)
+            except (RmaError, TimeoutError):
+                break
         while self.inflight() > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a count
             await asyncio.sleep(0.1)
         if self.inflight() > 0:

@@ -15,7 +15,8 @@ The rules, in order:
    ``replicas = 0`` every live worker of its own tier that fits, or one worker of a better tier
    when its own tier has none (that stand-in lets go once its own tier runs it healthy).
 5. A draining worker lets go of a service once the live replicas placed elsewhere are all
-   healthy (the hand-over), or ``drain_timeout`` seconds after it started draining.
+   healthy (the hand-over), or ``drain_timeout`` seconds after it started draining; an agent
+   draining itself (it is stopping) at once when no other worker can take the service.
 """
 
 from __future__ import annotations
@@ -202,6 +203,10 @@ def plan(
             if elsewhere and len(healthy) == len(elsewhere):
                 names = ", ".join(n.name for n in healthy)
                 reason = f"worker {node.name} is draining; handed over to {names}"
+            elif not elsewhere and not node.drained:
+                # the agent's own drain (it is stopping): with nowhere else to go, nothing to
+                # wait for; an operator's drain waits (a worker may join meanwhile)
+                reason = f"worker {node.name} is draining; no other worker can take it"
             elif now - node.since >= drain_timeout:
                 reason = f"worker {node.name} is draining; hand-over timed out"
             else:
