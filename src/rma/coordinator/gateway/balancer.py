@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from rma.coordinator.errors import APIError
 from rma.coordinator.registry import Registry, WorkerState
+from rma.schemas.enums import WorkerStatus
 
 Key = tuple[str, str]  # (worker id, service)
 
@@ -120,8 +121,24 @@ class Balancer:
     # --- choosing ---------------------------------------------------------------------------------
 
     def workers_for(self, service: str) -> list[WorkerState]:
-        """Workers that run ``service`` healthy and that a transport can reach now."""
-        return [w for w in self.registry.routable(service) if self.reachable(w)]
+        """Workers that run ``service`` healthy and that a transport can reach now.
+
+        When no online worker does, a draining one that still holds the service (it has not
+        handed it over yet: the scheduler lets go once a replacement is healthy) serves it, so a
+        drain never leaves a gap.
+        """
+        found = [w for w in self.registry.routable(service) if self.reachable(w)]
+        if found:
+            return found
+        return [
+            w
+            for w in self.registry.all()
+            if w.status is WorkerStatus.DRAINING
+            and service in w.assignments
+            and (st := w.services.get(service)) is not None
+            and st.healthy
+            and self.reachable(w)
+        ]
 
     def capacity_of(self, worker: WorkerState, service: str = "") -> int:
         """Requests one copy of ``service`` takes at once: the catalog's ``capacity``, else the
