@@ -99,3 +99,14 @@ def test_tier_refusal_says_why() -> None:
     with pytest.raises(TierRefused, match="1000 MB of RAM.*needs 2048 MB"):
         TierPolicy().tier_for(caps(memory_mb=1000))
     assert TierPolicy(data_min_memory_mb=512).tier_for(caps(memory_mb=1000)) is Tier.DATA
+
+
+def test_several_services_may_list_one_model(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[services.llm2]\nkind = "openai"\nmodels = ["smollm2-135m"]\ncommand = ["true"]\n'
+    )
+    cat = load_catalog(f)
+    assert cat.services_for_model("smollm2-135m") == ["llm", "llm2"]
+    assert cat.service_for_model("smollm2-135m") == "llm"
+    assert cat.services_for_model("nope") == []
