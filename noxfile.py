@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests lint typecheck bench``."""
+"""Developer sessions: ``nox -s tests lint typecheck bench chaos``."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ nox.options.reuse_existing_virtualenvs = True
 PY = "3.11"
 
 
+LOCK = "requirements/lock.txt"
+#: llama.cpp built for a portable x86-64 CPU (docs/development.md).
+CMAKE_ARGS = (
+    "-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+)
+
+
 def _install(session: nox.Session, extras: str = "all,dev") -> None:
-    session.install("-r", "requirements/torch-cpu.txt")
-    session.install("-e", f".[{extras}]")
+    """The project with ``extras``, every dependency at its version in the lock."""
+    session.install("-c", LOCK, "-e", f".[{extras}]", env={"CMAKE_ARGS": CMAKE_ARGS})
+    session.install("--no-deps", "-r", "requirements/no-deps.txt")
 
 
 @nox.session(python=PY)
@@ -42,3 +50,48 @@ def bench(session: nox.Session) -> None:
     """Gateway benchmarks (docs/benchmarks.md): ``nox -s bench -- --quick`` for a short run."""
     _install(session, "dev")
     session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session(python=PY)
+def lock(session: nox.Session) -> None:
+    """Refresh requirements/lock.txt: every dependency of ``.[all,dev]``, direct and transitive.
+
+    ``nox -s lock`` keeps the pins that still satisfy pyproject.toml; ``nox -s lock -- --upgrade``
+    (or ``--upgrade-package NAME``) moves them.  Review the diff like code: CI installs exactly it.
+    """
+    session.install("pip-tools>=7.4")
+    session.run(
+        "pip-compile",
+        "--quiet",
+        "--allow-unsafe",
+        "--strip-extras",
+        "--no-emit-index-url",
+        "--no-emit-find-links",
+        *(f"--extra={extra}" for extra in ("postgres", "redis", "docker", "gpu", "local", "dev")),
+        "--output-file",
+        LOCK,
+        "pyproject.toml",
+        *session.posargs,
+        env={"CUSTOM_COMPILE_COMMAND": "nox -s lock"},
+    )
+
+
+@nox.session(python=PY)
+def chaos(session: nox.Session) -> None:
+    """Chaos experiments at full scale (docs/reliability.md); the figures go to
+    ``bench/chaos-results.jsonl``.  Set ``RMA_TEST_DATABASE_URL`` for PostgreSQL."""
+    _install(session, "dev")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/chaos",
+        "-m",
+        "chaos",
+        "-s",
+        "-q",
+        "--timeout",
+        "1800",
+        *session.posargs,
+        env={"RMA_CHAOS_SCALE": "full", "RMA_CHAOS_RESULTS": "bench/chaos-results.jsonl"},
+    )

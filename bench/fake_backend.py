@@ -10,8 +10,13 @@
 
 Every answer carries ``x-backend: <name>`` and the chat answers name the backend in
 ``system_fingerprint``, so tests can see which process served them.  Test hooks, triggered by the
-prompt text: ``[stall]`` streams one chunk then goes silent; ``[hang]`` never answers; ``[503]``
-answers 503; ``[slow:N]`` waits N seconds before the headers.
+prompt text: ``[stall]`` streams one chunk then goes silent (a non-streamed answer: its headers and
+half its body, then silence); ``[reset]`` does the same, then resets the connection; ``[hang]``
+never answers; ``[503]`` answers 503; ``[slow:N]`` waits N seconds before the headers.
+``[stall@NAME]`` and ``[reset@NAME]`` act only on the backend named NAME (the others answer), so a
+test can make one worker fail mid-body and see the gateway retry on another.
+``--body-delay S`` sends a non-streamed body in two halves S seconds apart, so that a SIGKILL can
+land mid-body.
 
 It is a stand-in for vLLM / llama.cpp's server (no model can run in CI); it is fast on purpose so
 that a benchmark measures the gateway, not the backend.
@@ -26,17 +31,29 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import time
 from typing import Any
 
 _SLOW = re.compile(r"\[slow:(\d+(?:\.\d+)?)\]")
+_BREAK = re.compile(r"\[(stall|reset)(?:@([\w.-]+))?\]")
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 411: b"Length Required"}
 _REASONS |= {503: b"Service Unavailable", 405: b"Method Not Allowed"}
 
 
 class Backend:
-    def __init__(self, name: str, delay: float, chunks: int, chunk_delay: float, dim: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        delay: float,
+        chunks: int,
+        chunk_delay: float,
+        dim: int,
+        body_delay: float = 0.0,
+    ) -> None:
         self.name = name
+        self.body_delay = body_delay
         self.delay = delay
         self.chunks = chunks
         self.chunk_delay = chunk_delay
@@ -93,7 +110,11 @@ class Backend:
                         close = True
                 body = await reader.readexactly(length) if length else b""
                 self.requests += 1
-                await self.dispatch(method, target, body, writer)
+                try:
+                    await self.dispatch(method, target, body, writer)
+                except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                    # A real service answers odd input with a 400 too (the fuzz test sends any)
+                    writer.write(self.error(400, f"bad request: {exc}"))
                 if close:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
@@ -140,13 +161,34 @@ class Backend:
             await asyncio.sleep(float(slow.group(1)))
         if self.delay:
             await asyncio.sleep(self.delay)
+        brk = self.breaks(text)
         if path == "/v1/embeddings":
-            writer.write(self.embeddings(req))
+            await self.write_body(writer, self.embeddings(req), brk)
         elif req.get("stream"):
-            await self.stream(req, path, writer, stall="[stall]" in text)
+            await self.stream(req, path, writer, brk=brk)
         else:
-            writer.write(self.completion(req, path, text))
+            await self.write_body(writer, self.completion(req, path, text), brk)
         await writer.drain()
+
+    def breaks(self, text: str) -> str | None:
+        """``"stall"`` or ``"reset"`` when the prompt asks this backend to fail mid-body."""
+        for m in _BREAK.finditer(text):
+            if m.group(2) is None or m.group(2) == self.name:
+                return m.group(1)
+        return None
+
+    async def write_body(self, writer: asyncio.StreamWriter, data: bytes, brk: str | None) -> None:
+        """A whole answer; with ``brk``, the headers and half the body, then the break."""
+        if brk is None and not self.body_delay:
+            writer.write(data)
+            return
+        cut = data.index(b"\r\n\r\n") + 4 + (len(data) - data.index(b"\r\n\r\n") - 4) // 2
+        writer.write(data[:cut])
+        await writer.drain()
+        if brk is not None:
+            await _break(writer, brk)
+        await asyncio.sleep(self.body_delay)
+        writer.write(data[cut:])
 
     def answer_words(self, text: str) -> list[str]:
         return [f"echo({len(text)})", "from", self.name]
@@ -188,7 +230,7 @@ class Backend:
         return self.head(200, b"application/json", len(data)) + data
 
     async def stream(
-        self, req: dict[str, Any], path: str, writer: asyncio.StreamWriter, *, stall: bool
+        self, req: dict[str, Any], path: str, writer: asyncio.StreamWriter, *, brk: str | None
     ) -> None:
         writer.write(self.head(200, b"text/event-stream", None))
         ident = f"chatcmpl-{self.name}-{self.requests}"
@@ -213,8 +255,8 @@ class Backend:
             }
             _write_chunk(writer, b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await writer.drain()
-            if stall:
-                await asyncio.sleep(3600)
+            if brk is not None:
+                await _break(writer, brk)
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
         usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
@@ -227,6 +269,17 @@ class Backend:
 
 _MODELS = ("fake-model", "fake-embed")
 _POST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+async def _break(writer: asyncio.StreamWriter, how: str) -> None:
+    """Fail mid-body: go silent (``stall``) or reset the connection (``reset``)."""
+    if how == "reset":
+        sock = writer.get_extra_info("socket")
+        if sock is not None:  # SO_LINGER 0: close() sends a RST, not a FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        raise ConnectionResetError("reset on purpose")
+    await asyncio.sleep(3600)
 
 
 def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -242,7 +295,9 @@ def _prompt_text(req: dict[str, Any]) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
-    backend = Backend(args.name, args.delay, args.chunks, args.chunk_delay, args.dim)
+    backend = Backend(
+        args.name, args.delay, args.chunks, args.chunk_delay, args.dim, args.body_delay
+    )
     server = await asyncio.start_server(backend.serve, args.host, args.port, backlog=1024)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -261,6 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     p.add_argument("--chunks", type=int, default=8, help="chunks per streamed answer")
     p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between chunks")
+    p.add_argument(
+        "--body-delay", type=float, default=0.0, help="seconds between a body's two halves"
+    )
     p.add_argument("--dim", type=int, default=384, help="embedding dimension")
     return p.parse_args(argv)
 

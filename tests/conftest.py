@@ -13,9 +13,11 @@ import ssl
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -30,16 +32,68 @@ def free_port() -> int:
 
 
 def reset_database(url: str) -> None:
-    """Empty the test database (PostgreSQL): every test starts from a fresh schema."""
+    """Empty the test database (PostgreSQL): every test starts from a fresh schema.
+
+    Connections left by an earlier test (a coordinator process that is still exiting, say) would
+    hold locks that deadlock ``DROP SCHEMA``: they are terminated first, and a deadlock or lock
+    timeout is retried a few times before the test errors.
+    """
     from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
 
     from rma.coordinator.db import make_engine
 
     engine = make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
+    try:
+        for attempt in range(5):
+            try:
+                with engine.begin() as conn:
+                    conn.execute(
+                        text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        )
+                    )
+                    conn.execute(text("SET LOCAL lock_timeout = '10s'"))
+                    conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+                    conn.execute(text("CREATE SCHEMA public"))
+                return
+            except DBAPIError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+    finally:
+        engine.dispose()
+
+
+_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _track_engines() -> None:
+    """Remember every SQLAlchemy engine that connects, so each test can dispose of its own."""
+    try:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+    except ImportError:  # pragma: no cover - sqlalchemy comes with the package
+        return
+    if not event.contains(Engine, "engine_connect", _remember_engine):
+        event.listen(Engine, "engine_connect", _remember_engine)
+
+
+def _remember_engine(conn: Any) -> None:
+    _engines.add(conn.engine)
+
+
+@pytest.fixture(autouse=True)
+def _close_engines() -> Iterator[None]:
+    """No database connection outlives the test that opened it (a leaked one would hold locks on
+    the shared PostgreSQL database, or warn later, in another test, when it is collected)."""
+    _track_engines()
+    before = set(_engines)
+    yield
+    for engine in list(_engines):
+        if engine not in before:
+            engine.dispose()
 
 
 @pytest.fixture(autouse=True)
@@ -160,3 +214,31 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped in CI, where nothing may skip: {reason}"
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    seed = os.environ.get("RMA_TEST_SHUFFLE")
+    return f"test order shuffled: RMA_TEST_SHUFFLE={seed}" if seed else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``RMA_TEST_SHUFFLE=SEED`` runs the modules, and the tests in each, in a shuffled order
+    (as pytest-randomly does; modules stay whole so module fixtures start once): a test that
+    passes only after another one is found this way.  The same seed gives the same order."""
+    seed = os.environ.get("RMA_TEST_SHUFFLE")
+    if not seed:
+        return
+    import random
+
+    rng = random.Random(seed)
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    order = list(modules)
+    rng.shuffle(order)
+    shuffled: list[pytest.Item] = []
+    for name in order:
+        group = modules[name]
+        rng.shuffle(group)
+        shuffled.extend(group)
+    items[:] = shuffled

@@ -51,11 +51,81 @@ class RmaError(Exception):
         return {"error": body}
 
 
-def tls_verify(ca_file: Path | str | None = None, insecure: bool = False) -> ssl.SSLContext | bool:
-    """Certificate verification: on by default, a private CA with ``ca_file``.
+class PinMismatch(ssl.SSLCertVerificationError):
+    """The coordinator's certificate does not hash to the pinned ``--ca-hash``."""
+
+
+class _PinnedObject(ssl.SSLObject):
+    """Checks the peer's certificate against the context's pin once the handshake is done."""
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        _check_pin(self.context, self.getpeercert(binary_form=True))
+
+
+class _PinnedSocket(ssl.SSLSocket):
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        _check_pin(self.context, self.getpeercert(binary_form=True))
+
+
+class PinnedContext(ssl.SSLContext):
+    """A client TLS context that accepts exactly the certificate hashing to ``pin``.
+
+    Without a CA file the pin replaces CA and host name checks (a self-signed certificate is
+    fine: the pin is stronger); with one, both must pass.  Works for httpx and websockets alike
+    (they wrap sockets and memory BIOs through ``sslsocket_class`` / ``sslobject_class``).
+    """
+
+    pin: str
+
+    def __new__(cls, pin: str, ca_file: Path | str | None = None) -> PinnedContext:
+        ctx = super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
+        ctx.pin = pin
+        if ca_file:
+            ctx.load_verify_locations(cafile=str(ca_file))
+        else:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        ctx.sslobject_class = _PinnedObject
+        ctx.sslsocket_class = _PinnedSocket
+        return ctx
+
+    def __init__(self, pin: str, ca_file: Path | str | None = None) -> None:
+        pass  # everything happens in __new__ (SSLContext.__init__ takes the protocol)
+
+
+def _check_pin(ctx: ssl.SSLContext, der: bytes | None) -> None:
+    from rma.pinning import der_hash
+
+    pin = getattr(ctx, "pin", None)
+    if pin is None:
+        return
+    seen = der_hash(der) if der else "no certificate"
+    if seen != pin:
+        raise PinMismatch(
+            f"its TLS certificate is {seen}, not the pinned {pin} (--ca-hash): "
+            "this is not the coordinator the join line was made for"
+        )
+
+
+def tls_verify(
+    ca_file: Path | str | None = None, insecure: bool = False, ca_hash: str | None = None
+) -> ssl.SSLContext | bool:
+    """Certificate verification: on by default, a private CA with ``ca_file``, and with
+    ``ca_hash`` (``sha256:...``) only the certificate that hashes to it (even with ``insecure``).
 
     Raises :class:`RmaError` when ``ca_file`` cannot be read or holds no certificate.
     """
+    if ca_hash:
+        try:
+            return PinnedContext(ca_hash, ca_file)
+        except FileNotFoundError:
+            raise RmaError("bad_ca_file", f"CA file {ca_file} does not exist") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise RmaError(
+                "bad_ca_file", f"CA file {ca_file} holds no usable PEM certificate: {exc}"
+            ) from None
     if insecure:
         return False
     if ca_file:
@@ -92,7 +162,20 @@ def _certificate_problem(exc: BaseException) -> str | None:
     return None
 
 
+def pin_problem(exc: BaseException) -> str | None:
+    """The message when ``exc`` (or what caused it) is a pinned certificate that did not match."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, PinMismatch):
+            return str(seen.args[0]) if seen.args else str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def transport_error(exc: httpx.HTTPError, base_url: str) -> RmaError:
+    pinned = pin_problem(exc)
+    if pinned is not None:
+        return RmaError("coordinator_mismatch", f"refusing the coordinator at {base_url}: {pinned}")
     cert = _certificate_problem(exc)
     if cert is not None:
         return RmaError(

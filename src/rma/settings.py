@@ -7,17 +7,21 @@ default.  Flags are passed as constructor keyword arguments; ``None`` means "not
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from platformdirs import user_config_dir, user_data_dir
 from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from rma import install_hint
 
 DEFAULT_PORT = 8420
 DEFAULT_COORDINATOR_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -37,6 +41,29 @@ def default_config_file() -> Path:
         if env
         else Path(user_config_dir("rma", appauthor=False)) / "config.toml"
     )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNIT_MB = {"": 1.0, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}
+
+
+def parse_size(value: str | int | float) -> int:
+    """``4G``, ``512M``, ``1.5g``, ``2048`` (megabytes) -> megabytes.
+
+    Raises :class:`ValueError` saying what a size looks like.
+    """
+    if isinstance(value, bool):
+        raise ValueError("must be a size such as 4G or 512M")
+    if isinstance(value, int | float):
+        mb = float(value)
+    else:
+        m = _SIZE.match(value)
+        if m is None:
+            raise ValueError(f"{value!r} is not a size such as 4G, 512M or 2048 (megabytes)")
+        mb = float(m.group(1)) * _UNIT_MB[m.group(2).lower()]
+    if mb < 1:
+        raise ValueError(f"{value!r} is less than one megabyte")
+    return int(mb)
 
 
 class _Base(BaseSettings):
@@ -167,6 +194,12 @@ class CoordinatorSettings(_Base):
         le=1,
         description="If more than this fraction of workers go silent at once, remove nobody.",
     )
+    signing_key_file: Path | None = Field(
+        None,
+        description="File holding the worker-credential signing key (0600; an operator can "
+        "mount one). Default with SQLite: signing.key beside the database; with a shared "
+        "database and no file: kept in the database.",
+    )
     credential_ttl: float = Field(
         900.0, gt=0, description="Lifetime in seconds of a worker credential (JWT)."
     )
@@ -204,6 +237,12 @@ class CoordinatorSettings(_Base):
         "replacements elsewhere become healthy; then it lets go anyway.",
     )
 
+    gpu_verify_window: float = Field(
+        1800.0,
+        gt=0,
+        description="Seconds a GPU-tier worker has to get one of its GPU services healthy; "
+        "past it they are unassigned and the worker is re-tiered by its other hardware.",
+    )
     gpu_min_vram_mb: int = Field(
         8192, ge=0, description="Tier 1 (gpu): a GPU with at least this much VRAM."
     )
@@ -222,10 +261,42 @@ class CoordinatorSettings(_Base):
         32 << 20, gt=0, description="Largest request body through the gateway."
     )
     auth_fail_limit: int = Field(
-        10, gt=0, description="Failed authentications per client address per window."
+        10,
+        gt=0,
+        description="Failed authentications per role (admin, client, worker, join token) and "
+        "client address per window, and per join token; past it bad credentials get 429 (a "
+        "valid one never does).",
+    )
+    auth_fail_address_limit: int = Field(
+        50, gt=0, description="Failed authentications per client address per window, all roles."
     )
     auth_fail_window: float = Field(
         60.0, gt=0, description="Window in seconds for auth_fail_limit."
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Open client connections in all; past it new ones get a fast 503 and "
+        "/readyz answers 503. Default: the open-file limit (raised to its hard limit at start) "
+        "less a quarter.",
+    )
+    max_connections_per_address: int = Field(
+        256,
+        ge=0,
+        description="Open connections from one client address (behind a reverse proxy: the "
+        "proxy's); past it new ones get a fast 503. 0: no limit.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's line and headers (slowloris); "
+        "past it: 408 and the connection is closed.",
+    )
+    keepalive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection is kept open."
+    )
+    max_header_bytes: int = Field(
+        65536, ge=1024, description="Largest request line and headers in bytes; past it: 431."
     )
     anonymous_clients: bool = Field(
         False, description="Serve /v1/* and /api/services/* without an API key."
@@ -248,6 +319,13 @@ class CoordinatorSettings(_Base):
     total_timeout: float = Field(600.0, gt=0, description="Gateway: seconds for a whole request.")
     max_attempts: int = Field(
         3, ge=1, le=10, description="Gateway: attempts per request across workers."
+    )
+    hold_back_bytes: int = Field(
+        1_048_576,
+        ge=0,
+        description="Gateway: a non-streamed answer up to this size is read whole before the "
+        "client gets a byte, so a worker that fails mid-body is retried on another one; larger "
+        "answers and SSE streams are relayed as they come (0: never hold back).",
     )
     cooldown_base: float = Field(
         5.0, gt=0, description="Gateway: first cool-down of a failed worker, seconds."
@@ -313,7 +391,7 @@ class CoordinatorSettings(_Base):
         import importlib.util
 
         if importlib.util.find_spec("redis") is None:
-            raise ValueError("needs the redis package: pip install 'rma[redis]'")
+            raise ValueError(f"needs the redis package: {install_hint('redis')}")
         return v
 
     @classmethod
@@ -381,13 +459,75 @@ class WorkerSettings(_Base):
     ca_file: Path | None = Field(
         None, description="CA bundle to verify the coordinator's TLS certificate."
     )
-    insecure: bool = Field(False, description="Skip TLS verification (testing only).")
+    insecure: bool = Field(
+        False,
+        description="Skip TLS verification, and allow plain http:// to a coordinator on another "
+        "machine (testing only).",
+    )
+    ca_hash: str | None = Field(
+        None,
+        description="The coordinator's pinned identity, sha256:<hex> of its TLS certificate (from "
+        "`rma admin tokens create`); any other certificate is refused.",
+    )
+    services: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="Allow-list: only these catalog services run here (comma-separated in "
+        "RMA_SERVICES); default every one that fits.",
+    )
+    max_cpu: float | None = Field(
+        None, gt=0, description="CPU cores the pool may use here (each service is capped at it)."
+    )
+    max_memory: int | None = Field(
+        None,
+        description="Memory the pool may use here, e.g. 4G or 512M (all services together); "
+        "stored in MB.",
+    )
+    max_vram: int | None = Field(
+        None,
+        description="GPU memory the pool may use here, e.g. 8G (all services together); 0: no GPU.",
+    )
+    trust_coordinator_catalog: bool = Field(
+        False,
+        description="Run the coordinator's definitions of services (command, image, env, "
+        "volumes) instead of only this machine's catalog: for a donor who runs the coordinator.",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds to let in-flight requests finish on leave."
     )
     health_timeout: float = Field(
         600.0, gt=0, description="Seconds a service may take to become healthy."
     )
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _services(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, list | tuple):
+            names = [str(n).strip() for n in v if str(n).strip()]
+            if not names:
+                raise ValueError("name at least one service")
+            return names
+        return v
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        return None if v is None else parse_size(v)
+
+    @field_validator("max_vram", mode="before")
+    @classmethod
+    def _vram(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        return 0 if str(v).strip() == "0" else parse_size(v)
+
+    @field_validator("ca_hash", mode="after")
+    @classmethod
+    def _ca_hash(cls, v: str | None) -> str | None:
+        from rma.pinning import normalize
+
+        return normalize(v) if v else None
 
     @classmethod
     def load(cls, config_file: Path | None = None, **flags: Any) -> WorkerSettings:

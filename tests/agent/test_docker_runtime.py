@@ -18,7 +18,7 @@ from rma.agent.reconcile import Reconciler
 from rma.agent.runtimes.base import RuntimeFailure, free_port
 from rma.agent.state import agent_key
 from rma.catalog import load_catalog
-from rma.schemas.api import ServiceSpec
+from rma.schemas.api import Resources, ServiceSpec
 from rma.schemas.enums import ServiceState
 
 from .conftest import (
@@ -244,3 +244,33 @@ def test_agent_with_docker_end_to_end(
 def test_image_is_the_local_test_image(engine: Any) -> None:
     image = engine.images.get(TEST_IMAGE)
     assert image.attrs["Config"]["Env"]  # PORT default set by docker-setup.sh
+
+
+async def test_donor_limits_cap_each_container(
+    engine: Any, catalog_file: Path, tmp_path: Path
+) -> None:
+    from rma.agent.policy import Limits
+    from rma.agent.runtimes.docker import DockerRuntime
+
+    rt = DockerRuntime.connect(
+        tmp_path, agent_key=agent_key(tmp_path), limits=Limits(cpu=0.25, memory_mb=32)
+    )
+    loose = web(catalog_file).model_copy(update={"resources": Resources()})
+    try:
+        # the spec asks for 64 MB and 0.5 CPU: the donor's 32 MB and 0.25 CPU win
+        handle = await rt.start(web(catalog_file), free_port(), tmp_path / "services" / "web")
+        (c,) = ours(engine, rt.agent_key)
+        assert c.attrs["HostConfig"]["Memory"] == 32 * 1024 * 1024
+        assert c.attrs["HostConfig"]["NanoCpus"] == 250_000_000
+        await rt.stop("web", handle, grace=0)
+        # a spec that declares nothing still gets the donor's limits
+        handle = await rt.start(loose, free_port(), tmp_path / "services" / "web")
+        (c,) = ours(engine, rt.agent_key)
+        assert c.attrs["HostConfig"]["Memory"] == 32 * 1024 * 1024
+        assert c.attrs["HostConfig"]["NanoCpus"] == 250_000_000
+        await rt.stop("web", handle, grace=0)
+        assert rt.describe()["limits"]["memory"] == "mem_limit: at most 32 MB per container"
+    finally:
+        for c in ours(engine, rt.agent_key):
+            c.remove(force=True)
+        rt.client.close()

@@ -149,6 +149,25 @@ def test_most_workers_silent_at_once_removes_nobody_and_says_so(api: Api, clock:
     assert {w["status"] for w in api.workers()} == {"online"}
 
 
+def test_workers_back_a_little_after_the_majority_are_not_removed(
+    api: Api, clock: FakeClock
+) -> None:
+    """The suspicion ends when most are back; the rest (their next heartbeat is a little later)
+    get one more window from then, not a removal for a silence that was the coordinator's."""
+    past_grace(api, clock)
+    workers = [api.register(f"w{i}") for i in range(4)]
+    clock.advance(700)  # everyone silent together, past remove_after
+    assert sweep(api)["removed"] == []
+    for w in workers[:3]:  # three come back: the suspicion ends
+        api.heartbeat(w)
+    assert sweep(api)["removed"] == []
+    assert len(api.events("suspect_cleared")) == 1
+    clock.advance(30)
+    assert sweep(api)["removed"] == []  # the straggler is still offline, not removed
+    api.heartbeat(workers[3])
+    assert {w["status"] for w in api.workers()} == {"online"}
+
+
 def test_workers_dying_one_by_one_are_still_removed(api: Api, clock: FakeClock) -> None:
     """Silence spread over time is not "at once": no suspicion, removals go ahead."""
     past_grace(api, clock)

@@ -207,8 +207,9 @@ def test_failed_admin_auth_is_rate_limited_per_address(limited: tuple[Any, str])
     assert r.json()["error"]["code"] == "rate_limited"
     retry = int(r.headers["retry-after"])
     assert 1 <= retry <= 60
-    # even the right key is refused from that address meanwhile: guessing cannot tell
-    assert attacker.get("/api/admin/workers", headers=good).status_code == 429
+    # the right key is never refused for failures, from that address neither (a 256-bit key
+    # cannot be guessed; a lock-out could be turned against the operator)
+    assert attacker.get("/api/admin/workers", headers=good).status_code == 200
     # another address is not affected
     assert other.get("/api/admin/workers", headers=good).status_code == 200
 

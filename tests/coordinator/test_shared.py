@@ -275,14 +275,17 @@ def test_with_redis_failed_authentications_are_counted_together(
         assert not key_works(a, bad)  # three failures, all on A
 
     def b_refuses() -> bool:
-        with sdk(b, key) as client:
+        with sdk(b, "rma_key_nosuch.again") as client:
             try:
                 client.models.list()
             except openai.RateLimitError:
                 return True
+            except openai.AuthenticationError:
+                return False
         return False
 
-    wait_until(b_refuses, limit=2)  # B counts A's failures: even the right key gets 429
+    wait_until(b_refuses, limit=2)  # B counts A's failures: the next bad key gets 429 at once
+    assert key_works(b, key)  # a valid key never does
 
 
 def test_redis_killed_mid_test_requests_are_still_served(

@@ -177,7 +177,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     ns.exec(sys.executable, "-m", "rma", "worker", "join", "--coordinator", url)
                     + ["--token", token, "--name", "behind-nat", "--transport", "tunnel"]
                     + ["--runtime", "process", "--catalog", str(catalog)]
-                    + ["--data-dir", str(tmp / "worker")],
+                    + ["--data-dir", str(tmp / "worker")]
+                    + ["--insecure"],  # plain http:// to another (network) machine, on purpose
                     stdout=fh,
                     stderr=subprocess.STDOUT,
                     env=clean_env(RMA_CONFIG=str(tmp / "none.toml")),

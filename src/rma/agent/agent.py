@@ -20,7 +20,8 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -29,6 +30,7 @@ import psutil
 from rma import __version__
 from rma.agent.backoff import Backoff, jittered
 from rma.agent.gpu import Nvml
+from rma.agent.policy import Policy, clip_capabilities, coordinator_problem, policy_from
 from rma.agent.reconcile import Reconciler, Unit
 from rma.agent.runtimes.base import Runtime
 from rma.agent.state import (
@@ -38,6 +40,7 @@ from rma.agent.state import (
     load_identity,
     save_identity,
     save_status,
+    write_private,
 )
 from rma.catalog import Catalog
 from rma.client import CoordinatorClient, RmaError, tls_verify
@@ -49,6 +52,7 @@ from rma.schemas.api import (
     RegisterRequest,
     RegisterResponse,
     ServiceSpec,
+    ServiceStatus,
 )
 from rma.schemas.enums import ServiceState, Transport
 from rma.settings import WorkerSettings
@@ -57,6 +61,10 @@ log = logging.getLogger("rma.agent")
 
 #: Least time between two heartbeats, even when service transitions ask for one sooner.
 MIN_HEARTBEAT_GAP = 0.25
+#: Refused assignments reported per heartbeat (a hostile coordinator may send any number).
+MAX_REFUSED_REPORTED = 64
+#: The file (in the data dir) that holds the gateway key for this worker's services.
+SERVICE_KEY_FILE = "service.key"
 
 
 class AgentExit(Exception):
@@ -103,6 +111,7 @@ class Agent:
         transport: Transport | None = None,
         client: CoordinatorClient | None = None,
         nvml: Nvml | None = None,
+        policy: Policy | None = None,
         probe_interval: float = 5.0,
         reconcile_interval: float = 5.0,
         retry_cap: float = 60.0,
@@ -114,7 +123,10 @@ class Agent:
         self.transport = transport or resolve_transport(settings.transport)
         self.data_dir = settings.data_dir
         self.name = settings.name or default_name()
-        self.verify = tls_verify(settings.ca_file, settings.insecure)
+        self.policy = policy or policy_from(settings, catalog)
+        #: Assignments this donor's policy refused: name -> why (reported as ``refused``).
+        self.refused: dict[str, str] = {}
+        self.verify = tls_verify(settings.ca_file, settings.insecure, settings.ca_hash)
         self.client = client or CoordinatorClient(
             settings.coordinator_url, timeout=15.0, verify=self.verify
         )
@@ -131,6 +143,8 @@ class Agent:
         )
         self.identity: Identity | None = None
         self.worker_id: str | None = None
+        #: The gateway API key for this worker's pool-calling services (None: not needed).
+        self.service_key: str | None = None
         self.tier_name: str | None = None
         self.interval = 30.0
         self.coordinator_status: str | None = None
@@ -202,8 +216,29 @@ class Agent:
     # --- one step each ---------------------------------------------------------------------------
 
     def runnable(self) -> list[str]:
-        """The catalog services this machine's runtime can actually start."""
-        return [n for n, spec in self.catalog.items() if self.runtime.unavailable(spec) is None]
+        """The catalog services this machine's runtime can start and this donor allows."""
+        names = [n for n, spec in self.catalog.items() if self.runtime.unavailable(spec) is None]
+        return self.policy.runnable(names)
+
+    def accept(self, assignments: list[ServiceSpec]) -> list[ServiceSpec]:
+        """What of the coordinator's assignments may run here (the donor's policy); the rest is
+        refused: logged once, reported as ``refused`` in heartbeats."""
+        verdict = self.policy.check(assignments)
+        for name, why in verdict.refused.items():
+            if self.refused.get(name) != why:
+                log.warning("refused the assignment %s: %s", name, why)
+        self.refused = verdict.refused
+        return self.with_pool_env(verdict.accepted)
+
+    def service_statuses(self, inflight: Mapping[str, int] | None = None) -> list[ServiceStatus]:
+        """What the heartbeat reports: the services that run (with ``inflight``, the requests
+        each serves now, as the tunnel counts them), and the refused assignments."""
+        out = [s for s in self.reconciler.statuses(inflight) if s.name not in self.refused]
+        out += [
+            ServiceStatus(name=n, state=ServiceState.REFUSED, healthy=False, message=why[:1000])
+            for n, why in sorted(self.refused.items())[:MAX_REFUSED_REPORTED]
+        ]
+        return out
 
     def register_request(self) -> RegisterRequest:
         ident = self.identity
@@ -212,7 +247,7 @@ class Agent:
         return RegisterRequest(
             token=self.settings.token,
             name=self.name,
-            capabilities=self.capabilities,
+            capabilities=clip_capabilities(self.capabilities, self.policy.limits),
             labels=self.settings.labels,
             version=__version__,
             worker_id=ident.worker_id if ident else None,
@@ -240,24 +275,47 @@ class Agent:
             path = save_identity(self.data_dir, self.identity)
             log.info("saved this worker's identity in %s", path)
         self.worker_id = resp.worker_id
+        self.set_service_key(resp.service_key)
         self.tier_name = resp.tier_name
         self.interval = resp.heartbeat_interval
         self.coordinator_status = "online"
-        if self.reconciler.set_desired(self.with_pool_env(resp.assignments)):
+        if self.reconciler.set_desired(self.accept(resp.assignments)):
             self._wake_reconcile.set()
         log.info(
             "joined %s as worker %s (tier %s) with %s",
             self.settings.coordinator_url,
             resp.worker_id,
             resp.tier_name,
-            ", ".join(s.name for s in resp.assignments) or "no services",
+            ", ".join(self.reconciler.desired) or "no services",
         )
         return resp
 
+    @property
+    def service_key_file(self) -> Path:
+        """Where the services read this worker's gateway key (0600; rewritten at each join)."""
+        return self.data_dir / SERVICE_KEY_FILE
+
+    def set_service_key(self, key: str | None) -> None:
+        """Keep the key the coordinator gave at (re-)join, in memory and in its file.
+
+        The services read the file at each gateway call, so a new key (a re-join) reaches
+        them without a restart: their environment, and so their specs, stay the same.
+        """
+        self.service_key = key
+        if key:
+            ensure_dir(self.data_dir)
+            write_private(self.service_key_file, key + "\n")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.service_key_file.unlink()
+
     def with_pool_env(self, specs: list[ServiceSpec]) -> list[ServiceSpec]:
-        """Services that call the pool (rag, notes, doc) reach it through its gateway."""
-        url = self.settings.coordinator_url
-        return [s.model_copy(update={"env": {"RMA_GATEWAY_URL": url, **s.env}}) for s in specs]
+        """Services that call the pool (rag, notes, doc) reach it through its gateway, with
+        this worker's own service key (its file) when the pool requires API keys."""
+        pool_env = {"RMA_GATEWAY_URL": self.settings.coordinator_url}
+        if self.service_key:
+            pool_env["RMA_API_KEY_FILE"] = str(self.service_key_file)
+        return [s.model_copy(update={"env": {**pool_env, **s.env}}) for s in specs]
 
     def load(self) -> Load:
         vm = psutil.virtual_memory()
@@ -273,7 +331,7 @@ class Agent:
 
     async def heartbeat_once(self) -> HeartbeatResponse:
         counts = getattr(self.tunnel, "inflight_by_service", None)
-        statuses = self.reconciler.statuses(counts() if callable(counts) else None)
+        statuses = self.service_statuses(counts() if callable(counts) else None)
         req = HeartbeatRequest(load=self.load(), services=statuses, draining=self.draining)
         self._last_beat = time.monotonic()
         try:
@@ -286,7 +344,7 @@ class Agent:
         self.interval = resp.heartbeat_interval
         self.coordinator_status = resp.status.value
         self.last_heartbeat = {"at": time.time(), "ok": True, "status": resp.status.value}
-        if not self.stopping and self.reconciler.set_desired(self.with_pool_env(resp.assignments)):
+        if not self.stopping and self.reconciler.set_desired(self.accept(resp.assignments)):
             self._wake_reconcile.set()
         self.write_status()
         return resp
@@ -298,11 +356,18 @@ class Agent:
 
     async def join(self) -> RegisterResponse | None:
         """Register, retrying while the coordinator is unreachable; ``None`` if stopped first."""
+        problem = coordinator_problem(
+            self.settings.coordinator_url, self.settings.insecure, bool(self.settings.ca_hash)
+        )
+        if problem is not None:
+            raise AgentExit(1, problem)
         backoff = Backoff(1.0, self.retry_cap)
         while not self.stopping:
             try:
                 return await self.register_once()
             except RmaError as exc:
+                if exc.code == "coordinator_mismatch":
+                    raise AgentExit(1, exc.message) from None
                 if not retryable(exc):
                     raise AgentExit(1, self._refusal(exc)) from None
                 delay = backoff.next()
@@ -363,8 +428,19 @@ class Agent:
             except RmaError as exc:
                 if exc.status == 401 and exc.code == "removed":
                     raise AgentExit(
-                        1, "this worker was removed by the operator; its services are stopped"
+                        1,
+                        "this worker was removed by the operator (rma admin remove); its "
+                        "services are stopped (pass a new --token to join again)",
                     ) from None
+                if exc.status == 401 and exc.code == "evicted":
+                    log.warning(
+                        "the coordinator removed this worker after a long silence (asleep or "
+                        "offline?), not the operator: re-joining with its saved identity"
+                    )
+                    if await self.join() is None:
+                        return
+                    await self.reconcile_once()
+                    continue
                 if exc.status in (401, 409):
                     log.warning(
                         "the coordinator does not know this worker (%s): registering again",
@@ -510,13 +586,15 @@ class Agent:
             "heartbeat_interval": self.interval,
             "last_heartbeat": self.last_heartbeat,
             "tunnel": self._tunnel_status(),
+            "pinned": self.settings.ca_hash,
+            **self.policy.to_json(),
             "services": [
                 {
                     **s.model_dump(mode="json"),
                     "port": units[s.name].port if s.name in units else None,
                     "restarts": units[s.name].restarts if s.name in units else 0,
                 }
-                for s in self.reconciler.statuses()
+                for s in self.service_statuses()
             ],
         }
 

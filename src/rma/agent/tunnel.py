@@ -290,6 +290,12 @@ def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
 def _describe(exc: BaseException) -> str:
     from websockets.exceptions import InvalidStatus
 
+    from rma.client import pin_problem
+
+    pinned = pin_problem(exc)
+    if pinned is not None:
+        return f"refusing the coordinator: {pinned}"
+
     if isinstance(exc, InvalidStatus):
         resp = exc.response
         text = resp.body.decode("utf-8", "replace").strip()[:200] if resp.body else ""

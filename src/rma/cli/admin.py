@@ -193,8 +193,17 @@ def tokens_create(
     allowed = "unlimited" if t.uses is None else t.uses
     err.print(
         f"join token {t.id}: {allowed} use(s), expires {t.expires_at:%Y-%m-%d %H:%M} UTC. "
-        "It is shown only now. On the worker: rma worker join --coordinator URL --token <token>"
+        "It is shown only now. On the worker:",
+        highlight=False,
     )
+    line = t.join_command or f"rma worker join --coordinator URL --token {t.token}"
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
+    if " --insecure" in line:
+        err.print(
+            "warning: the coordinator serves plain HTTP: anyone on the network between it and a "
+            "worker can impersonate it (serve TLS with --tls-cert/--tls-key)",
+            highlight=False,
+        )
 
 
 @tokens_app.command("list")

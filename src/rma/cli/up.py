@@ -66,7 +66,7 @@ def up(
                 "[green]✓[/green]"
                 if state == "ready"
                 else "[red]✗[/red]"
-                if state == "failed"
+                if state in ("failed", "refused")
                 else Spinner("dots")
             )
             t.add_row(icon, name, state)
@@ -77,7 +77,10 @@ def up(
     def progress(states: dict[str, str]) -> None:
         nonlocal live
         if live is None:
-            err.print("starting services (first start loads models; this can take a minute):")
+            err.print(
+                "starting services (a first start loads the models and fetches the "
+                "embeddings weights once, 84 MB; this can take a minute):"
+            )
             live = Live(render(states), console=err, refresh_per_second=8, transient=False)
             live.start()
         else:
@@ -90,7 +93,7 @@ def up(
             live = None
             err.print()
         url = pool.settings.url
-        failed = [n for n, s in pool.service_states().items() if s == "failed"]
+        failed = [n for n, s in pool.service_states().items() if s in ("failed", "refused")]
         err.print(f"[bold green]pool ready[/bold green] in {seconds:.1f} s at {url}")
         if failed:
             err.print(

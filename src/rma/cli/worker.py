@@ -214,9 +214,59 @@ def join(
             "(auto: bridge when the engine has one).",
         ),
     ] = NetworkKind.auto,
+    services: Annotated[
+        str | None,
+        typer.Option(
+            "--services",
+            help="Only these catalog services may run here, comma-separated (env: RMA_SERVICES).",
+            show_default=False,
+        ),
+    ] = None,
+    max_cpu: Annotated[
+        float | None,
+        typer.Option(
+            min=0.01,
+            help="CPU cores the pool may use here, e.g. 2 (env: RMA_MAX_CPU).",
+            show_default=False,
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory the pool may use here, e.g. 4G or 512M (env: RMA_MAX_MEMORY).",
+            show_default=False,
+        ),
+    ] = None,
+    max_vram: Annotated[
+        str | None,
+        typer.Option(
+            help="GPU memory the pool may use here, e.g. 8G; 0 for none (env: RMA_MAX_VRAM).",
+            show_default=False,
+        ),
+    ] = None,
+    trust_coordinator_catalog: Annotated[
+        bool | None,
+        typer.Option(
+            "--trust-coordinator-catalog",
+            help="Run the coordinator's service definitions, not only this machine's catalog "
+            "(only for a coordinator you run yourself).",
+        ),
+    ] = None,
+    ca_hash: Annotated[
+        str | None,
+        typer.Option(
+            help="The coordinator's certificate pin, sha256:<hex>, from the join line of "
+            "`rma admin tokens create` (env: RMA_CA_HASH).",
+            show_default=False,
+        ),
+    ] = None,
     ca_file: CaFileOpt = None,
     insecure: Annotated[
-        bool | None, typer.Option("--insecure", help="Skip TLS verification (testing only).")
+        bool | None,
+        typer.Option(
+            "--insecure",
+            help="Skip TLS verification and allow plain http:// to another machine (testing only).",
+        ),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="TOML config file (its worker section).")
@@ -230,6 +280,7 @@ def join(
     from rma.agent.agent import Agent, AgentExit
     from rma.agent.gpu import Nvml
     from rma.agent.hardware import detect as detect_hardware
+    from rma.agent.policy import coordinator_problem, policy_from
     from rma.agent.runtimes import RuntimeFailure, select_runtime
     from rma.agent.state import StateError, agent_key
     from rma.catalog import CatalogError, load_catalog
@@ -247,12 +298,29 @@ def join(
         advertise_host=advertise_host,
         ca_file=ca_file,
         insecure=insecure,
+        ca_hash=ca_hash,
+        services=services,
+        max_cpu=max_cpu,
+        max_memory=max_memory,
+        max_vram=max_vram,
+        trust_coordinator_catalog=trust_coordinator_catalog,
     )
+    problem = coordinator_problem(
+        settings.coordinator_url, settings.insecure, bool(settings.ca_hash)
+    )
+    if problem is not None:
+        fail(problem)  # before anything connects anywhere
     _configure_logging(verbose)
     try:
-        services = load_catalog(settings.catalog)
+        catalog_services = load_catalog(settings.catalog)
     except CatalogError as exc:
         fail(str(exc))
+    policy = policy_from(settings, catalog_services)
+    unknown = sorted(n for n in settings.services or () if n not in catalog_services)
+    if unknown:
+        fail(
+            f"--services: {', '.join(unknown)} not in this machine's catalog (built-in + --catalog)"
+        )
     found = detect_hardware(settings.data_dir)
     caps = found.capabilities
     bind = "127.0.0.1" if settings.advertise_host.startswith("127.") else "0.0.0.0"
@@ -264,11 +332,14 @@ def join(
             network=docker_network.value,
             bind_host=bind,
             gpus=bool(caps.gpus),
+            limits=policy.limits,
         )
     except RuntimeFailure as exc:
         fail(str(exc))
     nvml = Nvml() if caps.gpus else None
-    agent = Agent(settings, runtime=rt, catalog=services, capabilities=caps, nvml=nvml)
+    agent = Agent(
+        settings, runtime=rt, catalog=catalog_services, capabilities=caps, nvml=nvml, policy=policy
+    )
     err.print(
         f"rma worker {agent.name}: joining {settings.coordinator_url} "
         f"(runtime {rt.name}, transport {agent.transport.value}, data dir {settings.data_dir})"
@@ -299,6 +370,35 @@ def join(
 
 
 # --- status --------------------------------------------------------------------------------------
+
+
+def _allowed_line(doc: dict[str, Any]) -> str:
+    allowed = doc.get("allowed_services")
+    what = ", ".join(allowed) if allowed else "every service in this machine's catalog"
+    source = (
+        "the coordinator's definitions"
+        if doc.get("trust_coordinator_catalog")
+        else "this machine's definitions only"
+    )
+    pin = f"; coordinator pinned to {doc['pinned']}" if doc.get("pinned") else ""
+    return f"{what} ({source}){pin}"
+
+
+def _limits_line(doc: dict[str, Any]) -> str:
+    from rma.agent.policy import format_mb
+
+    limits = doc.get("limits") or {}
+    how = ((doc.get("runtime") or {}).get("limits")) or {}
+    parts = []
+    if limits.get("cpu") is not None:
+        parts.append(f"cpu {limits['cpu']:g} ({how.get('cpu', 'planned only')})")
+    if limits.get("memory_mb") is not None:
+        parts.append(
+            f"memory {format_mb(limits['memory_mb'])} ({how.get('memory', 'planned only')})"
+        )
+    if limits.get("vram_mb") is not None:
+        parts.append(f"vram {format_mb(limits['vram_mb'])} ({how.get('vram', 'planned only')})")
+    return "; ".join(parts) or "none (the whole machine)"
 
 
 @app.command()
@@ -341,7 +441,8 @@ def status(json: JsonOpt = False, data_dir: WorkerDataDirOpt = None) -> None:
         f"agent: {state}\nworker: {doc.get('name')} ({doc.get('worker_id') or 'not joined'}), "
         f"tier {doc.get('tier') or '-'}, {doc.get('status') or '-'}\n"
         f"coordinator: {doc.get('coordinator')}  runtime: {runtime}  "
-        f"transport: {doc.get('transport')}\nlast heartbeat: {result}"
+        f"transport: {doc.get('transport')}\nlast heartbeat: {result}\n"
+        f"allowed: {_allowed_line(doc)}\nlimits: {_limits_line(doc)}"
     )
     table(
         None,

@@ -14,6 +14,7 @@ from rma import __version__
 from rma.coordinator.auth import FailureLimiter
 from rma.coordinator.clock import Clock
 from rma.coordinator.errors import BodyLimitMiddleware, install_error_handlers
+from rma.coordinator.methods import MethodsMiddleware
 from rma.coordinator.metrics import Metrics
 from rma.coordinator.pool import Pool
 from rma.coordinator.routes import admin, ops, worker
@@ -46,13 +47,15 @@ def create_app(
         try:
             yield
         finally:
-            for closer in app.state.on_shutdown:
-                await closer()
+            # Loops first (a loop's thread call finishes before its task ends), then the
+            # closers (the last usage flush, tunnels, Redis): nothing touches the database after.
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            for closer in app.state.on_shutdown:
+                await closer()
 
     app = FastAPI(
         title="rma coordinator",
@@ -64,7 +67,9 @@ def create_app(
     app.state.pool = pool
     app.state.sweeper = sweeper
     app.state.metrics = Metrics()
-    app.state.auth_limiter = FailureLimiter(settings.auth_fail_limit, settings.auth_fail_window)
+    app.state.auth_limiter = FailureLimiter(
+        settings.auth_fail_limit, settings.auth_fail_window, settings.auth_fail_address_limit
+    )
     app.state.stats_extensions = []
     app.state.background = background
     app.state.on_shutdown = []
@@ -76,6 +81,7 @@ def create_app(
         default=settings.max_body_bytes,
         limits={p: settings.max_gateway_body_bytes for p in GATEWAY_PREFIXES},
     )
+    app.add_middleware(MethodsMiddleware, schema=lambda: app.openapi())
     app.include_router(ops.router)
     app.include_router(worker.router)
     app.include_router(admin.router)
@@ -98,8 +104,12 @@ def _share_keys(app: FastAPI, settings: CoordinatorSettings) -> None:
 
 def _mount_gateway(app: FastAPI) -> None:
     """The client gateway (``/v1/*``, ``/api/services/*``) and the tunnel hub, when present."""
+    from rma.coordinator import openapi
+
     try:
         from rma.coordinator.gateway.mount import mount
     except ImportError:
+        openapi.install(app)
         return
-    mount(app)
+    gateway = mount(app)
+    openapi.install(app, gateway.openapi_paths)

@@ -1,4 +1,4 @@
-"""Who is calling: admin, worker or client; failed attempts rate-limited per address."""
+"""Who is calling: admin, worker or client; failed attempts rate-limited per role and address."""
 
 from __future__ import annotations
 
@@ -18,64 +18,103 @@ from rma.coordinator.registry import WorkerState
 
 
 class FailureLimiter:
-    """At most ``limit`` failed authentications per address per ``window`` seconds.
+    """Failed authentications, counted per *bucket*; a full bucket answers 429.
 
-    Past that, every request from the address that needs authentication gets 429 with
-    ``Retry-After`` until the oldest failure leaves the window (a correct key too: guessing
-    must not be able to tell).
+    A bucket is a role and an address (``admin|203.0.113.7``), an address over every role
+    (``*|203.0.113.7``), or one join token (``join-token|<token id>``).  Role buckets hold
+    ``limit`` failures per ``window`` seconds, address buckets ``address_limit``.
+
+    Only a credential that does *not* verify is checked against the buckets: a valid credential
+    is never refused because of failures (someone else's behind the same NAT or proxy, or an
+    attacker's who wants to lock the pool out).  The secrets are 256-bit random values, so
+    guessing one is hopeless either way; the limit sheds the load of floods of bad credentials.
 
     Several coordinators with Redis share their counts: ``on_fail`` hooks publish each failure,
     and failures seen elsewhere come back through :meth:`record`.
     """
 
-    MAX_ADDRESSES = 10_000
+    MAX_BUCKETS = 10_000
+    #: Bucket names longer than this are not counted (they come from the network with Redis).
+    MAX_KEY = 200
 
-    def __init__(self, limit: int, window: float) -> None:
+    def __init__(self, limit: int, window: float, address_limit: int | None = None) -> None:
         self.limit = limit
         self.window = window
+        self.address_limit = address_limit if address_limit is not None else limit * 5
         self._fails: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
-        #: Called with the address after each failure counted here.
+        #: Called with the bucket after each failure counted here.
         self.on_fail: list[Callable[[str], None]] = []
+
+    @staticmethod
+    def buckets(role: str, addr: str, *extra: str) -> tuple[str, ...]:
+        """The buckets one failed attempt of ``role`` from ``addr`` counts in."""
+        return (f"{role}|{addr}", f"*|{addr}", *extra)
+
+    def limit_of(self, key: str) -> int:
+        return self.address_limit if key.startswith("*|") else self.limit
 
     def _prune(self, q: deque[float], now: float) -> None:
         while q and q[0] <= now - self.window:
             q.popleft()
 
-    def check(self, addr: str) -> None:
+    def retry_after(self, key: str) -> int | None:
+        """Seconds until ``key``'s bucket takes a failure again; ``None`` when it is not full."""
         now = time.monotonic()
         with self._lock:
-            q = self._fails.get(addr)
+            q = self._fails.get(key)
             if q is None:
-                return
+                return None
             self._prune(q, now)
-            if len(q) >= self.limit:
-                retry = max(1, math.ceil(q[0] + self.window - now))
+            if not q:
+                del self._fails[key]
+                return None
+            if len(q) < self.limit_of(key):
+                return None
+            return max(1, math.ceil(q[0] + self.window - now))
+
+    def check(self, *keys: str) -> None:
+        """429 when any of ``keys``' buckets is full (call it for a credential that failed)."""
+        for key in keys:
+            retry = self.retry_after(key)
+            if retry is not None:
+                who = key.partition("|")[2]
                 raise APIError(
                     429,
-                    f"too many failed authentications from {addr}; retry in {retry} s",
+                    f"too many failed authentications ({who}); retry in {retry} s",
                     headers={"Retry-After": str(retry)},
                 )
-            if not q:
-                del self._fails[addr]
 
-    def fail(self, addr: str) -> None:
-        self.record(addr)
-        for hook in self.on_fail:
-            hook(addr)
+    def refuse(self, keys: tuple[str, ...], error: APIError) -> APIError:
+        """The answer to a failed authentication: 429 when a bucket is full, else ``error``
+        (and the failure is counted)."""
+        try:
+            self.check(*keys)
+        except APIError as limited:
+            return limited
+        self.fail(*keys)
+        return error
 
-    def record(self, addr: str) -> None:
-        """Count one failure from ``addr`` (here, or on another coordinator)."""
+    def fail(self, *keys: str) -> None:
+        for key in keys:
+            self.record(key)
+            for hook in self.on_fail:
+                hook(key)
+
+    def record(self, key: str) -> None:
+        """Count one failure in ``key``'s bucket (here, or on another coordinator)."""
+        if len(key) > self.MAX_KEY:
+            return
         now = time.monotonic()
         with self._lock:
-            if len(self._fails) >= self.MAX_ADDRESSES:  # many addresses: forget the stale ones
-                for key in list(self._fails):
-                    self._prune(self._fails[key], now)
-                    if not self._fails[key]:
-                        del self._fails[key]
-            q = self._fails.setdefault(addr, deque())
+            if len(self._fails) >= self.MAX_BUCKETS:  # many buckets: forget the stale ones
+                for k in list(self._fails):
+                    self._prune(self._fails[k], now)
+                    if not self._fails[k]:
+                        del self._fails[k]
+            q = self._fails.setdefault(key, deque())
             q.append(now)
-            while len(q) > self.limit:  # only the newest ``limit`` matter
+            while len(q) > self.limit_of(key):  # only the newest ``limit`` matter
                 q.popleft()
 
 
@@ -109,9 +148,13 @@ def role_of(secret: str) -> str:
     return "unknown"
 
 
-def _unauthorized(request: Request, message: str, code: str = "unauthorized") -> APIError:
-    request.app.state.auth_limiter.fail(client_addr(request))
-    return APIError(401, message, code, headers={"WWW-Authenticate": "Bearer"})
+def _unauthorized(
+    request: Request, role: str, message: str, code: str = "unauthorized"
+) -> APIError:
+    """401 for a failed ``role`` authentication (or 429 once its buckets are full)."""
+    limiter: FailureLimiter = request.app.state.auth_limiter
+    error = APIError(401, message, code, headers={"WWW-Authenticate": "Bearer"})
+    return limiter.refuse(limiter.buckets(role, client_addr(request)), error)
 
 
 def valid_role(pool: Pool, secret: str) -> str | None:
@@ -135,25 +178,24 @@ def valid_role(pool: Pool, secret: str) -> str | None:
 
 
 def require_admin(request: Request) -> None:
-    limiter = request.app.state.auth_limiter
-    limiter.check(client_addr(request))
     secret = bearer(request)
     if secret is None:
-        raise _unauthorized(request, "admin key required (Authorization: Bearer <admin key>)")
+        raise _unauthorized(
+            request, "admin", "admin key required (Authorization: Bearer <admin key>)"
+        )
     role = valid_role(pool_of(request), secret)
     if role == "admin":
         return
     if role is not None:
         raise APIError(403, f"a {role} credential cannot use the admin API", "forbidden")
-    raise _unauthorized(request, "invalid admin key")
+    raise _unauthorized(request, "admin", "invalid admin key")
 
 
 def require_worker(request: Request) -> tuple[WorkerState, float]:
-    request.app.state.auth_limiter.check(client_addr(request))
     secret = bearer(request)
     if secret is None:
         raise _unauthorized(
-            request, "worker credential required (Authorization: Bearer <credential>)"
+            request, "worker", "worker credential required (Authorization: Bearer <credential>)"
         )
     pool = pool_of(request)
     if pool.credentials.is_admin(secret) or (
@@ -165,7 +207,9 @@ def require_worker(request: Request) -> tuple[WorkerState, float]:
         return pool.authenticate_worker(secret)
     except APIError as exc:
         if exc.status == 401:
-            request.app.state.auth_limiter.fail(client_addr(request))
+            limiter: FailureLimiter = request.app.state.auth_limiter
+            keys = limiter.buckets("worker", client_addr(request))
+            raise limiter.refuse(keys, exc) from None
         raise
 
 

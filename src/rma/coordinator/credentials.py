@@ -96,6 +96,51 @@ def write_secret_file(path: Path, secret: str) -> None:
     os.replace(tmp, path)
 
 
+#: Shortest signing key accepted from a file (characters of ``secrets.token_urlsafe``: 192 bits).
+MIN_SIGNING_KEY = 32
+
+
+class SigningKeyError(ValueError):
+    """The signing key file cannot be used (the message says why)."""
+
+
+def load_signing_key(path: Path, legacy: str | None = None) -> str:
+    """The signing key in ``path``; made there (0600) when missing, from ``legacy`` if given.
+
+    Two coordinators starting at once agree: the file is created exclusively, and the loser
+    reads the winner's key.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = legacy or secrets.token_urlsafe(48)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(key + "\n")
+            return key
+    key = path.read_text().strip()
+    if len(key) < MIN_SIGNING_KEY:
+        raise SigningKeyError(
+            f"the signing key in {path} is shorter than {MIN_SIGNING_KEY} characters"
+        )
+    if legacy and legacy != key:
+        log.warning(
+            "the signing key in %s differs from the one in the database: the file wins "
+            "(worker credentials signed with the old key must re-join)",
+            path,
+        )
+    mode = path.stat().st_mode & 0o077
+    if mode:
+        try:
+            os.chmod(path, 0o600)
+        except OSError:
+            log.warning("%s is readable by others (mode %o): make it 0600", path, mode)
+    return key
+
+
 class Credentials:
     def __init__(
         self, engine: Engine, clock: Clock, default_rpm: int, miss_ttl: float = 5.0
@@ -115,20 +160,35 @@ class Credentials:
 
     # --- start-up ------------------------------------------------------------------------------
 
-    def bootstrap(self, admin_key_file: Path | None) -> str | None:
-        """Load or create the signing key and admin key; return a new admin key once."""
+    def bootstrap(
+        self, admin_key_file: Path | None, signing_key_file: Path | None = None
+    ) -> str | None:
+        """Load or create the signing key and admin key; return a new admin key once.
+
+        With ``signing_key_file`` the credential signing key lives in that file (0600), never in
+        the database: a key still in the database (an older coordinator's) is moved there and
+        deleted from it.  Without one (a shared database and no key file mounted) the key stays
+        in the database, where every coordinator finds it.
+        """
         created: str | None = None
         with session(self.engine) as s:
             signing = s.get(Setting, SIGNING_KEY)
-            if signing is None:
-                signing = Setting(key=SIGNING_KEY, value=secrets.token_urlsafe(48))
-                s.add(signing)
+            if signing_key_file is not None:
+                self.signing_key = load_signing_key(
+                    signing_key_file, signing.value if signing is not None else None
+                )
+                if signing is not None:
+                    s.delete(signing)
+            else:
+                if signing is None:
+                    signing = Setting(key=SIGNING_KEY, value=secrets.token_urlsafe(48))
+                    s.add(signing)
+                self.signing_key = signing.value
             admin = s.get(Setting, ADMIN_HASH)
             if admin is None:
                 created = security.new_admin_key()
                 admin = Setting(key=ADMIN_HASH, value=security.hash_secret(created))
                 s.add(admin)
-            self.signing_key = signing.value
             self._admin_hash = admin.value
         self.refresh()
         if created and admin_key_file is not None:

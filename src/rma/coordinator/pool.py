@@ -6,6 +6,8 @@ path (the gateway) only reads :attr:`Pool.registry`.
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -36,8 +38,47 @@ from rma.schemas.api import (
     ServiceStatus,
     WorkerPublic,
 )
-from rma.schemas.enums import Tier, Transport, WorkerStatus
+from rma.schemas.enums import ServiceState, Tier, Transport, WorkerStatus
 from rma.settings import CoordinatorSettings
+
+log = logging.getLogger("rma.coordinator")
+
+#: The message on a reported service the worker was not assigned (a claim refused).
+REFUSED_MESSAGE = "refused: not assigned to this worker by the coordinator"
+
+
+def private(path: Path, mode: int) -> None:
+    """``chmod`` a path this process owns to ``mode`` (a file it does not own is left as is)."""
+    try:
+        if (
+            path.exists()
+            and path.stat().st_uid == os.getuid()
+            and path.stat().st_mode & 0o777 != mode
+        ):
+            os.chmod(path, mode)
+    except OSError as exc:
+        log.warning("cannot make %s private (mode %o): %s", path, mode, exc)
+
+
+def removed_error(state: WorkerState) -> APIError:
+    """401 for a removed worker's credential; the code says who removed it.
+
+    ``removed``: the operator (re-joining needs a new join token); ``evicted``: the sweeper, for
+    silence (the agent re-joins with its saved worker secret and keeps its id).
+    """
+    if state.revoked:
+        return APIError(
+            401, "this worker was removed by the operator (rma admin remove)", "removed"
+        )
+    return APIError(
+        401,
+        "this worker was removed after a long silence; re-join with its worker_secret",
+        "evicted",
+    )
+
+
+#: API keys made for workers' own services are named this, then the worker id.
+SERVICE_KEY_PREFIX = "worker services "
 
 
 class Pool:
@@ -73,20 +114,37 @@ class Pool:
     def admin_key_file(self) -> Path:
         return self.settings.data_dir / "admin.key"
 
+    @property
+    def signing_key_file(self) -> Path | None:
+        """Where the credential signing key lives: the operator's file, else (SQLite) beside
+        the database, so coordinators sharing one SQLite file share it too; ``None`` (a shared
+        database, no key file mounted): in the database."""
+        if self.settings.signing_key_file is not None:
+            return self.settings.signing_key_file
+        sqlite_file = sqlite_path(self.settings.db_url)
+        return sqlite_file.parent / "signing.key" if sqlite_file is not None else None
+
     def bootstrap(self) -> str | None:
         """Migrate, load secrets and the routing table.  Returns a newly made admin key, once."""
         if self._ready:
             return None
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private(data_dir, 0o700)  # also when it was there before rma
         sqlite_file = sqlite_path(self.settings.db_url)
         if sqlite_file is not None:
             sqlite_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         migrate(self.engine)
-        created = self.credentials.bootstrap(self.admin_key_file)
+        if sqlite_file is not None:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                private(sqlite_file.with_name(sqlite_file.name + suffix), 0o600)
+        created = self.credentials.bootstrap(self.admin_key_file, self.signing_key_file)
         with session(self.engine) as s:
             self.registry.load(s.exec(select(Worker)).all())
         self.scheduler.run("coordinator started")
         self.started_at = self.clock.time()
+        for w in self.registry.all():  # GPU claims not yet shown: a new window from this start
+            self._watch_gpu(w, self.started_at)
         self._ready = True
         return created
 
@@ -97,8 +155,10 @@ class Pool:
 
         ``worker_id`` of a record this coordinator does not know (its database was reset): a new
         registration, which needs a join token.  A known ``worker_id`` with a missing or wrong
-        ``worker_secret``: 401, so nobody takes over another worker's record.  A removed worker
-        comes back only with a new join token (the operator's consent).
+        ``worker_secret``: 401, so nobody takes over another worker's record.  A worker the
+        operator removed (``rma admin remove``: revoked) comes back only with a new join token
+        (the operator's consent); one the sweeper removed for its silence (a laptop that slept)
+        comes back with its secret alone, under its old id.
         """
         if not req.worker_id:
             return None
@@ -115,10 +175,11 @@ class Pool:
                 "join without worker_id (with a join token)",
                 "invalid_worker_secret",
             )
-        if row.status == WorkerStatus.REMOVED and not req.token:
+        if row.status == WorkerStatus.REMOVED and row.revoked and not req.token:
             raise APIError(
                 401,
-                "this worker was removed by the operator; join again with a new token",
+                "this worker was removed by the operator (rma admin remove); join again with a "
+                "new token",
                 "removed",
             )
         return row
@@ -136,7 +197,7 @@ class Pool:
                 raise APIError(422, f"endpoint {req.endpoint} refused: {problem}", "bad_endpoint")
         old = self._reclaim(req)
         token_id: str | None = None
-        if old is None or old.status == WorkerStatus.REMOVED:
+        if old is None or (old.status == WorkerStatus.REMOVED and old.revoked):
             if not req.token:
                 raise APIError(
                     401, "a join token is required (rma admin tokens create)", "invalid_token"
@@ -181,9 +242,11 @@ class Pool:
             row.version = req.version
             row.last_heartbeat_at = now
             row.status_changed_at = now
+            row.revoked = False
             with session(self.engine) as s:
                 s.merge(row)
             state = WorkerState.from_row(row)
+            self._watch_gpu(state, now)
             self.registry.put(state)
             changes = self.scheduler.run(f"worker {req.name} joined", emit=False)
             names = list(state.assignments)
@@ -209,7 +272,21 @@ class Pool:
             heartbeat_interval=self.settings.heartbeat_interval,
             assignments=self.assignments_of(state),
             worker_secret=new_secret,
+            service_key=self._service_key(worker_id),
         )
+
+    def _service_key(self, worker_id: str) -> str | None:
+        """A fresh gateway API key for the worker's pool-calling services; the old one revoked.
+
+        Only where clients need keys: an anonymous pool's services need none.
+        """
+        if self.settings.anonymous_clients:
+            return None
+        name = f"{SERVICE_KEY_PREFIX}{worker_id}"
+        for key in self.credentials.list_keys():
+            if key.name == name and not key.revoked:
+                self.credentials.revoke_key(key.id)
+        return self.credentials.create_key(name, rpm=None).key
 
     # --- worker credentials -----------------------------------------------------------------------
 
@@ -220,7 +297,10 @@ class Pool:
         """
         try:
             cred = security.verify_credential(
-                self.credentials.signing_key, credential, self.clock.time()
+                self.credentials.signing_key,
+                credential,
+                self.clock.time(),
+                max_ttl=self.settings.credential_ttl,
             )
         except security.CredentialError as exc:
             raise APIError(401, str(exc), "invalid_credential") from None
@@ -230,7 +310,7 @@ class Pool:
                 401, "this coordinator does not know the worker; register again", "unknown_worker"
             )
         if state.status is WorkerStatus.REMOVED:
-            raise APIError(401, "this worker was removed by the operator", "removed")
+            raise removed_error(state)
         return state, cred.expires_at
 
     # --- heartbeats -------------------------------------------------------------------------------
@@ -249,7 +329,7 @@ class Pool:
             state = self.registry.get(state.id) or state  # a re-registration replaced it
             # re-checked under the lock: an operator's remove may have landed since authentication
             if state.status is WorkerStatus.REMOVED:
-                raise APIError(401, "this worker was removed by the operator", "removed")
+                raise removed_error(state)
             if state.status is WorkerStatus.LEFT:
                 raise APIError(409, "this worker has left; register again", "left")
             before = state.status
@@ -267,11 +347,45 @@ class Pool:
                     )
                 )
             old_services = state.services
+            legit_before = {n for n in old_services if n not in state.claims}
             state.services = {s.name: self._checked(state, s, peer) for s in req.services}
+            refused = set(state.refused())
+            for name in sorted(refused):
+                svc = state.services[name]
+                state.services[name] = svc.model_copy(
+                    update={"healthy": False, "message": REFUSED_MESSAGE}
+                )
+                if name in state.claims:
+                    continue  # once per claim, not once per heartbeat
+                if name in legit_before and name not in state.claim_grace:
+                    state.claim_grace.add(name)  # just unassigned: one heartbeat to stop it
+                    continue
+                state.claims.add(name)
+                transitions.append(
+                    (
+                        "claim_refused",
+                        f"worker {state.name} reports {name}, which it was not assigned: "
+                        "no requests go to it",
+                        {"service": name, "endpoint": svc.endpoint, "healthy": svc.healthy},
+                    )
+                )
+            state.claims &= refused
+            state.claim_grace &= refused
             for svc in state.services.values():
+                if svc.name not in state.assignments:
+                    continue
                 prev = old_services.get(svc.name)
                 if prev is None or prev.state != svc.state or prev.healthy != svc.healthy:
                     word = "healthy" if svc.healthy else svc.state.value
+                    if svc.state is ServiceState.REFUSED:  # the donor's policy said no
+                        transitions.append(
+                            (
+                                "assignment_refused",
+                                f"{state.name} refused to run {svc.name}: {svc.message}",
+                                {"service": svc.name, "message": svc.message},
+                            )
+                        )
+                        continue
                     transitions.append(
                         (
                             "service",
@@ -284,6 +398,11 @@ class Pool:
                             },
                         )
                     )
+            if state.gpu_deadline is not None and any(
+                n in state.services and state.services[n].healthy
+                for n in self._gpu_services(state.assignments)
+            ):
+                state.gpu_deadline = None  # the GPU did real work: the claim holds
             state.load = req.load
             state.last_heartbeat_at = now
             self._save(state)
@@ -429,15 +548,77 @@ class Pool:
 
     def remove(self, worker_id: str) -> WorkerPublic:
         state = self.get(worker_id)
-        if state.status is WorkerStatus.REMOVED:
+        if state.status is WorkerStatus.REMOVED and state.revoked:
             raise APIError(409, f"worker {state.name} is already removed")
+        with self.registry.lock:
+            state.revoked = True  # only the operator revokes; the sweeper's removal is not one
+            self._save(state)
+        if state.status is WorkerStatus.REMOVED:  # the sweeper removed it already: now revoked
+            self.events.emit(
+                "removed", f"worker {state.name} was removed by the operator", state.id,
+                {"from": state.status.value, "revoked": True},
+            )  # fmt: skip
+            return state.to_public()
         self._set_status(
             state,
             WorkerStatus.REMOVED,
             "removed",
             f"worker {state.name} was removed by the operator",
+            {"revoked": True},
         )
         return state.to_public()
+
+    # --- claimed hardware -------------------------------------------------------------------------
+
+    def _gpu_services(self, names: list[str]) -> list[str]:
+        gpu = int(Tier.GPU)
+        return [
+            n
+            for n in names
+            if n in self.catalog and (self.catalog[n].gpu or self.catalog[n].tier == gpu)
+        ]
+
+    def _watch_gpu(self, state: WorkerState, now: float) -> None:
+        """Start the window in which a GPU-tier worker must show its GPU by a healthy service."""
+        if state.tier != int(Tier.GPU) or state.status is not WorkerStatus.ONLINE:
+            return
+        gpu = self._gpu_services(state.assignments)
+        if gpu and not any(n in state.services and state.services[n].healthy for n in gpu):
+            state.gpu_deadline = now + self.settings.gpu_verify_window
+
+    def check_gpu_claims(self) -> list[str]:
+        """Take the GPU services from GPU-tier workers that never got one healthy in time and
+        re-tier them by their other hardware (the sweeper calls it).  Returns their ids."""
+        now = self.clock.time()
+        demoted: list[str] = []
+        for state in self.registry.all():
+            deadline = state.gpu_deadline
+            if deadline is None or now < deadline or state.status in (
+                WorkerStatus.REMOVED, WorkerStatus.LEFT,
+            ):  # fmt: skip
+                continue
+            caps = state.capabilities.model_copy(update={"gpus": []})
+            try:
+                tier = self.policy.tier_for(caps)
+            except TierRefused:
+                tier = Tier.DATA
+            with self.registry.lock:
+                dropped = self._gpu_services(state.assignments)
+                state.assignments = [n for n in state.assignments if n not in dropped]
+                state.tier = int(tier)
+                state.gpu_deadline = None
+                self._save(state)
+            self.events.emit(
+                "gpu_unverified",
+                f"worker {state.name} reports a GPU, but {', '.join(dropped)} never became "
+                f"healthy within {self.settings.gpu_verify_window:g} s: unassigned, and the "
+                f"worker is tier {tier.label} now",
+                state.id,
+                {"dropped": dropped, "tier": int(tier)},
+            )
+            self._notify(state)
+            demoted.append(state.id)
+        return demoted
 
     # --- shared helpers ---------------------------------------------------------------------------
 
@@ -471,6 +652,7 @@ class Pool:
             if row is None:
                 return
             row.status = state.status.value
+            row.tier = state.tier
             row.services = [v.model_dump(mode="json") for v in state.services.values()]
             row.assignments = list(state.assignments)
             row.load = state.load.model_dump(mode="json")
@@ -478,6 +660,7 @@ class Pool:
             row.status_changed_at = state.status_changed_at
             row.drained = state.drained
             row.trusted = state.trusted
+            row.revoked = state.revoked
             s.add(row)
 
     def _notify(self, state: WorkerState) -> None:

@@ -43,16 +43,39 @@ class WorkerState:
     runnable: frozenset[str] | None = None
     #: The scheduler's placement of each assignment (GPU indices, GPU share); in memory only.
     placements: dict[str, Placement] = field(default_factory=dict)
+    #: Removed by the operator (``rma admin remove``): re-joining needs a new join token.  A
+    #: worker the sweeper removed for its silence is ``removed`` but not revoked.
+    revoked: bool = False
+    #: A GPU-tier worker's GPU services must be healthy by then (seconds), or they are taken
+    #: away and the worker re-tiered; ``None`` once one was (or for other tiers).  In memory.
+    gpu_deadline: float | None = None
+    #: Reported services outside the assignments already announced (``claim_refused``), and
+    #: those just unassigned, given one heartbeat to stop before they count as claims.
+    claims: set[str] = field(default_factory=set)
+    claim_grace: set[str] = field(default_factory=set)
 
     def serves(self, service: str) -> bool:
-        """Online, and this service reported healthy."""
-        if self.status is not WorkerStatus.ONLINE:
+        """Online, assigned this service by the coordinator, and reported it healthy.
+
+        A service the worker reports but was not assigned (a *claim*) never takes traffic.
+        """
+        if self.status is not WorkerStatus.ONLINE or service not in self.assignments:
             return False
         st = self.services.get(service)
         return st is not None and st.healthy
 
+    def refused(self) -> list[str]:
+        """Reported services the coordinator did not assign to this worker (claims refused)."""
+        return sorted(n for n in self.services if n not in self.assignments)
+
     @classmethod
     def from_row(cls, row: Worker) -> WorkerState:
+        state = cls._from_row(row)
+        state.claims = set(state.refused())  # announced before the restart
+        return state
+
+    @classmethod
+    def _from_row(cls, row: Worker) -> WorkerState:
         return cls(
             id=row.id,
             name=row.name,
@@ -72,6 +95,7 @@ class WorkerState:
             status_changed_at=row.status_changed_at,
             drained=row.drained,
             runnable=frozenset(row.runnable) if row.runnable is not None else None,
+            revoked=row.revoked,
         )
 
     def to_public(self) -> WorkerPublic:
@@ -88,6 +112,8 @@ class WorkerState:
             load=self.load,
             transport=self.transport,
             trusted=self.trusted,
+            refused=self.refused(),
+            revoked=self.revoked,
             version=self.version,
             endpoint=self.endpoint,
             registered_at=_dt(self.registered_at),
@@ -135,6 +161,6 @@ class Registry:
         counts: dict[str, int] = {}
         for w in list(self._workers.values()):
             for name in w.services:
-                if w.serves(name):
+                if w.serves(name):  # claims refused are not counted
                     counts[name] = counts.get(name, 0) + 1
         return counts

@@ -75,7 +75,11 @@ def issue_credential(signing_key: str, worker_id: str, now: float, ttl: float) -
     return jwt.encode(claims, signing_key, algorithm=ALGORITHMS[0]), float(int(exp))
 
 
-def verify_credential(signing_key: str, token: str, now: float) -> Credential:
+def verify_credential(
+    signing_key: str, token: str, now: float, max_ttl: float | None = None
+) -> Credential:
+    """The credential's worker and expiry; :class:`CredentialError` when it does not verify,
+    has expired, or (with ``max_ttl``) was issued for longer than this coordinator issues."""
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
@@ -90,4 +94,7 @@ def verify_credential(signing_key: str, token: str, now: float) -> Credential:
     # expiry is checked against the coordinator's clock (testable), not the system's
     if float(claims["exp"]) <= now:
         raise CredentialError("worker credential expired; register again")
+    # iat and exp are whole seconds: a lifetime of ttl rounds to at most ttl + 1
+    if max_ttl is not None and float(claims["exp"]) - float(claims["iat"]) > max_ttl + 1:
+        raise CredentialError("worker credential lifetime exceeds credential_ttl; register again")
     return Credential(worker_id=str(claims["sub"]), expires_at=float(claims["exp"]))

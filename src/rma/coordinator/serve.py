@@ -61,6 +61,7 @@ def build_server(settings: CoordinatorSettings, log_level: str = "info") -> uvic
 
     from rma.catalog import CatalogError
     from rma.coordinator.app import create_app
+    from rma.coordinator.credentials import SigningKeyError
     from rma.coordinator.pool import Pool
 
     if log_level not in LOG_LEVELS:
@@ -82,7 +83,7 @@ def build_server(settings: CoordinatorSettings, log_level: str = "info") -> uvic
     try:
         pool = Pool(settings)
         created = pool.bootstrap()
-    except CatalogError as exc:
+    except (CatalogError, SigningKeyError) as exc:
         raise ServeError(str(exc)) from None
     except Exception as exc:  # database URL wrong, server down, permissions...
         raise ServeError(f"cannot open the database: {one_line(exc)}") from None
@@ -106,10 +107,39 @@ def server_config(settings: CoordinatorSettings, app: Any, log_level: str) -> uv
     """uvicorn's settings for the coordinator (``rma coordinator serve`` and ``rma up``)."""
     import uvicorn
 
+    from rma.coordinator.connections import (
+        ConnectionGuard,
+        default_max_connections,
+        protocol_class,
+        raise_nofile_limit,
+    )
     from rma.tunnel.frames import MAX_FRAME
 
+    nofile = raise_nofile_limit()
+    guard = ConnectionGuard(
+        max_connections=settings.max_connections or default_max_connections(nofile),
+        max_per_address=settings.max_connections_per_address,
+        header_timeout=settings.header_timeout,
+        max_header_bytes=settings.max_header_bytes,
+    )
+    http: Any
+    try:
+        http = protocol_class(guard)
+    except ImportError:  # no httptools: uvicorn's h11 protocol, without the caps
+        http = "h11"
+        print(
+            "warning: httptools is not installed: no connection caps or header deadline "
+            "(pip install httptools)",
+            file=sys.stderr,
+        )
+    else:
+        if hasattr(app, "state"):
+            app.state.connections = guard  # /readyz says when it is saturated
     return uvicorn.Config(
         app,
+        http=http,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=max(1, round(settings.keepalive_timeout)),
         host=settings.host,
         port=settings.port,
         log_level=log_level,

@@ -4,7 +4,8 @@
   script (atomic, one round trip, Redis's clock), the same shape as the local bucket.
 - Key revocations: published on the ``rma:events`` channel; every coordinator drops the key at
   once.
-- Failed authentications: published on the same channel; every coordinator counts them.
+- Failed authentications: published on the same channel (the bucket each counts in: role and
+  address, address, join token); every coordinator counts them.
 
 When Redis is away, each coordinator keeps serving: rate limits fall back to its local bucket
 (fail open, logged once), authentication keeps working from its key cache and the database (it
@@ -43,8 +44,8 @@ BUCKET_PREFIX = "rma:rpm:"
 MAX_BACKOFF = 5.0
 #: Messages waiting to be published; past it they are dropped (Redis is slow or away).
 QUEUE_SIZE = 1000
-#: Longest client address taken from a message.
-MAX_ADDR = 100
+#: Longest failed-authentication bucket (role and address, or a token id) taken from a message.
+MAX_BUCKET = FailureLimiter.MAX_KEY
 
 #: KEYS[1]: the key's bucket; ARGV[1]: rpm.  Returns {allowed (0/1), tokens left (a string)}.
 RPM_SCRIPT = """
@@ -183,8 +184,8 @@ class SharedEvents:
     def key_revoked(self, key_id: str) -> None:
         self._send({"type": "key_revoked", "id": key_id})
 
-    def auth_failed(self, addr: str) -> None:
-        self._send({"type": "auth_fail", "addr": addr})
+    def auth_failed(self, bucket: str) -> None:
+        self._send({"type": "auth_fail", "bucket": bucket})
 
     def _send(self, message: dict[str, str]) -> None:
         """Queue a message for :meth:`publish_loop` (thread-safe: routes run in threads too)."""
@@ -283,11 +284,11 @@ class SharedEvents:
             self.credentials.forget_key(message["id"])
         elif (
             kind == "auth_fail"
-            and isinstance(message.get("addr"), str)
-            and len(message["addr"]) <= MAX_ADDR
+            and isinstance(message.get("bucket"), str)
+            and len(message["bucket"]) <= MAX_BUCKET
         ):
             self.received += 1
-            self.failures.record(message["addr"])
+            self.failures.record(message["bucket"])
 
 
 class Shared:

@@ -33,6 +33,7 @@ class Worker(SQLModel, table=True):
     drained: bool = False  # the operator's drain; survives going offline and coming back
     #: the catalog services its runtime can start (from registration); null: every one that fits
     runnable: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    revoked: bool = False  # removed by the operator (not by the sweeper): needs a new join token
 
 
 class JoinToken(SQLModel, table=True):

@@ -145,6 +145,7 @@ class TunnelHub:
         self._tunnels: dict[str, _Tunnel] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aborts: set[asyncio.Task[None]] = set()
+        self._emitting: set[asyncio.Future[Any]] = set()
         self.streams_opened = 0
         pool.on_status_change.append(self._on_status_change)
 
@@ -159,11 +160,15 @@ class TunnelHub:
     ) -> TunnelResponse:
         tunnel = self._tunnels.get(worker.id)
         if tunnel is None or not tunnel.usable:
-            raise UpstreamError(f"worker {worker.name} has no tunnel connected", status=502)
+            raise UpstreamError(
+                f"worker {worker.name} has no tunnel connected", status=502, unreachable=True
+            )
         try:
             stream = tunnel.mux.open_stream()
         except TunnelClosed as exc:
-            raise UpstreamError(f"worker {worker.name}: tunnel closed: {exc}", status=502) from None
+            raise UpstreamError(
+                f"worker {worker.name}: tunnel closed: {exc}", status=502, unreachable=True
+            ) from None
         self.streams_opened += 1
         body = request.body
         headers = end_to_end(request.headers, drop=_DROP_REQUEST)
@@ -249,6 +254,9 @@ class TunnelHub:
     async def aclose(self) -> None:
         for worker_id in list(self._tunnels):
             self.disconnect(worker_id, "the coordinator is shutting down")
+        # events still being written in threads finish before the database goes away
+        while self._emitting:
+            await asyncio.gather(*list(self._emitting), return_exceptions=True)
 
     # --- the WebSocket route ----------------------------------------------------------------------
 
@@ -315,11 +323,10 @@ class TunnelHub:
         limiter = ws.app.state.auth_limiter
         addr = ws.client.host if ws.client else "unknown"
         try:
-            limiter.check(addr)
             state, expires_at, protocol = await self._authenticate(ws)
         except APIError as exc:
-            if exc.status == 401:
-                limiter.fail(addr)
+            if exc.status == 401:  # a valid credential is never refused for failures
+                exc = limiter.refuse(limiter.buckets("worker", addr), exc)
             await _deny(ws, exc)
             return
         await ws.accept(subprotocol=protocol)
@@ -412,12 +419,15 @@ class TunnelHub:
             await mux.ping()
 
     def _emit(self, kind: str, message: str, worker_id: str) -> None:
-        """Record an event without blocking the loop (database write in a thread)."""
+        """Record an event without blocking the loop (database write in a thread; ``aclose``
+        waits for the writes still running)."""
         try:
             loop = asyncio.get_running_loop()
-            loop.run_in_executor(None, self.pool.events.emit, kind, message, worker_id)
+            fut = loop.run_in_executor(None, self.pool.events.emit, kind, message, worker_id)
         except RuntimeError:  # the executor is shutting down
-            pass
+            return
+        self._emitting.add(fut)
+        fut.add_done_callback(self._emitting.discard)
 
 
 class _Endpoint:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from rma.schemas.enums import ServiceState, Transport, WorkerStatus
 
@@ -35,7 +36,29 @@ __all__ = [
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
-class _Strict(BaseModel):
+@cache
+def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        kinds = get_args(info.annotation) or (info.annotation,)
+        if bool not in kinds and any(k in (int, float) for k in kinds):
+            names.add(name)
+    return frozenset(names)
+
+
+class _JsonNumbers(BaseModel):
+    """Numbers in request bodies are JSON numbers: ``false`` or ``"5"`` is refused, not cast
+    (``4.0`` is an integer in JSON and stays accepted)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, (bool, str, bytes)) and info.field_name in _numeric_fields(cls):
+            raise ValueError(f"must be a number, not {type(value).__name__}")
+        return value
+
+
+class _Strict(_JsonNumbers):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -53,7 +76,7 @@ class ErrorBody(BaseModel):
 # --- hardware and load ---------------------------------------------------------------------------
 
 
-class GpuInfo(BaseModel):
+class GpuInfo(_JsonNumbers):
     name: str = Field(max_length=200)
     memory_mb: int = Field(ge=0)
     memory_free_mb: int | None = Field(None, ge=0)
@@ -63,14 +86,14 @@ class GpuInfo(BaseModel):
     index: int | None = Field(None, ge=0)
 
 
-class Capabilities(BaseModel):
+class Capabilities(_JsonNumbers):
     """What a worker's machine has (``rma worker detect``)."""
 
     cpu_cores: int = Field(ge=1, le=4096)
     memory_mb: int = Field(ge=0)
     disk_free_mb: int = Field(0, ge=0)
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
-    docker: bool = False
+    docker: bool = Field(False, strict=True)
     os: str = Field("", max_length=100)
     arch: str = Field("", max_length=50)
     cpu_model: str | None = Field(None, max_length=200)
@@ -81,7 +104,7 @@ class Capabilities(BaseModel):
         return max((g.memory_mb for g in self.gpus), default=0)
 
 
-class Load(BaseModel):
+class Load(_JsonNumbers):
     cpu_percent: float = Field(0.0, ge=0, le=100 * 4096)
     memory_percent: float = Field(0.0, ge=0, le=100)
     gpu_percent: float | None = Field(None, ge=0, le=100)
@@ -136,8 +159,9 @@ class ServiceSpec(BaseModel):
     capacity: int | None = Field(
         None, ge=1, description="Requests one copy serves at once; unset: the gateway's default."
     )
-    gpu_devices: list[int] = Field(
+    gpu_devices: list[Annotated[int, Field(ge=0, le=63)]] = Field(
         default_factory=list,
+        max_length=16,
         description="Set by the coordinator in an assignment: the GPU indices it placed it on.",
     )
     gpu_share: float | None = Field(
@@ -193,12 +217,18 @@ class RegisterResponse(BaseModel):
     worker_secret: str | None = Field(
         None, description="Given on the first join only: keep it (0600) to re-join as this worker."
     )
+    service_key: str | None = Field(
+        None,
+        description="A client API key of this worker's own, for its services that call the pool "
+        "(rag, notes, doc) through the gateway; given when the pool requires API keys, replaced "
+        "at each (re-)join.",
+    )
 
 
-class ServiceStatus(BaseModel):
+class ServiceStatus(_JsonNumbers):
     name: str = Field(pattern=_NAME)
     state: ServiceState
-    healthy: bool = False
+    healthy: bool = Field(False, strict=True)
     inflight: int = Field(0, ge=0)
     endpoint: str | None = Field(None, max_length=500)
     message: str | None = Field(None, max_length=1000)
@@ -207,7 +237,7 @@ class ServiceStatus(BaseModel):
 class HeartbeatRequest(_Strict):
     load: Load = Field(default_factory=Load)
     services: list[ServiceStatus] = Field(default_factory=list, max_length=256)
-    draining: bool = False
+    draining: bool = Field(False, strict=True)
 
 
 class HeartbeatResponse(BaseModel):
@@ -231,6 +261,10 @@ class WorkerPublic(BaseModel):
     load: Load
     transport: Transport
     trusted: bool
+    #: Services the worker reports but was not assigned: never routed to (``claim_refused``).
+    refused: list[str] = Field(default_factory=list)
+    #: Removed by the operator (``rma admin remove``), as opposed to by the sweeper for silence.
+    revoked: bool = False
     version: str
     endpoint: str | None
     registered_at: datetime
@@ -261,6 +295,12 @@ class TokenPublic(BaseModel):
 
 class TokenCreated(TokenPublic):
     token: str = Field(description="The secret; shown once.")
+    join_command: str | None = Field(
+        None, description="A ready `rma worker join ...` line for a donor (with the pin)."
+    )
+    ca_hash: str | None = Field(
+        None, description="sha256:<hex> of the coordinator's TLS certificate, when it serves TLS."
+    )
 
 
 class ApiKeyCreate(_Strict):

@@ -48,9 +48,12 @@ class ServiceState(StrEnum):
                       │           │          │
                       └──> failed <──────────┴──> crashed -> (backoff) -> starting
         any -> stopping -> stopped   (unassigned, or the agent leaves)
+        (assigned) -> refused        (the donor's policy: never started)
 
     ``failed`` is terminal until the assignment changes (bad image, missing extra, no engine);
-    ``crashed`` is retried with backoff.
+    ``crashed`` is retried with backoff.  ``refused``: the donor's agent will not run this
+    assignment (not in its catalog, a definition that differs from its own, over its limits, not
+    in its ``--services``); nothing was started, and it stays so until the assignment changes.
     """
 
     PENDING = "pending"
@@ -62,6 +65,7 @@ class ServiceState(StrEnum):
     FAILED = "failed"
     STOPPING = "stopping"
     STOPPED = "stopped"
+    REFUSED = "refused"
 
 
 class Transport(StrEnum):

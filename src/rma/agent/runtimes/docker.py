@@ -23,6 +23,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
+from rma.agent.policy import Limits
 from rma.agent.runtimes.base import (
     Handle,
     Progress,
@@ -75,8 +76,10 @@ class DockerRuntime(Runtime):
         bind_host: str = "127.0.0.1",
         gpus: bool = False,
         stop_timeout: float = 10.0,
+        limits: Limits | None = None,
     ) -> None:
         self.client = client
+        self.limits = limits or Limits()
         self.data_dir = data_dir
         self.agent_key = agent_key
         self.bind_host = bind_host
@@ -97,6 +100,7 @@ class DockerRuntime(Runtime):
         bind_host: str = "127.0.0.1",
         gpus: bool = False,
         timeout: float = 5.0,
+        limits: Limits | None = None,
     ) -> DockerRuntime:
         """A runtime on the engine from the environment (``DOCKER_HOST`` or the local socket)."""
         try:
@@ -111,6 +115,7 @@ class DockerRuntime(Runtime):
                 network=network,
                 bind_host=bind_host,
                 gpus=gpus,
+                limits=limits,
             )
         except (DockerException, OSError) as exc:
             client.close()
@@ -200,10 +205,12 @@ class DockerRuntime(Runtime):
             kwargs["network_mode"] = "host"
         else:
             kwargs["ports"] = {f"{spec.port}/tcp": (self.bind_host, host_port)}
-        if spec.resources.memory_mb:
-            kwargs["mem_limit"] = f"{spec.resources.memory_mb}m"
-        if spec.resources.cpu_cores:
-            kwargs["nano_cpus"] = int(spec.resources.cpu_cores * 1e9)
+        memory_mb = _capped(spec.resources.memory_mb or None, self.limits.memory_mb)
+        if memory_mb:
+            kwargs["mem_limit"] = f"{int(memory_mb)}m"
+        cpus = _capped(spec.resources.cpu_cores or None, self.limits.cpu)
+        if cpus:
+            kwargs["nano_cpus"] = int(cpus * 1e9)
         if spec.gpu_devices:  # the GPU(s) the coordinator placed it on
             ids = [str(i) for i in spec.gpu_devices]
             kwargs["device_requests"] = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
@@ -288,5 +295,28 @@ class DockerRuntime(Runtime):
     async def aclose(self) -> None:
         await asyncio.to_thread(self.client.close)
 
+    def enforced(self) -> dict[str, str]:
+        """How each donor limit is applied to this runtime's containers."""
+        out: dict[str, str] = {}
+        if self.limits.cpu is not None:
+            out["cpu"] = f"nano_cpus: at most {self.limits.cpu:g} CPUs per container"
+        if self.limits.memory_mb is not None:
+            out["memory"] = f"mem_limit: at most {self.limits.memory_mb} MB per container"
+        if self.limits.vram_mb is not None:
+            out["vram"] = "planned only (the coordinator and the agent keep services within it)"
+        return out
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "engine": self.version, "network": self.network}
+        return {
+            "name": self.name,
+            "engine": self.version,
+            "network": self.network,
+            "limits": self.enforced(),
+        }
+
+
+def _capped(wanted: float | None, cap: float | None) -> float | None:
+    """The service's own limit, never above the donor's (the donor's when it declares none)."""
+    if cap is None:
+        return wanted
+    return cap if wanted is None else min(wanted, cap)

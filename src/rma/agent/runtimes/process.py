@@ -1,5 +1,13 @@
 """The process runtime: the catalog's command as a subprocess in its own process group.
 
+Donor limits (``--max-cpu``, ``--max-memory``) are applied to each service as it starts, by a
+tiny launcher (``python -I -c``) that sets them and then ``exec``s the service's command (same
+pid, same process group; no ``preexec_fn``, which is unsafe in a threaded agent):
+``--max-cpu N`` pins it to N of this agent's CPUs (``sched_setaffinity``, N rounded up),
+``--max-memory`` caps its data segment (``RLIMIT_DATA``: heap and private anonymous memory, what
+a runaway service grows; file mappings such as model weights and reserved-but-unused address
+space do not count).  Its children inherit both.
+
 Logs go to ``<data-dir>/logs/<service>.log``.  Each running service leaves a small record in
 ``<data-dir>/run/<service>.json`` (pid, process group, start time) so that an agent restarted
 after a crash (SIGKILL) finds what its predecessor started and stops the whole group.
@@ -11,6 +19,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,8 +31,25 @@ from typing import IO, Any
 
 import psutil
 
+from rma import install_hint
+from rma.agent.policy import Limits
 from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure, expand
 from rma.schemas.api import ServiceSpec
+
+#: Sets the limits given as arguments (CPUs "0,1" or "", data bytes or 0), then becomes the service.
+_LAUNCHER = """\
+import os, resource, sys
+cpus, data, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+if cpus:
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+if data:
+    resource.setrlimit(resource.RLIMIT_DATA, (data, data))
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    print(f"rma: cannot start {argv[0]}: {exc.strerror}", file=sys.stderr)
+    sys.exit(127)
+"""
 
 
 def _module_missing(module: str) -> bool:
@@ -36,8 +62,12 @@ def _module_missing(module: str) -> bool:
 class ProcessRuntime(Runtime):
     name = "process"
 
-    def __init__(self, data_dir: Path, *, stop_timeout: float = 10.0) -> None:
+    def __init__(
+        self, data_dir: Path, *, stop_timeout: float = 10.0, limits: Limits | None = None
+    ) -> None:
         self.data_dir = data_dir
+        self.limits = limits or Limits()
+        self._cpus = _cpu_set(self.limits.cpu)
         self.logs = data_dir / "logs"
         self.run_dir = data_dir / "run"
         self.stop_timeout = stop_timeout
@@ -54,7 +84,7 @@ class ProcessRuntime(Runtime):
             return f"{exe} is not installed on this machine"
         missing = [m for m in spec.requires if self._missing_module(m)]
         if missing:
-            how = f"pip install 'rma[{spec.extra}]'" if spec.extra else "install them"
+            how = install_hint(spec.extra) if spec.extra else "install them"
             return f"needs the Python module(s) {', '.join(missing)}: {how}"
         return None
 
@@ -76,7 +106,10 @@ class ProcessRuntime(Runtime):
         self.logs.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         share = spec.gpu_share
-        argv = [expand(a, port=host_port, data_dir=data_dir, gpu_share=share) for a in spec.command]
+        command = [
+            expand(a, port=host_port, data_dir=data_dir, gpu_share=share) for a in spec.command
+        ]
+        argv = self.limited(command)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.update(
             {
@@ -90,7 +123,7 @@ class ProcessRuntime(Runtime):
         log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"\n--- {stamp} rma starts: {' '.join(argv)}\n".encode())
+            log.write(f"\n--- {stamp} rma starts: {' '.join(command)}\n".encode())
             log.flush()
             try:
                 proc = subprocess.Popen(
@@ -104,7 +137,7 @@ class ProcessRuntime(Runtime):
                     close_fds=True,
                 )
             except OSError as exc:
-                raise RuntimeFailure(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+                raise RuntimeFailure(f"cannot start {command[0]}: {exc.strerror or exc}") from None
         finally:
             log.close()
         self._procs[spec.name] = proc
@@ -168,8 +201,44 @@ class ProcessRuntime(Runtime):
         tail = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("--- ")]
         return " | ".join(tail[-lines:])
 
+    def limited(self, argv: list[str]) -> list[str]:
+        """``argv``, behind the launcher that applies the donor's limits (when there are any)."""
+        cpus, memory_mb = self._cpus, self.limits.memory_mb
+        if cpus is None and memory_mb is None:
+            return argv
+        cpu_arg = ",".join(str(c) for c in sorted(cpus)) if cpus is not None else ""
+        data = str(memory_mb << 20) if memory_mb is not None else "0"
+        return [sys.executable, "-I", "-c", _LAUNCHER, cpu_arg, data, *argv]
+
+    def enforced(self) -> dict[str, str]:
+        """How each donor limit is applied to this runtime's services."""
+        out: dict[str, str] = {}
+        if self._cpus is not None:
+            out["cpu"] = f"CPU affinity: CPUs {','.join(map(str, sorted(self._cpus)))}"
+        if self.limits.memory_mb is not None:
+            out["memory"] = f"RLIMIT_DATA {self.limits.memory_mb} MB per service process"
+        if self.limits.vram_mb is not None:
+            out["vram"] = "planned only (the coordinator and the agent keep services within it)"
+        return out
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "python": sys.executable, "logs": str(self.logs)}
+        return {
+            "name": self.name,
+            "python": sys.executable,
+            "logs": str(self.logs),
+            "limits": self.enforced(),
+        }
+
+
+def _cpu_set(cpu: float | None) -> set[int] | None:
+    """The CPUs a service may use under ``--max-cpu``: the first N of this agent's own."""
+    if cpu is None:
+        return None
+    try:
+        mine = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux: no affinity; the limit is planned only
+        return None
+    return set(mine[: max(1, math.ceil(cpu))])
 
 
 def _group_alive(pgid: int) -> bool:

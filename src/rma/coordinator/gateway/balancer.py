@@ -117,6 +117,9 @@ class Balancer:
         self.failures: dict[Key, int] = {}
         self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self.queued = 0
+        #: Workers that refused a connection: worker id -> its last heartbeat time then.  Out of
+        #: routing until a newer heartbeat (not for the whole offline window).
+        self.unreachable: dict[str, float | None] = {}
 
     # --- choosing ---------------------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class Balancer:
         handed it over yet: the scheduler lets go once a replacement is healthy) serves it, so a
         drain never leaves a gap.
         """
-        found = [w for w in self.registry.routable(service) if self.reachable(w)]
+        found = [w for w in self.registry.routable(service) if self._usable(w)]
         if found:
             return found
         return [
@@ -137,8 +140,25 @@ class Balancer:
             and service in w.assignments
             and (st := w.services.get(service)) is not None
             and st.healthy
-            and self.reachable(w)
+            and self._usable(w)
         ]
+
+    def _usable(self, worker: WorkerState) -> bool:
+        """A transport reaches it, and it was not found unreachable since its last heartbeat."""
+        return self.reachable(worker) and (not self.unreachable or self._heard(worker))
+
+    def _heard(self, worker: WorkerState) -> bool:
+        """False while ``worker`` is marked unreachable and has not sent a heartbeat since."""
+        if worker.id not in self.unreachable:
+            return True
+        if self.unreachable[worker.id] == worker.last_heartbeat_at:
+            return False
+        del self.unreachable[worker.id]  # a newer heartbeat: back in routing
+        return True
+
+    def mark_unreachable(self, worker: WorkerState) -> None:
+        """Take ``worker`` out of routing at once, until its next heartbeat."""
+        self.unreachable[worker.id] = worker.last_heartbeat_at
 
     def capacity_of(self, worker: WorkerState, service: str = "") -> int:
         """Requests one copy of ``service`` takes at once: the catalog's ``capacity``, else the

@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -22,6 +24,7 @@ from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
 from rma.coordinator.gateway.balancer import Balancer, Wish
 from rma.coordinator.gateway.direct import DirectUpstream
+from rma.coordinator.gateway.headers import request_headers, response_header_allowed
 from rma.coordinator.gateway.ratelimit import RateLimiter
 from rma.coordinator.gateway.upstream import (
     Upstream,
@@ -50,11 +53,11 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-#: Request headers not passed to workers (the client's API key stays here).
-_DROP_REQUEST = _HOP_BY_HOP | {b"host", b"authorization", b"content-length", b"expect"}
 #: Response headers not passed back (the server adds its own ``date``).
 _DROP_RESPONSE = _HOP_BY_HOP | {b"date", b"server"}
 _RETRY_STATUSES = (502, 503)
+#: Content types that are streams by nature: never held back, relayed as they come.
+_STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 _TAIL = 1024
 
 REQUESTS = "rma_gateway_requests_total"
@@ -112,6 +115,15 @@ class _Call:
     tail: bytes = b""
 
 
+@dataclass(slots=True)
+class _Held:
+    """The start of an answer read before anything was sent (see ``hold_back_bytes``)."""
+
+    chunks: AsyncIterator[bytes]
+    parts: list[bytes] = field(default_factory=list)
+    complete: bool = False
+
+
 class Gateway:
     def __init__(
         self,
@@ -164,6 +176,19 @@ class Gateway:
     def reachable(self, worker: WorkerState) -> bool:
         return self.upstream_for(worker) is not None
 
+    def openapi_paths(self) -> dict[str, Any]:
+        """The gateway's operations for ``/openapi.json``, naming what the pool serves now."""
+        from rma.coordinator.gateway.openapi import paths
+
+        served = [name for name in self.pool.catalog if self.balancer.workers_for(name)]
+        models = [
+            m
+            for name in served
+            if (spec := self.pool.catalog[name]).kind == "openai"
+            for m in spec.models
+        ]
+        return paths(models, served)
+
     async def aclose(self) -> None:
         await self.direct.aclose()
         await self.usage.close()
@@ -179,30 +204,34 @@ class Gateway:
             if scheme.lower() == "bearer" and value.strip():
                 secret = value.strip()
         creds = self.pool.credentials
+        limiter = self.auth_limiter
+        addr = scope["client"][0] if scope.get("client") else "unknown"
         if secret is not None:
-            addr = scope["client"][0] if scope.get("client") else "unknown"
-            if not self.settings.anonymous_clients:
-                self.auth_limiter.check(addr)
             info = await creds.find_key(secret)
             if info is not None:
-                return info
+                return info  # a valid key is never refused for failures (its own or others')
             self._refuse_other_roles(secret)
             if self.settings.anonymous_clients:
                 return None
-            self.auth_limiter.fail(addr)
-            raise APIError(
-                401, "invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+            raise limiter.refuse(
+                limiter.buckets("client", addr),
+                APIError(
+                    401,
+                    "invalid API key",
+                    "invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                ),
             )
         if self.settings.anonymous_clients:
             return None
-        addr = scope["client"][0] if scope.get("client") else "unknown"
-        self.auth_limiter.check(addr)
-        self.auth_limiter.fail(addr)
-        raise APIError(
-            401,
-            "an API key is required (Authorization: Bearer <key>; rma admin keys create)",
-            "missing_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
+        raise limiter.refuse(
+            limiter.buckets("client", addr),
+            APIError(
+                401,
+                "an API key is required (Authorization: Bearer <key>; rma admin keys create)",
+                "missing_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            ),
         )
 
     def _refuse_other_roles(self, secret: str) -> None:
@@ -312,7 +341,7 @@ class Gateway:
         """The service for the body's ``model``, and the conversation's affinity key."""
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # also invalid UTF-8, nesting past the stack
             raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
         service = self._service_for(data)
         if not isinstance(data, dict):
@@ -344,13 +373,7 @@ class Gateway:
     ) -> None:
         s = self.settings
         deadline = call.started + s.total_timeout
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope["headers"]
-            if k not in _DROP_REQUEST
-        ]
-        if scope.get("client"):
-            headers.append(("x-forwarded-for", scope["client"][0]))
+        headers = request_headers(scope["headers"])  # an allow-list: no cookie, key or address
         request = UpstreamRequest(call.service, scope["method"], path, headers, body)
         # The client may go away while a worker thinks: then the worker's request is cancelled
         # (the tunnel resets its stream, the direct connection is closed), streamed or not.
@@ -378,7 +401,12 @@ class Gateway:
         timed_out = False
         last_status: int | None = None
         while call.attempts < s.max_attempts:
-            lease = await self.balancer.acquire(call.service, tried, trusted_only, wish)
+            try:
+                lease = await self.balancer.acquire(call.service, tried, trusted_only, wish)
+            except APIError as exc:
+                if exc.status == 503 and failures:
+                    break  # the ones that failed left routing: say why they failed
+                raise
             if lease is None:
                 break
             worker = lease.worker
@@ -413,6 +441,8 @@ class Gateway:
                     if exc.status is not None:
                         last_status = exc.status
                     timed_out = exc.timeout
+                    if exc.unreachable:
+                        self.balancer.mark_unreachable(worker)
                     self._worker_failed(worker, call.service, failures, str(exc))
                     continue
                 if resp.status in _RETRY_STATUSES and call.attempts < s.max_attempts:
@@ -423,15 +453,79 @@ class Gateway:
                         worker, call.service, failures, f"answered HTTP {resp.status}"
                     )
                     continue
+                held: _Held | None = None
+                if self._holds(resp):
+                    try:
+                        held = await self._hold_back(resp, deadline, watcher)
+                    except UpstreamError as exc:  # nothing reached the client: try another
+                        await _close(resp)
+                        timed_out = exc.timeout
+                        self._worker_failed(worker, call.service, failures, str(exc))
+                        continue
+                    except BaseException:
+                        await _close(resp)
+                        raise
                 self.balancer.succeeded(worker, call.service)
                 self.metrics.observe(
                     FIRST_BYTE, time.perf_counter() - call.started, (("service", call.service),)
                 )
-                await self._relay(call, resp, send, deadline, watcher)
+                await self._relay(call, resp, send, deadline, watcher, held)
                 return
             finally:
                 lease.release()
         self._give_up(call, failures, timed_out, last_status)
+
+    def _holds(self, resp: UpstreamResponse) -> bool:
+        """Whether to read the answer before sending it: not a stream, not over the limit."""
+        limit = self.settings.hold_back_bytes
+        if limit <= 0:
+            return False
+        for k, v in resp.headers:
+            name = k.lower()
+            if name == "content-type" and v.lower().startswith(_STREAM_TYPES):
+                return False
+            if name == "content-length":
+                try:
+                    if int(v) > limit:
+                        return False
+                except ValueError:
+                    return False
+        return True
+
+    async def _hold_back(
+        self, resp: UpstreamResponse, deadline: float, watcher: asyncio.Future[None]
+    ) -> _Held:
+        """Read the body up to ``hold_back_bytes``; ``UpstreamError`` when it breaks meanwhile.
+
+        An answer that ends within the limit is ``complete``: a worker that fails before then
+        is retried on another one, as if it had failed before its headers.
+        """
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        loop_deadline = loop.time() + (deadline - time.perf_counter())
+        held = _Held(resp.aiter_bytes().__aiter__())
+        size = 0
+        try:
+            async with asyncio.timeout(None) as timer:
+                while size <= s.hold_back_bytes:
+                    timer.reschedule(min(loop.time() + s.stall_timeout, loop_deadline))
+                    try:
+                        chunk = await held.chunks.__anext__()
+                    except StopAsyncIteration:
+                        held.complete = True
+                        break
+                    if chunk:
+                        held.parts.append(chunk)
+                        size += len(chunk)
+                    if watcher.done():
+                        raise ClientGone
+        except TimeoutError:
+            raise UpstreamError(
+                f"the body stalled: nothing for {s.stall_timeout:g} s", timeout=True
+            ) from None
+        except UpstreamError as exc:
+            raise UpstreamError(f"the body broke: {exc}", timeout=exc.timeout) from None
+        return held
 
     def _worker_failed(
         self, worker: WorkerState, service: str, failures: list[str], why: str
@@ -474,8 +568,12 @@ class Gateway:
         send: Send,
         deadline: float,
         watcher: asyncio.Future[None],
+        held: _Held | None = None,
     ) -> None:
-        """Stream the answer back as it comes; a broken SSE stream ends with an ``error`` event."""
+        """Stream the answer back as it comes; a broken SSE stream ends with an ``error`` event.
+
+        ``held``: the part of the body read already (all of it when ``complete``).
+        """
         sse = False
         out: list[tuple[bytes, bytes]] = []
         try:
@@ -484,8 +582,8 @@ class Gateway:
                     name, value = k.lower().encode("latin-1"), v.encode("latin-1")
                 except UnicodeEncodeError:
                     continue  # not a valid HTTP header: dropped, never a 500
-                if name in _DROP_RESPONSE:
-                    continue
+                if name in _DROP_RESPONSE or not response_header_allowed(name, value):
+                    continue  # an allow-list: no set-cookie, location... from a worker
                 if name == b"content-type" and v.startswith("text/event-stream"):
                     sse = True
                 out.append((name, value))
@@ -503,7 +601,16 @@ class Gateway:
         error: str | None = None
         code = "stream_broken"
         try:
-            error, code = await self._pump(call, resp, send, deadline, watcher)
+            if held is not None:
+                data = b"".join(held.parts)
+                call.tail = data[-_TAIL:]
+                more = not held.complete
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+                if not more:
+                    return
+            error, code = await self._pump(
+                call, resp, send, deadline, watcher, held.chunks if held else None
+            )
         finally:
             with contextlib.suppress(Exception):
                 await resp.aclose()
@@ -513,8 +620,10 @@ class Gateway:
         self.metrics.inc(BROKEN, (("service", call.service),))
         call.status = 502 if code != "stream_timeout" else 504
         log.warning("gateway: stream from %s broke: %s", worker.name if worker else "?", error)
-        if sse:
-            await send({"type": "http.response.body", "body": sse_error(code, error)})
+        if sse:  # one error event, then the end of a properly finished response
+            await send(
+                {"type": "http.response.body", "body": sse_error(code, error), "more_body": True}
+            )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         # Otherwise return without completing the response: the server drops the connection,
         # so the client sees a truncated answer as an error, not as a short success.
@@ -526,13 +635,15 @@ class Gateway:
         send: Send,
         deadline: float,
         watcher: asyncio.Future[None] | None,
+        chunks: AsyncIterator[bytes] | None = None,
     ) -> tuple[str | None, str]:
         stall = self.settings.stall_timeout
         loop = asyncio.get_running_loop()
         # perf_counter deadline -> loop clock
         loop_deadline = loop.time() + (deadline - time.perf_counter())
-        chunks = resp.aiter_bytes().__aiter__()
-        tail = b""
+        if chunks is None:
+            chunks = resp.aiter_bytes().__aiter__()
+        tail = call.tail
         try:
             async with asyncio.timeout(None) as timer:
                 while True:
@@ -587,6 +698,11 @@ class Gateway:
                 attempts=max(call.attempts, 1),
             )
         )
+
+
+async def _close(resp: UpstreamResponse) -> None:
+    with contextlib.suppress(Exception):
+        await resp.aclose()  # the upstream connection or tunnel stream is never leaked
 
 
 async def _disconnected(receive: Receive) -> None:

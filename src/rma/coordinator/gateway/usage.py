@@ -100,13 +100,19 @@ class UsageRecorder:
             return len(batch)
 
     async def run(self) -> None:
+        import anyio
+
         while True:
             await asyncio.sleep(self.interval)
             if self._buffer:
-                await asyncio.to_thread(self.flush)
+                # anyio's thread call, unlike asyncio.to_thread, holds a cancellation until the
+                # flush is done: no database write outlives the app's shutdown.
+                await anyio.to_thread.run_sync(self.flush)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.flush)
+        import anyio
+
+        await anyio.to_thread.run_sync(self.flush)
 
     def stats(self, worker_names: dict[str, str]) -> dict[str, Any]:
         """Per-service and per-worker requests, errors, tokens, p50/p95 (blocking)."""

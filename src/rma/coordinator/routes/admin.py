@@ -71,11 +71,18 @@ def list_tokens(_: AdminDep, pool: PoolDep) -> list[TokenPublic]:
 
 
 @router.post("/tokens", status_code=201)
-def create_token(body: TokenCreate, _: AdminDep, pool: PoolDep) -> TokenCreated:
+def create_token(body: TokenCreate, _: AdminDep, pool: PoolDep, request: Request) -> TokenCreated:
+    from rma.pinning import certificate_file_hash, join_command
+
     created = pool.credentials.create_token(body.ttl, body.uses, body.label)
     pool.events.emit(
         "token_created", f"join token {created.id} created", data={"label": body.label}
     )
+    cert = pool.settings.tls_cert
+    created.ca_hash = certificate_file_hash(str(cert)) if cert else None
+    # the URL donors use: the public one, else the one the operator reached this coordinator at
+    url = pool.settings.public_url or str(request.base_url)
+    created.join_command = join_command(url.rstrip("/"), created.token, created.ca_hash)
     return created
 
 

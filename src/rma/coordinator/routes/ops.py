@@ -20,6 +20,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(pool: PoolDep, request: Request) -> dict[str, str]:
+    guard = getattr(request.app.state, "connections", None)  # set when served by uvicorn
+    why = guard.saturated() if guard is not None else None
+    if why:
+        raise APIError(503, f"the coordinator is saturated: {why}", "saturated")
     if not await anyio.to_thread.run_sync(ping, pool.engine):
         raise APIError(503, "the database is not reachable", "db_unreachable")
     body = {"status": "ready"}

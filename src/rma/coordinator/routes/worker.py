@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from rma.coordinator.auth import PoolDep, WorkerDep, client_addr
+from rma.coordinator import security
+from rma.coordinator.auth import FailureLimiter, PoolDep, WorkerDep, client_addr
 from rma.coordinator.errors import APIError
 from rma.schemas.api import HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse
 
@@ -13,15 +14,18 @@ router = APIRouter(prefix="/api/worker", tags=["worker"])
 
 @router.post("/register", status_code=201)
 def register(req: RegisterRequest, request: Request, pool: PoolDep) -> RegisterResponse:
-    limiter = request.app.state.auth_limiter
+    limiter: FailureLimiter = request.app.state.auth_limiter
     addr = client_addr(request)
-    limiter.check(addr)
     try:
         return pool.register(req, peer=addr)
     except APIError as exc:
-        if exc.status == 401:
-            limiter.fail(addr)
-        raise
+        if exc.status != 401:
+            raise
+        # a failure counts for its role from this address, and against the token it named
+        role = "worker-secret" if exc.code == "invalid_worker_secret" else "join"
+        ident = security.split_prefixed(req.token or "", security.TOKEN_PREFIX)
+        extra = (f"join-token|{ident}",) if ident and role == "join" else ()
+        raise limiter.refuse(limiter.buckets(role, addr, *extra), exc) from None
 
 
 @router.post("/heartbeat")
