@@ -246,10 +246,10 @@ class Pool:
             with session(self.engine) as s:
                 s.merge(row)
             state = WorkerState.from_row(row)
-            self._watch_gpu(state, now)
             self.registry.put(state)
             changes = self.scheduler.run(f"worker {req.name} joined", emit=False)
             names = list(state.assignments)
+            self._watch_gpu(state, now)  # once the scheduler gave it its (GPU) services
         kind = "rejoined" if old else "joined"
         self.events.emit(
             kind,
@@ -618,6 +618,8 @@ class Pool:
             )
             self._notify(state)
             demoted.append(state.id)
+        if demoted:  # their GPU services go to workers whose GPUs are real
+            self.scheduler.run("unverified GPUs re-tiered")
         return demoted
 
     # --- shared helpers ---------------------------------------------------------------------------
