@@ -357,6 +357,15 @@ class CoordinatorClient:
         data: dict[str, Any] = await self.request("GET", "/api/admin/stats")
         return data
 
+    async def services(self) -> list[dict[str, Any]]:
+        """Per catalog service: wanted, assigned, healthy, in flight, queued (the scheduler)."""
+        data: list[dict[str, Any]] = await self.request("GET", "/api/admin/services")
+        return data
+
+    async def reload_catalog(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self.request("POST", "/api/admin/catalog/reload")
+        return data
+
     async def events(self, limit: int = 100) -> list[EventPublic]:
         data = await self.request("GET", "/api/admin/events", params={"limit": limit})
         return [EventPublic.model_validate(e) for e in data]

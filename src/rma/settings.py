@@ -203,6 +203,39 @@ class CoordinatorSettings(_Base):
     credential_ttl: float = Field(
         900.0, gt=0, description="Lifetime in seconds of a worker credential (JWT)."
     )
+    reconcile_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Scheduler: seconds between periodic reconciliation passes (it also runs on "
+        "every join, leave, offline, removal, drain and catalog reload).",
+    )
+    scale_interval: float = Field(
+        5.0, gt=0, description="Scheduler: seconds between looks at demand (scaling)."
+    )
+    scale_up_utilization: float = Field(
+        0.8,
+        gt=0,
+        description="Scheduler: scale a service up while (in flight + queued) / (healthy "
+        "replicas x capacity) stays above this...",
+    )
+    scale_up_window: float = Field(30.0, ge=0, description="Scheduler: ...for this many seconds.")
+    scale_down_utilization: float = Field(
+        0.3,
+        ge=0,
+        description="Scheduler: scale a service down while its utilization stays below this...",
+    )
+    scale_down_after: float = Field(
+        300.0, ge=0, description="Scheduler: ...for this many seconds (the quiet period)."
+    )
+    scale_cooldown: float = Field(
+        60.0, ge=0, description="Scheduler: seconds between two scaling steps of one service."
+    )
+    drain_timeout: float = Field(
+        300.0,
+        ge=0,
+        description="Scheduler: seconds a draining worker keeps its services while their "
+        "replacements elsewhere become healthy; then it lets go anyway.",
+    )
 
     gpu_verify_window: float = Field(
         1800.0,
@@ -302,6 +335,17 @@ class CoordinatorSettings(_Base):
         8, ge=1, description="Gateway: in-flight requests per worker service."
     )
     queue_size: int = Field(64, ge=0, description="Gateway: requests that may wait for capacity.")
+    affinity: bool = Field(
+        True,
+        description="Gateway: send one conversation's chat requests to the same worker while it "
+        "is healthy and not overloaded (prompt caches are reused).",
+    )
+    affinity_load_factor: float = Field(
+        1.25,
+        ge=1,
+        description="Gateway: affinity holds while the worker's load stays within this factor "
+        "of the average; past it, the conversation spills to the next worker.",
+    )
     queue_timeout: float = Field(
         30.0, gt=0, description="Gateway: seconds a request may wait in the queue."
     )

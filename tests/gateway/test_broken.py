@@ -80,10 +80,11 @@ def test_non_streamed_answer_cut_mid_body_is_retried_on_another_worker(pool, bac
     with pool.client() as c:
         # Whichever worker is picked first, the one named in the prompt fails mid-body (in ten
         # requests, the failing one is picked first at least once but for a 1 in 1024 chance).
-        for target in "ababababab":
+        for i, target in enumerate("ababababab"):
             content = f"[{how}@{target}] please"
             body = {"model": "fake-model", "messages": [{"role": "user", "content": content}]}
-            r = c.post("/v1/chat/completions", json=body)
+            # a conversation of its own each time (cache affinity would keep one on one worker)
+            r = c.post("/v1/chat/completions", json=body, headers={"x-rma-session": f"s{i}"})
             assert r.status_code == 200, r.text
             answer = r.json()["choices"][0]["message"]["content"]
             other = "b" if target == "a" else "a"

@@ -6,6 +6,7 @@ backend processes (SIGKILLed: their port refuses connections), real agents for t
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -17,6 +18,12 @@ import httpx
 from test_agents import kill_machine
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+_asked = itertools.count()
+
+
+def _chat() -> dict[str, object]:
+    """A new conversation each time (the same one would stick to one worker: cache affinity)."""
+    return {**CHAT, "messages": [{"role": "user", "content": f"hi {next(_asked)}"}]}
 
 
 def _retries(pool) -> float:
@@ -43,13 +50,13 @@ def test_refused_worker_leaves_routing_until_its_next_heartbeat(pool_factory, ba
         deadline = time.monotonic() + 30
         while _retries(pool) < 1:  # until the dead worker was picked once (and refused)
             assert time.monotonic() < deadline, "the dead worker was never tried"
-            r = c.post("/v1/chat/completions", json=CHAT)
+            r = c.post("/v1/chat/completions", json=_chat())
             assert r.status_code == 200, r.text
         seen = _retries(pool)
         until = time.monotonic() + 1.5  # well past the cool-down
         n = 0
         while time.monotonic() < until or n < 20:
-            r = c.post("/v1/chat/completions", json=CHAT)
+            r = c.post("/v1/chat/completions", json=_chat())
             assert r.status_code == 200, r.text
             assert r.headers["x-rma-worker"] == "wa"
             n += 1
@@ -60,7 +67,7 @@ def test_refused_worker_leaves_routing_until_its_next_heartbeat(pool_factory, ba
         deadline = time.monotonic() + 30
         while "wb" not in served:
             assert time.monotonic() < deadline, served
-            r = c.post("/v1/chat/completions", json=CHAT)
+            r = c.post("/v1/chat/completions", json=_chat())
             assert r.status_code == 200, r.text
             served.add(r.headers["x-rma-worker"])
 
@@ -71,10 +78,10 @@ def test_the_only_worker_refusing_is_out_at_once_with_a_503(pool, backends) -> N
     assert _models(pool) == ["fake-model", "fake-embed"]
     a.kill(signal.SIGKILL)
     with pool.client() as c:
-        r = c.post("/v1/chat/completions", json=CHAT)
+        r = c.post("/v1/chat/completions", json=_chat())
         assert r.status_code == 502, r.text  # this one tried it
         assert "could not connect" in r.json()["error"]["message"]
-        r = c.post("/v1/chat/completions", json=CHAT)
+        r = c.post("/v1/chat/completions", json=_chat())
         assert r.status_code == 503, r.text  # the next one knows at once
         assert r.json()["error"]["code"] == "no_worker"
         assert _models(pool) == []
@@ -82,7 +89,7 @@ def test_the_only_worker_refusing_is_out_at_once_with_a_503(pool, backends) -> N
             (w,) = admin.get("/api/admin/workers").json()
         assert w["status"] == "online"  # not judged offline: only out of routing
         pool.heartbeat("wa", {"fake": backends("a2").url})
-        r = c.post("/v1/chat/completions", json=CHAT)
+        r = c.post("/v1/chat/completions", json=_chat())
         assert r.status_code == 200, r.text
 
 
@@ -116,7 +123,7 @@ def test_a_dropped_tunnel_leaves_routing_at_once(
             assert time.monotonic() < deadline, "the dead tunnel worker is still routed"
             time.sleep(0.1)
         with pool.client() as c:
-            r = c.post("/v1/chat/completions", json=CHAT)
+            r = c.post("/v1/chat/completions", json=_chat())
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "no_worker"
         with pool.coord.admin() as admin:

@@ -20,7 +20,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -230,9 +230,10 @@ class Agent:
         self.refused = verdict.refused
         return self.with_pool_env(verdict.accepted)
 
-    def service_statuses(self) -> list[ServiceStatus]:
-        """What the heartbeat reports: the services that run, and the refused assignments."""
-        out = [s for s in self.reconciler.statuses() if s.name not in self.refused]
+    def service_statuses(self, inflight: Mapping[str, int] | None = None) -> list[ServiceStatus]:
+        """What the heartbeat reports: the services that run (with ``inflight``, the requests
+        each serves now, as the tunnel counts them), and the refused assignments."""
+        out = [s for s in self.reconciler.statuses(inflight) if s.name not in self.refused]
         out += [
             ServiceStatus(name=n, state=ServiceState.REFUSED, healthy=False, message=why[:1000])
             for n, why in sorted(self.refused.items())[:MAX_REFUSED_REPORTED]
@@ -329,7 +330,8 @@ class Agent:
         )
 
     async def heartbeat_once(self) -> HeartbeatResponse:
-        statuses = self.service_statuses()
+        counts = getattr(self.tunnel, "inflight_by_service", None)
+        statuses = self.service_statuses(counts() if callable(counts) else None)
         req = HeartbeatRequest(load=self.load(), services=statuses, draining=self.draining)
         self._last_beat = time.monotonic()
         try:
@@ -511,13 +513,23 @@ class Agent:
         return int(value) if isinstance(value, int | float) else 0
 
     async def drain(self) -> None:
-        """Tell the coordinator this worker is draining; wait (bounded) for in-flight requests."""
+        """Tell the coordinator this worker is draining; wait (bounded by ``drain_timeout``) until
+        it has handed this worker's services over, then for the requests in flight."""
         if self.draining:
             return
         self.draining = True
+        held = True
         with contextlib.suppress(RmaError, TimeoutError):
-            await asyncio.wait_for(self.heartbeat_once(), 10)
+            held = bool((await asyncio.wait_for(self.heartbeat_once(), 10)).assignments)
         deadline = time.monotonic() + self.settings.drain_timeout
+        # The coordinator places this worker's services elsewhere and lets go of each once its
+        # replacement is healthy: wait (bounded) for that, then for the requests in flight.
+        while held and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            try:
+                held = bool((await asyncio.wait_for(self.heartbeat_once(), 10)).assignments)
+            except (RmaError, TimeoutError):
+                break
         while self.inflight() > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a count
             await asyncio.sleep(0.1)
         if self.inflight() > 0:

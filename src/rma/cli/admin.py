@@ -20,9 +20,11 @@ app = typer.Typer(
     help="Operate the pool: workers, join tokens, API keys, stats, events.", no_args_is_help=True
 )
 tokens_app = typer.Typer(help="Join tokens for workers.", no_args_is_help=True)
+catalog_app = typer.Typer(help="The coordinator's service catalog.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys for clients.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(keys_app, name="keys")
+app.add_typer(catalog_app, name="catalog")
 
 StatusOpt = Annotated[
     str | None,
@@ -339,6 +341,61 @@ def keys_revoke(
 
 
 # --- stats and events ----------------------------------------------------------------------------
+
+
+@app.command()
+def services(
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Each service: replicas wanted, assigned and healthy, requests in flight and queued."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.services()
+
+    rows = run_async(go, json_mode=json)
+    if json:
+        print_json(rows)
+        return
+    table(
+        None,
+        ["SERVICE", "WANTED", "ASSIGNED", "HEALTHY", "IN FLIGHT", "QUEUED", "LAST SCALING"],
+        [
+            [
+                x["name"],
+                x["wanted"],
+                x["assigned"],
+                x["healthy"],
+                x["inflight"],
+                x["queued"],
+                x.get("last_scaling_event") or "-",
+            ]
+            for x in rows
+        ],
+    )
+
+
+@catalog_app.command("reload")
+def catalog_reload(
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Read the coordinator's catalog file again and place services by it (like SIGHUP)."""
+
+    async def go() -> dict[str, Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.reload_catalog()
+
+    result = run_async(go, json_mode=json)
+    if json:
+        print_json(result)
+        return
+    err.print(f"catalog reloaded: {result['count']} services")
 
 
 @app.command()

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from rma.coordinator.scheduler.reconcile import Placement
 from rma.coordinator.tables import Worker
 from rma.schemas.api import Capabilities, Load, ServiceStatus, WorkerPublic
 from rma.schemas.enums import Tier, Transport, WorkerStatus
@@ -38,6 +39,10 @@ class WorkerState:
     last_heartbeat_at: float | None = None
     status_changed_at: float = 0.0
     drained: bool = False
+    #: The catalog services its runtime can start (from registration; ``None``: all that fit).
+    runnable: frozenset[str] | None = None
+    #: The scheduler's placement of each assignment (GPU indices, GPU share); in memory only.
+    placements: dict[str, Placement] = field(default_factory=dict)
     #: Removed by the operator (``rma admin remove``): re-joining needs a new join token.  A
     #: worker the sweeper removed for its silence is ``removed`` but not revoked.
     revoked: bool = False
@@ -89,6 +94,7 @@ class WorkerState:
             last_heartbeat_at=row.last_heartbeat_at,
             status_changed_at=row.status_changed_at,
             drained=row.drained,
+            runnable=frozenset(row.runnable) if row.runnable is not None else None,
             revoked=row.revoked,
         )
 

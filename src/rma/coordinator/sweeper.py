@@ -68,6 +68,7 @@ class Sweeper:
                 done["offline"].append(w.id)
         pool.check_gpu_claims()
         if self._suspect(watched, silent):
+            self._reconcile(now)
             return done
         for w in silent:
             quiet = now - self._last_seen(w)
@@ -79,7 +80,13 @@ class Sweeper:
                     f"worker {w.name} was removed: no heartbeat for {quiet:.0f} s",
                 )
                 done["removed"].append(w.id)
+        self._reconcile(now)
         return done
+
+    def _reconcile(self, now: float) -> None:
+        """The scheduler's periodic pass (drain hand-over deadlines, missed events)."""
+        if self.pool.scheduler.due(now):
+            self.pool.scheduler.run("periodic")
 
     def _suspect(self, watched: list[WorkerState], silent: list[WorkerState]) -> bool:
         """Whether most workers went silent at once (and say so once per episode)."""

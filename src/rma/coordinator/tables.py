@@ -31,6 +31,8 @@ class Worker(SQLModel, table=True):
     token_id: str | None = Field(default=None, max_length=32)
     secret_hash: str = Field(default="", max_length=128)
     drained: bool = False  # the operator's drain; survives going offline and coming back
+    #: the catalog services its runtime can start (from registration); null: every one that fits
+    runnable: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     revoked: bool = False  # removed by the operator (not by the sweeper): needs a new join token
 
 

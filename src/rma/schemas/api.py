@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from functools import cache
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -147,7 +147,29 @@ class ServiceSpec(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     health: str = Field("/health", description='GET path answering 200 when ready, or "tcp".')
     gpu: bool = False
-    replicas: int = Field(0, ge=0)
+    replicas: int = Field(
+        0, ge=0, description="The fewest copies in the pool; 0: on every worker that fits."
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, description="The most copies in the pool (caps scaling); unset: no cap."
+    )
+    priority: int = Field(
+        0, description="Placement order: higher first (a big model is not starved by small ones)."
+    )
+    capacity: int | None = Field(
+        None, ge=1, description="Requests one copy serves at once; unset: the gateway's default."
+    )
+    gpu_devices: list[Annotated[int, Field(ge=0, le=63)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Set by the coordinator in an assignment: the GPU indices it placed it on.",
+    )
+    gpu_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Set by the coordinator in an assignment: the share of its GPU's memory.",
+    )
     resources: Resources = Field(default_factory=Resources)
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(

@@ -48,6 +48,12 @@ def mount(app: FastAPI) -> Gateway:
     _register_metrics(gateway)
     state.stats_extensions.append(lambda: _usage_stats(gateway))
     state.background.append(gateway.usage.run)
+    balancer = gateway.balancer
+    state.background.append(
+        lambda: gateway.pool.scheduler.scale_forever(
+            lambda: (balancer.inflight_by_service(), balancer.queued_by_service())
+        )
+    )
     state.on_shutdown.append(gateway.aclose)
     return gateway
 

@@ -22,7 +22,7 @@ from rma.coordinator.auth import FailureLimiter, role_of
 from rma.coordinator.credentials import KeyInfo
 from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
-from rma.coordinator.gateway.balancer import Balancer
+from rma.coordinator.gateway.balancer import Balancer, Wish
 from rma.coordinator.gateway.direct import DirectUpstream
 from rma.coordinator.gateway.headers import request_headers, response_header_allowed
 from rma.coordinator.gateway.ratelimit import RateLimiter
@@ -67,6 +67,40 @@ RETRIES = "rma_gateway_retries_total"
 BROKEN = "rma_gateway_broken_streams_total"
 
 
+def _wish(scope: Scope, affinity: str | None) -> Wish | None:
+    """``x-rma-prefer`` / ``x-rma-require: KEY=VALUE[,...]`` (the workers a request asks for)
+    and the conversation's affinity key."""
+    prefer = header(scope, b"x-rma-prefer")
+    require = header(scope, b"x-rma-require")
+    if prefer is None and require is None and affinity is None:
+        return None
+    return Wish(
+        prefer=Wish.parse(prefer.decode("latin-1"), "x-rma-prefer") if prefer else (),
+        require=Wish.parse(require.decode("latin-1"), "x-rma-require") if require else (),
+        affinity=affinity,
+    )
+
+
+def _affinity_key(scope: Scope, data: dict[str, object], model: str) -> str | None:
+    """One conversation's key: ``x-rma-session``, else OpenAI's ``user``, else the model and the
+    conversation's first two messages (its system prompt and first question: the prefix a prompt
+    cache holds).  ``None`` for requests without messages (embeddings, completions)."""
+    session = header(scope, b"x-rma-session")
+    if session:
+        return f"{model}\0s:{session.decode('latin-1')}"
+    user = data.get("user")
+    if isinstance(user, str) and user:
+        return f"{model}\0u:{user}"
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    try:
+        lead = json.dumps(messages[:2], sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+    return f"{model}\0m:{lead}"
+
+
 @dataclass(slots=True)
 class _Call:
     """One client request's bookkeeping."""
@@ -74,6 +108,7 @@ class _Call:
     started: float
     key: KeyInfo | None = None
     service: str = ""
+    affinity: str | None = None
     worker: WorkerState | None = None
     status: int = 0
     attempts: int = 0
@@ -112,10 +147,16 @@ class Gateway:
             cooldown_base=settings.cooldown_base,
             cooldown_max=settings.cooldown_max,
             reachable=self.reachable,
+            service_capacity=self._capacity,
+            affinity_load_factor=settings.affinity_load_factor,
         )
         #: Local per coordinator; with Redis, ``mount`` puts the shared one here.
         self.limiter: RateLimiter = RateLimiter()
         self.usage = UsageRecorder(pool.engine)
+
+    def _capacity(self, service: str) -> int | None:
+        spec = self.pool.catalog.get(service)
+        return spec.capacity if spec is not None else None
 
     # --- transports -------------------------------------------------------------------------------
 
@@ -222,19 +263,25 @@ class Gateway:
         except APIError as exc:
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
             return
-        data = [
-            {
-                "id": m,
-                "object": "model",
-                "created": 0,
-                "owned_by": "rma",
-                "service": name,
-                "task": spec.task,
-            }
-            for name, spec in self.pool.catalog.items()
-            if spec.kind == "openai" and self.balancer.workers_for(name)
-            for m in spec.models
-        ]
+        data: list[dict[str, object]] = []
+        seen: set[str] = set()
+        for name, spec in self.pool.catalog.items():
+            if spec.kind != "openai" or not self.balancer.workers_for(name):
+                continue
+            for m in spec.models:
+                if m in seen:  # several services list it: one entry, under the first healthy one
+                    continue
+                seen.add(m)
+                data.append(
+                    {
+                        "id": m,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "rma",
+                        "service": name,
+                        "task": spec.task,
+                    }
+                )
         wanted = scope.get("path_params", {}).get("model")
         if wanted is None:
             await send_json(send, 200, {"object": "list", "data": data})
@@ -252,7 +299,7 @@ class Gateway:
             call.key = await self.authenticate(scope)
             await self._rate_limit(call)
             body = await read_body(receive)
-            call.service = self._service_for_body(body)
+            call.service, call.affinity = self._route_body(scope, body)
             qs = scope.get("query_string", b"")
             path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
             await self._forward(call, scope, receive, send, path, body)
@@ -290,22 +337,30 @@ class Gateway:
         finally:
             self._done(call)
 
-    def _service_for_body(self, body: bytes) -> str:
+    def _route_body(self, scope: Scope, body: bytes) -> tuple[str, str | None]:
+        """The service for the body's ``model``, and the conversation's affinity key."""
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):  # also invalid UTF-8, nesting past the stack
             raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+        service = self._service_for(data)
+        if not isinstance(data, dict):
+            return service, None
+        return service, _affinity_key(scope, data, str(data["model"]))
+
+    def _service_for(self, data: object) -> str:
+        """The service for a parsed body's ``model``: of several listing it, the least loaded."""
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model:
             raise APIError(400, "the request needs a 'model' (see GET /v1/models)", "no_model")
-        service = self.pool.catalog.service_for_model(model)
-        if service is None:
+        services = self.pool.catalog.services_for_model(model)
+        if not services:
             raise APIError(
                 404,
                 f"no service serves the model {model!r}; GET /v1/models lists the models",
                 "model_not_found",
             )
-        return service
+        return self.balancer.least_loaded(services)
 
     async def _rate_limit(self, call: _Call) -> None:
         if call.key is not None:
@@ -323,9 +378,10 @@ class Gateway:
         # The client may go away while a worker thinks: then the worker's request is cancelled
         # (the tunnel resets its stream, the direct connection is closed), streamed or not.
         trusted_only = (header(scope, b"x-rma-trusted") or b"").lower() in (b"1", b"true", b"yes")
+        wish = _wish(scope, call.affinity if self.settings.affinity else None)
         watcher = asyncio.ensure_future(_disconnected(receive))
         try:
-            await self._attempts(call, request, send, deadline, watcher, trusted_only)
+            await self._attempts(call, request, send, deadline, watcher, trusted_only, wish)
         finally:
             watcher.cancel()
 
@@ -337,6 +393,7 @@ class Gateway:
         deadline: float,
         watcher: asyncio.Future[None],
         trusted_only: bool = False,
+        wish: Wish | None = None,
     ) -> None:
         s = self.settings
         tried: set[str] = set()
@@ -345,7 +402,7 @@ class Gateway:
         last_status: int | None = None
         while call.attempts < s.max_attempts:
             try:
-                lease = await self.balancer.acquire(call.service, tried, trusted_only)
+                lease = await self.balancer.acquire(call.service, tried, trusted_only, wish)
             except APIError as exc:
                 if exc.status == 503 and failures:
                     break  # the ones that failed left routing: say why they failed

@@ -120,6 +120,25 @@ def stats(_: AdminDep, pool: PoolDep, request: Request) -> dict[str, Any]:
     return data
 
 
+@router.get("/services")
+async def list_services(_: AdminDep, pool: PoolDep, request: Request) -> list[dict[str, Any]]:
+    """Per catalog service: wanted, assigned and healthy replicas, in-flight and queued requests,
+    and the last scaling event."""
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is None:
+        return pool.services()
+    balancer = gateway.balancer
+    return pool.services(balancer.inflight_by_service(), balancer.queued_by_service())
+
+
+@router.post("/catalog/reload")
+def reload_catalog(_: AdminDep, pool: PoolDep) -> dict[str, Any]:
+    """Read the catalog files again; the scheduler places services by the new catalog at once
+    and running workers get the new specs in their next heartbeat answer."""
+    catalog = pool.reload_catalog()
+    return {"services": sorted(catalog), "count": len(catalog)}
+
+
 @router.get("/events", response_model=None)
 async def events(
     _: AdminDep,
