@@ -233,6 +233,14 @@ class CoordinatorClient:
         data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/untrust")
         return WorkerPublic.model_validate(data)
 
+    async def quarantine(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/quarantine")
+        return WorkerPublic.model_validate(data)
+
+    async def unquarantine(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/unquarantine")
+        return WorkerPublic.model_validate(data)
+
     async def remove(self, worker_id: str) -> WorkerPublic:
         return WorkerPublic.model_validate(
             await self.request("DELETE", f"/api/admin/workers/{_seg(worker_id)}")

@@ -42,7 +42,7 @@ def _services_cell(services: list[Any]) -> str:
 def _show_workers(workers: list[Any]) -> None:
     table(
         None,
-        ["ID", "NAME", "STATUS", "TIER", "SERVICES", "CPU", "MEM", "TRANSPORT", "HEARTBEAT"],
+        ["ID", "NAME", "STATUS", "TIER", "SERVICES", "CPU", "MEM", "REP", "TRANSPORT", "HEARTBEAT"],
         [
             [
                 w.id,
@@ -52,6 +52,7 @@ def _show_workers(workers: list[Any]) -> None:
                 _services_cell(w.services),
                 f"{w.load.cpu_percent:.0f}%",
                 f"{w.load.memory_percent:.0f}%",
+                f"{w.reputation:.2f}{' Q' if w.quarantined else ''}",
                 w.transport.value,
                 ago(w.last_heartbeat_at),
             ]
@@ -113,6 +114,11 @@ def worker(
     out.print(f"  {caps.cpu_cores} cores, {caps.memory_mb} MB RAM, {disk}, GPUs: {gpus}")
     out.print(f"  labels: {', '.join(f'{k}={v}' for k, v in w.labels.items()) or 'none'}")
     out.print(f"  assigned: {', '.join(w.assignments) or 'nothing'}")
+    quarantine = ", QUARANTINED (no client traffic)" if w.quarantined else ""
+    out.print(
+        f"  reputation {w.reputation:.2f}: {w.verified} verified, "
+        f"{w.disagreements} disagreements{quarantine}"
+    )
     for s in w.services:
         health = " healthy" if s.healthy else ""
         out.print(f"    {s.name}: {s.state.value}{health}, {s.inflight} in flight")
@@ -126,6 +132,9 @@ WORKER_ACTIONS = {
     "trust": "Mark a worker trusted: requests sent with `x-rma-trusted: 1` go only to trusted "
     "workers.",
     "untrust": "Take a worker's trusted mark away.",
+    "quarantine": "Keep client traffic away from a worker (it keeps heartbeating).",
+    "unquarantine": "Let a quarantined worker take client traffic again; its verification "
+    "record starts afresh.",
 }
 
 
@@ -148,6 +157,7 @@ def _worker_action_command(action: str, help_text: str) -> None:
             print_json(w)
         else:
             trust = ", trusted" if w.trusted else ""
+            trust += ", quarantined" if w.quarantined else ""
             err.print(f"worker {w.name} ({w.id}) is now {coloured(w.status.value)}{trust}")
 
     command.__doc__ = help_text

@@ -32,6 +32,12 @@ class Worker(SQLModel, table=True):
     secret_hash: str = Field(default="", max_length=128)
     drained: bool = False  # the operator's drain; survives going offline and coming back
     revoked: bool = False  # removed by the operator (not by the sweeper): needs a new join token
+    # verification (coordinator/trust): results compared, found wrong, the current run of
+    # agreements (it sets the verification rate), and the quarantine that keeps clients away
+    verified: int = 0
+    disagreements: int = 0
+    verify_streak: int = 0
+    quarantined: bool = False
 
 
 class JoinToken(SQLModel, table=True):

@@ -34,6 +34,7 @@ from rma.coordinator.gateway.usage import UsageRecord, UsageRecorder, tokens_in
 from rma.coordinator.metrics import Metrics
 from rma.coordinator.pool import Pool
 from rma.coordinator.registry import WorkerState
+from rma.coordinator.trust.verifier import Verifier
 from rma.settings import CoordinatorSettings
 
 log = logging.getLogger("rma.gateway")
@@ -103,6 +104,7 @@ class Gateway:
         #: Local per coordinator; with Redis, ``mount`` puts the shared one here.
         self.limiter: RateLimiter = RateLimiter()
         self.usage = UsageRecorder(pool.engine)
+        self.verifier = Verifier(self)  # coordinator/trust: re-runs and compares answers
 
     # --- transports -------------------------------------------------------------------------------
 
@@ -123,6 +125,7 @@ class Gateway:
         return self.upstream_for(worker) is not None
 
     async def aclose(self) -> None:
+        await self.verifier.aclose()
         await self.direct.aclose()
         await self.usage.close()
 
@@ -297,6 +300,10 @@ class Gateway:
         # The client may go away while a worker thinks: then the worker's request is cancelled
         # (the tunnel resets its stream, the direct connection is closed), streamed or not.
         trusted_only = (header(scope, b"x-rma-trusted") or b"").lower() in (b"1", b"true", b"yes")
+        if self.verifier.quorum_wanted(scope):  # x-rma-verify: quorum
+            await self.verifier.quorum(call, request, send)
+            return
+        send = self.verifier.watch(call, request, send)  # verified after the client has it
         watcher = asyncio.ensure_future(_disconnected(receive))
         try:
             await self._attempts(call, request, send, deadline, watcher, trusted_only)

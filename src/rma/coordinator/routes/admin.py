@@ -60,6 +60,16 @@ def trust_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
     return pool.set_trusted(worker_id, True)
 
 
+@router.post("/workers/{worker_id}/quarantine")
+def quarantine_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.set_quarantined(worker_id, True)
+
+
+@router.post("/workers/{worker_id}/unquarantine")
+def unquarantine_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.set_quarantined(worker_id, False)
+
+
 @router.post("/workers/{worker_id}/untrust")
 def untrust_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
     return pool.set_trusted(worker_id, False)
