@@ -52,6 +52,10 @@ _DROP = frozenset(
 )
 
 
+#: Seconds between two ``verification_failed`` events of one service.
+_UNDECIDED_EVERY = 10.0
+
+
 class CallLike(Protocol):
     """The gateway's bookkeeping of one client request (``proxy._Call``)."""
 
@@ -118,6 +122,8 @@ class Verifier:
         self.settings = gateway.settings
         self.tasks: set[asyncio.Task[None]] = set()
         self.random = random.Random()
+        #: service -> when its last ``verification_failed`` event went out (loop clock)
+        self._undecided_at: dict[str, float] = {}
 
     # --- the hooks in the gateway -----------------------------------------------------------------
 
@@ -299,6 +305,12 @@ class Verifier:
         self, request: UpstreamRequest, answers: list[Answer], verdict: Comparison, why: str
     ) -> None:
         names = [a.worker.name for a in answers]
+        log.warning("verification: %s undecided between %s (%s)", request.service, names, why)
+        now = asyncio.get_running_loop().time()
+        last = self._undecided_at.get(request.service)
+        if last is not None and now - last < _UNDECIDED_EVERY:
+            return  # at most one event per service every _UNDECIDED_EVERY seconds
+        self._undecided_at[request.service] = now
         await asyncio.to_thread(
             self.pool.events.emit,
             "verification_failed",
