@@ -200,8 +200,9 @@ def test_quorum_without_agreement_is_a_502(
     pool_factory: Callable[..., Pool], backends: Callable[..., Backend]
 ) -> None:
     pool = pool_factory(env={"RMA_QUARANTINE_THRESHOLD": "0"}, catalog_text=CATALOG)
-    pool.add_worker("honest", {"emb": backends("honest", "--dim", DIM).url})
-    pool.add_worker("liar", {"emb": backends("liar", "--dim", DIM, "--lie").url})
+    honest, liar = backends("honest", "--dim", DIM), backends("liar", "--dim", DIM, "--lie")
+    pool.add_worker("honest", {"emb": honest.url, "entities": honest.url})
+    pool.add_worker("liar", {"emb": liar.url, "entities": liar.url})
     with pool.client() as c:
         body = {"model": "fake-embed", "input": "x"}
         r = c.post("/v1/embeddings", json=body, headers={"x-rma-verify": "quorum"})
@@ -210,6 +211,13 @@ def test_quorum_without_agreement_is_a_502(
         r = c.post("/v1/embeddings", json=body, headers={"x-rma-verify": "maybe"})
         assert r.status_code == 400
         assert r.json()["error"]["code"] == "invalid_header"
+        r = c.post("/v1/embeddings", json={"model": "fake-embed", "input": "x", "stream": True},
+                   headers={"x-rma-verify": "quorum"})  # fmt: skip
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "quorum_stream"
+        # the request's own error is passed through, not called a disagreement
+        r = c.post("/api/services/entities/nowhere", json={}, headers={"x-rma-verify": "quorum"})
+        assert r.status_code == 404
         with pool.coord.admin() as a:
             kinds = [e["kind"] for e in a.get("/api/admin/events").json()]
         assert "verification_failed" in kinds

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -183,10 +184,15 @@ class Verifier:
     # --- running a request on a chosen worker -----------------------------------------------------
 
     async def run(
-        self, request: UpstreamRequest, exclude: set[str], prefer_trusted: bool = True
+        self,
+        request: UpstreamRequest,
+        exclude: set[str],
+        prefer_trusted: bool = True,
+        any_status: bool = False,
     ) -> Answer | None:
         """The request's complete answer from a worker not in ``exclude`` (a trusted one when
-        there is one and ``prefer_trusted``); ``None`` when no other worker answered 200."""
+        there is one and ``prefer_trusted``); ``None`` when no other worker answered 200 (or,
+        with ``any_status``, anything but 502/503)."""
         gw = self.gateway
         s = self.settings
         service = request.service
@@ -218,7 +224,9 @@ class Verifier:
                     finally:
                         with contextlib.suppress(Exception):
                             await resp.aclose()
-                if body is None or resp.status != 200:
+                if body is None or resp.status in (502, 503):
+                    continue
+                if resp.status != 200 and not any_status:
                     continue
                 return Answer(worker, resp.status, list(resp.headers), body)
             except (UpstreamError, TimeoutError):
@@ -342,13 +350,22 @@ class Verifier:
                 "it cannot answer with x-rma-verify: quorum",
                 "not_verifiable",
             )
-        first = await self.run(request, set(), prefer_trusted=False)
+        if _streamed(request.body):
+            raise APIError(
+                400, "x-rma-verify: quorum answers are not streamed: send stream false",
+                "quorum_stream",
+            )  # fmt: skip
+        first = await self.run(request, set(), prefer_trusted=False, any_status=True)
         call.attempts += 1
         if first is None:
             raise APIError(
                 502, f"service {request.service!r}: no worker answered", "upstream_failed"
             )
         call.worker = first.worker
+        if first.status != 200:  # the request's own error (4xx): nothing to verify
+            call.status = first.status
+            await _send_answer(send, first)
+            return
         second = await self.run(request, {first.worker.id})
         call.attempts += 1
         if second is None:
@@ -369,6 +386,14 @@ class Verifier:
         call.status = right.status
         call.tail = right.body[-1024:]
         await _send_answer(send, right)
+
+
+def _streamed(body: bytes) -> bool:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("stream") is True
 
 
 async def _read(chunks: Any, limit: int) -> bytes | None:
