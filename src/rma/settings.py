@@ -304,6 +304,12 @@ class CoordinatorSettings(_Base):
     verify_max_pending: int = Field(
         32, ge=0, description="Verification: background re-runs at once; past it, skipped."
     )
+    credit_escrow_results: int = Field(
+        10,
+        ge=0,
+        description="Credits: agreeing verified results a worker needs before its credits "
+        "leave escrow (0: no escrow).",
+    )
     quarantine_threshold: float = Field(
         0.3,
         ge=0,

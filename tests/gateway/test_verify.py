@@ -254,3 +254,49 @@ def test_admin_quarantine_and_unquarantine_from_the_cli(
     r = runner.invoke(app, ["admin", "quarantine", "nope"], env=env)
     assert r.exit_code == 1
     assert "error:" in r.stderr
+
+
+def test_credits_add_up_escrow_is_released_and_the_liars_is_forfeited(
+    pool_factory: Callable[..., Pool], backends: Callable[..., Backend]
+) -> None:
+    from rma.cli.main import app
+
+    pool, _ = _pool_of_five(pool_factory, backends, {"RMA_CREDIT_ESCROW_RESULTS": "3"})
+    kind = Kind("emb")
+    sent = 0
+    deadline = time.monotonic() + 120
+    while not _workers(pool)["liar"]["quarantined"]:
+        assert time.monotonic() < deadline, "the liar was never quarantined"
+        assert kind.call(pool)[0] == 200
+        sent += 1
+    for _ in range(30):
+        assert kind.call(pool)[0] == 200
+        sent += 1
+
+    def credits(by: str) -> list[dict[str, Any]]:
+        with pool.coord.admin() as c:
+            r = c.get("/api/admin/credits", params={"by": by})
+            assert r.status_code == 200, r.text
+            return list(r.json())
+
+    # the last request is accounted just after its answer went out
+    _wait(lambda: sum(r["requests"] for r in credits("key")) == sent, "every request credited")
+    by_worker = {r["name"]: r for r in credits("worker")}
+    assert sum(r["requests"] for r in by_worker.values()) == sent
+    liar = by_worker["liar"]
+    assert liar["requests"] >= 1
+    assert (liar["credits"], liar["escrow"]) == (0.0, 0.0)  # never established, escrow forfeited
+    honest = [by_worker[n] for n in by_worker if n != "liar"]
+    assert any(r["credits"] > 0 for r in honest)  # established: escrow released
+    (key,) = credits("key")
+    assert key["credits"] < 0  # the key that asked is debited
+    (owner,) = credits("owner")
+    assert owner["requests"] == sent
+
+    env = {"RMA_COORDINATOR_URL": pool.url, "RMA_ADMIN_KEY": pool.coord.admin_key}
+    r = CliRunner().invoke(app, ["admin", "credits", "--by", "worker", "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert {"id", "name", "owner", "credits", "escrow", "requests"} <= set(rows[0])
+    r = CliRunner().invoke(app, ["admin", "credits", "--by", "nobody"], env=env)
+    assert r.exit_code == 2

@@ -124,6 +124,47 @@ def worker(
         out.print(f"    {s.name}: {s.state.value}{health}, {s.inflight} in flight")
 
 
+@app.command()
+def credits(
+    by: Annotated[
+        str, typer.Option("--by", help="Sum per worker, owner (the `owner` label) or client key.")
+    ] = "worker",
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """The credits ledger: what each worker (or owner) gave and each key used."""
+    if by not in ("worker", "owner", "key"):
+        raise typer.BadParameter("must be one of key, owner, worker", param_hint="--by")
+
+    async def go() -> list[Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.credits(by)
+
+    rows = run_async(go, json_mode=json)
+    if json:
+        print_json(rows)
+        return
+    table(
+        None,
+        [by.upper(), "NAME", "OWNER", "CREDITS", "ESCROW", "REQUESTS"],
+        [
+            [
+                r.id or "-",
+                r.name,
+                r.owner or "-",
+                f"{r.credits:.3f}",
+                f"{r.escrow:.3f}",
+                str(r.requests),
+            ]
+            for r in rows
+        ],
+    )
+    if not rows:
+        err.print("no credits yet: they are earned by serving requests")
+
+
 #: The one-worker actions: command name -> its help.
 WORKER_ACTIONS = {
     "drain": "Stop sending new requests to a worker (it keeps running).",

@@ -79,6 +79,23 @@ class Event(SQLModel, table=True):
     data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
 
 
+class Credit(SQLModel, table=True):
+    """The credits ledger, append-only (``coordinator/trust/credits.py``).
+
+    ``kind``: ``earn`` (credited to an established worker), ``escrow`` (held for a new one),
+    ``release`` (escrow moved to credits), ``forfeit`` (escrow lost on quarantine).  ``key_id``:
+    the client key that asked (debited ``amount``) for ``earn`` and ``escrow`` rows.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: float = Field(index=True)
+    kind: str = Field(max_length=16)
+    worker_id: str | None = Field(default=None, index=True, max_length=64)
+    key_id: str | None = Field(default=None, index=True, max_length=32)
+    service: str = Field(default="", max_length=64)
+    amount: float
+
+
 class Usage(SQLModel, table=True):
     """One gateway request: who asked, which worker served it, how it went."""
 

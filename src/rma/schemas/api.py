@@ -14,6 +14,7 @@ __all__ = [
     "ApiKeyCreated",
     "ApiKeyPublic",
     "Capabilities",
+    "CreditBalance",
     "ErrorBody",
     "ErrorDetail",
     "EventPublic",
@@ -313,6 +314,17 @@ class ApiKeyPublic(BaseModel):
 
 class ApiKeyCreated(ApiKeyPublic):
     key: str = Field(description="The secret; shown once.")
+
+
+class CreditBalance(BaseModel):
+    """One line of ``rma admin credits``: a worker, an owner or a client key."""
+
+    id: str | None
+    name: str
+    owner: str
+    credits: float
+    escrow: float
+    requests: int
 
 
 class EventPublic(BaseModel):

@@ -40,6 +40,8 @@ def mount(app: FastAPI) -> Gateway:
     _register_metrics(gateway)
     state.stats_extensions.append(lambda: _usage_stats(gateway))
     state.background.append(gateway.usage.run)
+    state.background.append(gateway.ledger.run)
+    pool.on_status_change.append(gateway.ledger.on_worker_change)  # quarantine: forfeit
     state.on_shutdown.append(gateway.aclose)
     return gateway
 

@@ -34,6 +34,7 @@ from rma.coordinator.gateway.usage import UsageRecord, UsageRecorder, tokens_in
 from rma.coordinator.metrics import Metrics
 from rma.coordinator.pool import Pool
 from rma.coordinator.registry import WorkerState
+from rma.coordinator.trust.credits import Ledger
 from rma.coordinator.trust.verifier import Verifier
 from rma.settings import CoordinatorSettings
 
@@ -105,6 +106,7 @@ class Gateway:
         self.limiter: RateLimiter = RateLimiter()
         self.usage = UsageRecorder(pool.engine)
         self.verifier = Verifier(self)  # coordinator/trust: re-runs and compares answers
+        self.ledger = Ledger(pool.engine, settings)  # coordinator/trust: the credits
 
     # --- transports -------------------------------------------------------------------------------
 
@@ -128,6 +130,7 @@ class Gateway:
         await self.verifier.aclose()
         await self.direct.aclose()
         await self.usage.close()
+        await self.ledger.close()
 
     # --- auth -------------------------------------------------------------------------------------
 
@@ -520,6 +523,10 @@ class Gateway:
         self.metrics.observe(LATENCY, elapsed, (("service", service),))
         if not call.service:
             return  # rejected before routing (auth, bad body): nothing to account to a service
+        if status < 400 and call.worker is not None and call.service in self.pool.catalog:
+            weight = self.pool.catalog[call.service].credit_weight
+            self.ledger.record(call.worker, call.key.id if call.key else None, call.service,
+                               elapsed, weight)  # fmt: skip
         prompt, completion = tokens_in(call.tail)
         self.usage.record(
             UsageRecord(
