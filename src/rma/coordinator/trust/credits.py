@@ -55,9 +55,11 @@ class Ledger:
         self.settings = settings
         self._buffer: deque[_Row] = deque()
         self._lock = threading.Lock()
-        #: worker id -> escrow balance (loaded lazily from the database, then kept here)
-        self._escrow: dict[str, float] | None = None
-        self._balances()  # at start, so that the request path never reads the database
+        self._flush_lock = threading.Lock()
+        #: worker id -> escrow balance: what the database held at start (read by the first
+        #: flush, in a thread: the request path never reads the database) plus what came since
+        self._escrow: dict[str, float] = {}
+        self._loaded = False
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -96,16 +98,27 @@ class Ledger:
                 self._buffer.append(_Row(time.time(), "forfeit", worker.id, None, "", held))
 
     def _balances(self) -> dict[str, float]:
-        if self._escrow is None:
-            self._escrow = {}
-            for row in self._sums("worker_id"):
+        return self._escrow  # under self._lock
+
+    def _load(self) -> None:
+        """Add the escrow the database holds (before this coordinator wrote anything)."""
+        if self._loaded:
+            return
+        rows = self._sums("worker_id")
+        with self._lock:
+            for row in rows:
                 held = row["escrow"] - row["release"] - row["forfeit"]
                 if row["id"] is not None and held > 1e-9:
-                    self._escrow[row["id"]] = held
-        return self._escrow
+                    self._escrow[row["id"]] = self._escrow.get(row["id"], 0.0) + held
+            self._loaded = True
 
     def flush(self) -> int:
         """Write what is buffered (blocking: call from a thread)."""
+        with self._flush_lock:
+            self._load()
+            return self._write()
+
+    def _write(self) -> int:
         with self._lock:
             batch = [asdict(r) for r in self._buffer]
             self._buffer.clear()
@@ -120,6 +133,7 @@ class Ledger:
         return len(batch)
 
     async def run(self, interval: float = 1.0) -> None:
+        await asyncio.to_thread(self.flush)
         while True:
             await asyncio.sleep(interval)
             if self._buffer:
