@@ -1,7 +1,8 @@
 """The verification benchmark: how fast a liar is caught and what verification costs.
 
-``python -m bench.verify_overhead [--requests 600] [--out FILE]`` starts, on this machine, a real
-coordinator and five fake embeddings backends (``bench/fake_backend.py``), one of them lying
+``python -m bench.verify_overhead [--requests 600] [--delay 0.02] [--out FILE]`` starts, on
+this machine, a real coordinator and five fake embeddings backends (``bench/fake_backend.py``,
+answering in ``--delay`` seconds), one of them lying
 (``--lie``: random vectors), registered as direct workers of a service with
 ``verify = "cosine:0.99"``.  It sends embeddings requests one after the other and reports:
 
@@ -73,7 +74,7 @@ def _cos(x: list[float], y: list[float]) -> float:
     return dot / (math.sqrt(sum(a * a for a in x)) * math.sqrt(sum(b * b for b in y)))
 
 
-def run(requests: int) -> dict[str, Any]:
+def run(requests: int, delay: float) -> dict[str, Any]:
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -81,7 +82,8 @@ def run(requests: int) -> dict[str, Any]:
             for name in ("honest1", "honest2", "honest3", "honest4", "liar"):
                 port = _port()
                 cmd = [sys.executable, str(BACKEND), "--port", str(port), "--name", name]
-                cmd += ["--dim", str(DIM)] + (["--lie"] if name == "liar" else [])
+                cmd += ["--dim", str(DIM), "--delay", str(delay)]
+                cmd += ["--lie"] if name == "liar" else []
                 procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
                 backends[name] = f"http://127.0.0.1:{port}"
                 _wait_http(backends[name] + "/health", procs[-1])
@@ -179,9 +181,10 @@ def _measure(url: str, data: Path, backends: dict[str, str], n: int) -> dict[str
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--requests", type=int, default=600, help="client requests (sequential)")
+    p.add_argument("--delay", type=float, default=0.02, help="backend seconds per answer")
     p.add_argument("--out", type=Path, help="write the results here as JSON")
     args = p.parse_args()
-    result = run(args.requests)
+    result = {"delay_s": args.delay, **run(args.requests, args.delay)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
