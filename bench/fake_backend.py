@@ -6,7 +6,12 @@
 - ``POST /v1/chat/completions`` and ``/v1/completions`` (``stream: true`` -> SSE, ``--chunks``
   chunks ``--chunk-delay`` seconds apart, then a usage chunk and ``[DONE]``)
 - ``POST /v1/embeddings`` (``--dim`` floats per input)
-- ``ANY /echo/...``: the request (method, path, body) back as JSON, for the generic service route.
+- ``ANY /echo/...``: the request (method, path, body) back as JSON, for the generic service route;
+- ``POST /ner`` (``{"text": ...}``): every capitalised word as an ``ORG`` entity, like the ``ner``
+  service's answer.
+
+``--lie`` makes it a dishonest worker (for the verification tests): random embedding vectors,
+``MISC`` for every entity label.
 
 Every answer carries ``x-backend: <name>`` and the chat answers name the backend in
 ``system_fingerprint``, so tests can see which process served them.  Test hooks, triggered by the
@@ -29,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -59,6 +65,8 @@ class Backend:
         self.chunk_delay = chunk_delay
         self.dim = dim
         self.requests = 0
+        self.lie = False
+        self.posts = 0  # POST requests (the tests count what reached a worker)
         vector = ",".join(f"{(i % 17) / 17:.6f}" for i in range(dim))
         self._vector = vector.encode()
         self._name_header = f"x-backend: {name}\r\n".encode()
@@ -110,6 +118,7 @@ class Backend:
                         close = True
                 body = await reader.readexactly(length) if length else b""
                 self.requests += 1
+                self.posts += method == "POST"
                 try:
                     await self.dispatch(method, target, body, writer)
                 except (ValueError, TypeError, AttributeError, KeyError) as exc:
@@ -130,11 +139,15 @@ class Backend:
     ) -> None:
         path = target.split("?", 1)[0]
         if path == "/health":
-            writer.write(self.json_response(200, {"status": "ok", "name": self.name}))
+            health = {"status": "ok", "name": self.name, "posts": self.posts}
+            writer.write(self.json_response(200, health))
             return
         if path == "/v1/models":
             models = [{"id": m, "object": "model", "owned_by": "fake"} for m in _MODELS]
             writer.write(self.json_response(200, {"object": "list", "data": models}))
+            return
+        if path == "/ner" and method == "POST":
+            writer.write(self.ner(body))
             return
         if path.startswith("/echo"):
             echo = {"method": method, "path": target, "body": body.decode(errors="replace")}
@@ -213,11 +226,28 @@ class Backend:
         choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
         return self.json_response(200, {**base, "object": "chat.completion", "choices": [choice]})
 
+    def ner(self, body: bytes) -> bytes:
+        try:
+            text = str(json.loads(body).get("text", ""))
+        except (ValueError, AttributeError):
+            return self.error(400, 'send {"text": ...}')
+        label = "MISC" if self.lie else "ORG"
+        ents = [
+            {"text": m.group(0), "label": label, "start": m.start(), "end": m.end()}
+            for m in re.finditer(r"\b[A-Z][a-z]+\b", text)
+        ]
+        return self.json_response(200, {"model": "fake-ner", "entities": ents})
+
+    def _vector_for(self) -> bytes:
+        if not self.lie:
+            return self._vector
+        return ",".join(f"{random.uniform(-1, 1):.6f}" for _ in range(self.dim)).encode()
+
     def embeddings(self, req: dict[str, Any]) -> bytes:
         inputs = req.get("input", "")
         items = inputs if isinstance(inputs, list) else [inputs]
         rows = b",".join(
-            b'{"object":"embedding","index":%d,"embedding":[%s]}' % (i, self._vector)
+            b'{"object":"embedding","index":%d,"embedding":[%s]}' % (i, self._vector_for())
             for i in range(len(items))
         )
         tokens = sum(max(1, len(str(x)) // 4) for x in items)
@@ -298,6 +328,7 @@ async def main(args: argparse.Namespace) -> None:
     backend = Backend(
         args.name, args.delay, args.chunks, args.chunk_delay, args.dim, args.body_delay
     )
+    backend.lie = args.lie
     server = await asyncio.start_server(backend.serve, args.host, args.port, backlog=1024)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -320,6 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--body-delay", type=float, default=0.0, help="seconds between a body's two halves"
     )
     p.add_argument("--dim", type=int, default=384, help="embedding dimension")
+    p.add_argument("--lie", action="store_true", help="random vectors, wrong entity labels")
     return p.parse_args(argv)
 
 

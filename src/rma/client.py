@@ -19,6 +19,7 @@ from rma import __version__
 from rma.schemas.api import (
     ApiKeyCreated,
     ApiKeyPublic,
+    CreditBalance,
     EventPublic,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -314,6 +315,18 @@ class CoordinatorClient:
 
     async def untrust(self, worker_id: str) -> WorkerPublic:
         data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/untrust")
+        return WorkerPublic.model_validate(data)
+
+    async def credits(self, by: str = "worker") -> list[CreditBalance]:
+        data = await self.request("GET", "/api/admin/credits", params={"by": by})
+        return [CreditBalance.model_validate(x) for x in data]
+
+    async def quarantine(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/quarantine")
+        return WorkerPublic.model_validate(data)
+
+    async def unquarantine(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/unquarantine")
         return WorkerPublic.model_validate(data)
 
     async def remove(self, worker_id: str) -> WorkerPublic:

@@ -352,6 +352,51 @@ class CoordinatorSettings(_Base):
     default_rpm: int = Field(
         600, ge=0, description="Default requests per minute of a new API key (0: unlimited)."
     )
+    verify_rate_new: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Verification: chance that an answer of a new worker (fewer than "
+        "verify_new_results consecutive agreements) is re-run on a second worker.",
+    )
+    verify_new_results: int = Field(
+        10, ge=0, description="Verification: consecutive agreements before the rate decays."
+    )
+    verify_decay: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Verification: the rate is multiplied by this per further agreement.",
+    )
+    verify_rate_floor: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Verification: the lowest chance for an established worker (0: none).",
+    )
+    verify_max_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        description="Verification: the largest answer held back for a comparison (bytes).",
+    )
+    verify_max_pending: int = Field(
+        32, ge=0, description="Verification: background re-runs at once; past it, skipped."
+    )
+    credit_escrow_results: int = Field(
+        10,
+        ge=0,
+        description="Credits: agreeing verified results a worker needs before its credits "
+        "leave escrow (0: no escrow).",
+    )
+    quarantine_threshold: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="A worker whose reputation falls below this is quarantined (0: never).",
+    )
+    quarantine_min_verified: int = Field(
+        3, ge=1, description="Verified results a worker needs before it can be quarantined."
+    )
     redis_url: str | None = Field(
         None,
         description="Redis URL shared by several coordinators: rate limits, failed-auth counts "

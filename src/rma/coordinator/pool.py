@@ -536,6 +536,44 @@ class Pool:
         self.events.emit(word, f"worker {state.name} is {word} by the operator", state.id)
         return state.to_public()
 
+    def set_quarantined(
+        self,
+        worker_id: str,
+        quarantined: bool,
+        message: str | None = None,
+        evidence: dict[str, Any] | None = None,
+    ) -> WorkerPublic:
+        """Keep client traffic away from a worker (or let it back): ``quarantined`` events.
+
+        Lifting a quarantine also clears the worker's verification record: it starts again as
+        a new worker (verified at the new-worker rate).
+        """
+        state = self.get(worker_id)
+        if state.status is WorkerStatus.REMOVED:
+            raise APIError(409, f"worker {state.name} is removed")
+        with self.registry.lock:
+            if state.quarantined is quarantined:
+                return state.to_public()
+            state.quarantined = quarantined
+            if not quarantined:
+                state.verified = state.disagreements = state.verify_streak = 0
+            self._save(state)
+        kind = "quarantined" if quarantined else "unquarantined"
+        default = (
+            f"worker {state.name} is quarantined by the operator"
+            if quarantined
+            else f"worker {state.name} takes client traffic again"
+        )
+        self.events.emit(kind, message or default, state.id, evidence or {})
+        self._notify(state)
+        self.scheduler.run(f"worker {state.name} {kind}")  # its services placed elsewhere
+        return state.to_public()
+
+    def save_verification(self, state: WorkerState) -> None:
+        """Persist a worker's verification counts (called off the event loop)."""
+        with self.registry.lock:
+            self._save(state)
+
     def _set_drained(self, state: WorkerState, drained: bool) -> None:
         with self.registry.lock:
             if state.drained is drained:
@@ -663,6 +701,10 @@ class Pool:
             row.drained = state.drained
             row.trusted = state.trusted
             row.revoked = state.revoked
+            row.verified = state.verified
+            row.disagreements = state.disagreements
+            row.verify_streak = state.verify_streak
+            row.quarantined = state.quarantined
             s.add(row)
 
     def _notify(self, state: WorkerState) -> None:

@@ -53,13 +53,28 @@ class WorkerState:
     #: those just unassigned, given one heartbeat to stop before they count as claims.
     claims: set[str] = field(default_factory=set)
     claim_grace: set[str] = field(default_factory=set)
+    #: Verification (``coordinator/trust``): results compared, found wrong, consecutive
+    #: agreements; a quarantined worker takes no client traffic but stays in the pool.
+    verified: int = 0
+    disagreements: int = 0
+    verify_streak: int = 0
+    quarantined: bool = False
+
+    @property
+    def reputation(self) -> float:
+        """0..1: agreements among verified results, Laplace-smoothed (0.5 for a new worker)."""
+        return (self.verified - self.disagreements + 1) / (self.verified + 2)
 
     def serves(self, service: str) -> bool:
         """Online, assigned this service by the coordinator, and reported it healthy.
 
         A service the worker reports but was not assigned (a *claim*) never takes traffic.
         """
-        if self.status is not WorkerStatus.ONLINE or service not in self.assignments:
+        if (
+            self.status is not WorkerStatus.ONLINE
+            or self.quarantined
+            or service not in self.assignments
+        ):
             return False
         st = self.services.get(service)
         return st is not None and st.healthy
@@ -96,6 +111,10 @@ class WorkerState:
             drained=row.drained,
             runnable=frozenset(row.runnable) if row.runnable is not None else None,
             revoked=row.revoked,
+            verified=row.verified,
+            disagreements=row.disagreements,
+            verify_streak=row.verify_streak,
+            quarantined=row.quarantined,
         )
 
     def to_public(self) -> WorkerPublic:
@@ -114,6 +133,10 @@ class WorkerState:
             trusted=self.trusted,
             refused=self.refused(),
             revoked=self.revoked,
+            reputation=round(self.reputation, 4),
+            quarantined=self.quarantined,
+            verified=self.verified,
+            disagreements=self.disagreements,
             version=self.version,
             endpoint=self.endpoint,
             registered_at=_dt(self.registered_at),

@@ -15,6 +15,7 @@ __all__ = [
     "ApiKeyCreated",
     "ApiKeyPublic",
     "Capabilities",
+    "CreditBalance",
     "ErrorBody",
     "ErrorDetail",
     "EventPublic",
@@ -178,10 +179,54 @@ class ServiceSpec(BaseModel):
     volumes: dict[str, str] = Field(
         default_factory=dict, description="Container path -> volume name."
     )
+    verify: str | None = Field(
+        None,
+        description='How two answers are compared to verify a worker: "cosine:0.99" '
+        '(embeddings), "json" (equal JSON), "text:0.9" (text similarity), "exact" (same '
+        "bytes); unset: never verified.",
+    )
+    credit_weight: float = Field(
+        1.0, ge=0, description="Credits per service-second (a GPU second is worth more)."
+    )
+
+    @field_validator("verify")
+    @classmethod
+    def _check_verify(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        kind, threshold = parse_verify(value)
+        return f"{kind}:{threshold:g}" if threshold is not None else kind
 
     @property
     def tier_name(self) -> str:
         return {1: "gpu", 2: "service", 3: "data"}[self.tier]
+
+
+#: ``verify`` kinds -> their default threshold (``None``: the kind takes none).
+VERIFY_KINDS: dict[str, float | None] = {"cosine": 0.99, "text": 0.9, "json": None, "exact": None}
+
+
+def parse_verify(value: str) -> tuple[str, float | None]:
+    """``"cosine:0.99"`` -> ``("cosine", 0.99)``; raises ``ValueError`` with a clear message."""
+    kind, sep, raw = value.strip().partition(":")
+    kind = kind.strip().lower()
+    if kind not in VERIFY_KINDS:
+        raise ValueError(
+            f'verify must be one of {", ".join(sorted(VERIFY_KINDS))} (e.g. "cosine:0.99"), '
+            f"not {value!r}"
+        )
+    default = VERIFY_KINDS[kind]
+    if not sep:
+        return kind, default
+    if default is None:
+        raise ValueError(f"verify {kind!r} takes no threshold: {value!r}")
+    try:
+        threshold = float(raw)
+    except ValueError:
+        raise ValueError(f"verify threshold must be a number in 0..1: {value!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"verify threshold must be a number in 0..1: {value!r}")
+    return kind, threshold
 
 
 # --- workers -------------------------------------------------------------------------------------
@@ -265,6 +310,11 @@ class WorkerPublic(BaseModel):
     refused: list[str] = Field(default_factory=list)
     #: Removed by the operator (``rma admin remove``), as opposed to by the sweeper for silence.
     revoked: bool = False
+    #: Verification (``rma admin quarantine``): 0..1, results compared, results found wrong.
+    reputation: float = 0.5
+    quarantined: bool = False
+    verified: int = 0
+    disagreements: int = 0
     version: str
     endpoint: str | None
     registered_at: datetime
@@ -321,6 +371,17 @@ class ApiKeyPublic(BaseModel):
 
 class ApiKeyCreated(ApiKeyPublic):
     key: str = Field(description="The secret; shown once.")
+
+
+class CreditBalance(BaseModel):
+    """One line of ``rma admin credits``: a worker, an owner or a client key."""
+
+    id: str | None
+    name: str
+    owner: str
+    credits: float
+    escrow: float
+    requests: int
 
 
 class EventPublic(BaseModel):

@@ -137,6 +137,7 @@ class Balancer:
             w
             for w in self.registry.all()
             if w.status is WorkerStatus.DRAINING
+            and not w.quarantined
             and service in w.assignments
             and (st := w.services.get(service)) is not None
             and st.healthy

@@ -54,6 +54,8 @@ def mount(app: FastAPI) -> Gateway:
             lambda: (balancer.inflight_by_service(), balancer.queued_by_service())
         )
     )
+    state.background.append(gateway.ledger.run)
+    pool.on_status_change.append(gateway.ledger.on_worker_change)  # quarantine: forfeit
     state.on_shutdown.append(gateway.aclose)
     return gateway
 

@@ -36,6 +36,8 @@ from rma.coordinator.gateway.usage import UsageRecord, UsageRecorder, tokens_in
 from rma.coordinator.metrics import Metrics
 from rma.coordinator.pool import Pool
 from rma.coordinator.registry import WorkerState
+from rma.coordinator.trust.credits import Ledger
+from rma.coordinator.trust.verifier import Verifier
 from rma.settings import CoordinatorSettings
 
 log = logging.getLogger("rma.gateway")
@@ -153,6 +155,8 @@ class Gateway:
         #: Local per coordinator; with Redis, ``mount`` puts the shared one here.
         self.limiter: RateLimiter = RateLimiter()
         self.usage = UsageRecorder(pool.engine)
+        self.verifier = Verifier(self)  # coordinator/trust: re-runs and compares answers
+        self.ledger = Ledger(pool.engine, settings)  # coordinator/trust: the credits
 
     def _capacity(self, service: str) -> int | None:
         spec = self.pool.catalog.get(service)
@@ -190,8 +194,10 @@ class Gateway:
         return paths(models, served)
 
     async def aclose(self) -> None:
+        await self.verifier.aclose()
         await self.direct.aclose()
         await self.usage.close()
+        await self.ledger.close()
 
     # --- auth -------------------------------------------------------------------------------------
 
@@ -379,6 +385,10 @@ class Gateway:
         # (the tunnel resets its stream, the direct connection is closed), streamed or not.
         trusted_only = (header(scope, b"x-rma-trusted") or b"").lower() in (b"1", b"true", b"yes")
         wish = _wish(scope, call.affinity if self.settings.affinity else None)
+        if self.verifier.quorum_wanted(scope):  # x-rma-verify: quorum
+            await self.verifier.quorum(call, request, send)
+            return
+        send = self.verifier.watch(call, request, send)  # verified after the client has it
         watcher = asyncio.ensure_future(_disconnected(receive))
         try:
             await self._attempts(call, request, send, deadline, watcher, trusted_only, wish)
@@ -684,6 +694,10 @@ class Gateway:
         self.metrics.observe(LATENCY, elapsed, (("service", service),))
         if not call.service:
             return  # rejected before routing (auth, bad body): nothing to account to a service
+        if status < 400 and call.worker is not None and call.service in self.pool.catalog:
+            weight = self.pool.catalog[call.service].credit_weight
+            self.ledger.record(call.worker, call.key.id if call.key else None, call.service,
+                               elapsed, weight)  # fmt: skip
         prompt, completion = tokens_in(call.tail)
         self.usage.record(
             UsageRecord(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
@@ -16,6 +16,7 @@ from rma.schemas.api import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPublic,
+    CreditBalance,
     EventPublic,
     TokenCreate,
     TokenCreated,
@@ -58,6 +59,16 @@ def undrain_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
 @router.post("/workers/{worker_id}/trust")
 def trust_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
     return pool.set_trusted(worker_id, True)
+
+
+@router.post("/workers/{worker_id}/quarantine")
+def quarantine_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.set_quarantined(worker_id, True)
+
+
+@router.post("/workers/{worker_id}/unquarantine")
+def unquarantine_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.set_quarantined(worker_id, False)
 
 
 @router.post("/workers/{worker_id}/untrust")
@@ -110,6 +121,19 @@ def revoke_key(key_id: str, _: AdminDep, pool: PoolDep) -> ApiKeyPublic:
     revoked = pool.credentials.revoke_key(key_id)
     pool.events.emit("key_revoked", f"API key {key_id} revoked")
     return revoked
+
+
+@router.get("/credits")
+def credits(
+    _: AdminDep,
+    pool: PoolDep,
+    request: Request,
+    by: Annotated[Literal["worker", "owner", "key"], Query()] = "worker",
+) -> list[CreditBalance]:
+    """The credits ledger summed per worker, owner (the ``owner`` label) or client key."""
+    ledger = request.app.state.gateway.ledger
+    rows = ledger.balances(by, pool.registry.all())
+    return [CreditBalance.model_validate(r) for r in rows]
 
 
 @router.get("/stats")

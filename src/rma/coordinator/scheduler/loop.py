@@ -38,7 +38,8 @@ def node_of(w: WorkerState) -> Node:
         caps=w.capabilities,
         labels=w.labels,
         status=w.status,
-        drained=w.drained,
+        # quarantined (its answers were found wrong): its services move elsewhere, as on a drain
+        drained=w.drained or w.quarantined,
         runnable=w.runnable,
         current={n: w.placements[n].gpus if n in w.placements else () for n in w.assignments},
         healthy=frozenset(n for n, s in w.services.items() if s.healthy),
