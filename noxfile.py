@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests lint typecheck bench``."""
+"""Developer sessions: ``nox -s tests lint typecheck bench chaos``."""
 
 from __future__ import annotations
 
@@ -19,15 +19,8 @@ CMAKE_ARGS = (
 
 def _install(session: nox.Session, extras: str = "all,dev") -> None:
     """The project with ``extras``, every dependency at its version in the lock."""
-    session.install(
-        "-c",
-        LOCK,
-        "-r",
-        "requirements/torch-cpu.txt",
-        "-e",
-        f".[{extras}]",
-        env={"CMAKE_ARGS": CMAKE_ARGS},
-    )
+    session.install("-c", LOCK, "-e", f".[{extras}]", env={"CMAKE_ARGS": CMAKE_ARGS})
+    session.install("--no-deps", "-r", "requirements/no-deps.txt")
 
 
 @nox.session(python=PY)
@@ -78,7 +71,27 @@ def lock(session: nox.Session) -> None:
         "--output-file",
         LOCK,
         "pyproject.toml",
-        "requirements/torch-cpu.txt",
         *session.posargs,
         env={"CUSTOM_COMPILE_COMMAND": "nox -s lock"},
+    )
+
+
+@nox.session(python=PY)
+def chaos(session: nox.Session) -> None:
+    """Chaos experiments at full scale (docs/reliability.md); the figures go to
+    ``bench/chaos-results.jsonl``.  Set ``RMA_TEST_DATABASE_URL`` for PostgreSQL."""
+    _install(session, "dev")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/chaos",
+        "-m",
+        "chaos",
+        "-s",
+        "-q",
+        "--timeout",
+        "1800",
+        *session.posargs,
+        env={"RMA_CHAOS_SCALE": "full", "RMA_CHAOS_RESULTS": "bench/chaos-results.jsonl"},
     )

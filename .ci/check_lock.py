@@ -1,7 +1,8 @@
 """Fail when the environment differs from the lock: a changed lock is a reviewed change.
 
-Usage: ``python .ci/check_lock.py requirements/lock.txt`` (in the venv that was installed with
-``-c requirements/lock.txt``).  Every installed distribution must be in the lock at exactly that
+Usage: ``python .ci/check_lock.py requirements/lock.txt [requirements/no-deps.txt ...]`` (in the
+venv that was installed with ``-c requirements/lock.txt``; later files add exact pins of packages
+installed with ``--no-deps``).  Every installed distribution must be in the lock at exactly that
 version; the project itself and the installers are exempt.  ``nox -s lock`` refreshes the lock.
 """
 
@@ -33,8 +34,11 @@ def read_lock(path: Path) -> dict[str, str]:
 
 
 def main() -> int:
-    lock = Path(sys.argv[1] if len(sys.argv) > 1 else "requirements/lock.txt")
-    pins = read_lock(lock)
+    files = [Path(a) for a in sys.argv[1:]] or [Path("requirements/lock.txt")]
+    lock = files[0]
+    pins: dict[str, str] = {}
+    for path in files:
+        pins.update(read_lock(path))
     problems: list[str] = []
     for dist in metadata.distributions():
         name = canonical(dist.metadata["Name"])

@@ -6,12 +6,22 @@
 - ``POST /v1/chat/completions`` and ``/v1/completions`` (``stream: true`` -> SSE, ``--chunks``
   chunks ``--chunk-delay`` seconds apart, then a usage chunk and ``[DONE]``)
 - ``POST /v1/embeddings`` (``--dim`` floats per input)
-- ``ANY /echo/...``: the request (method, path, body) back as JSON, for the generic service route.
+- ``ANY /echo/...``: the request (method, path, body) back as JSON, for the generic service route;
+- ``POST /ner`` (``{"text": ...}``): every capitalised word as an ``ORG`` entity, like the ``ner``
+  service's answer.
+
+``--lie`` makes it a dishonest worker (for the verification tests): random embedding vectors,
+``MISC`` for every entity label.
 
 Every answer carries ``x-backend: <name>`` and the chat answers name the backend in
 ``system_fingerprint``, so tests can see which process served them.  Test hooks, triggered by the
-prompt text: ``[stall]`` streams one chunk then goes silent; ``[hang]`` never answers; ``[503]``
-answers 503; ``[slow:N]`` waits N seconds before the headers.
+prompt text: ``[stall]`` streams one chunk then goes silent (a non-streamed answer: its headers and
+half its body, then silence); ``[reset]`` does the same, then resets the connection; ``[hang]``
+never answers; ``[503]`` answers 503; ``[slow:N]`` waits N seconds before the headers.
+``[stall@NAME]`` and ``[reset@NAME]`` act only on the backend named NAME (the others answer), so a
+test can make one worker fail mid-body and see the gateway retry on another.
+``--body-delay S`` sends a non-streamed body in two halves S seconds apart, so that a SIGKILL can
+land mid-body.
 
 It is a stand-in for vLLM / llama.cpp's server (no model can run in CI); it is fast on purpose so
 that a benchmark measures the gateway, not the backend.
@@ -24,24 +34,39 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import signal
+import socket
+import struct
 import time
 from typing import Any
 
 _SLOW = re.compile(r"\[slow:(\d+(?:\.\d+)?)\]")
+_BREAK = re.compile(r"\[(stall|reset)(?:@([\w.-]+))?\]")
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 411: b"Length Required"}
 _REASONS |= {503: b"Service Unavailable", 405: b"Method Not Allowed"}
 
 
 class Backend:
-    def __init__(self, name: str, delay: float, chunks: int, chunk_delay: float, dim: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        delay: float,
+        chunks: int,
+        chunk_delay: float,
+        dim: int,
+        body_delay: float = 0.0,
+    ) -> None:
         self.name = name
+        self.body_delay = body_delay
         self.delay = delay
         self.chunks = chunks
         self.chunk_delay = chunk_delay
         self.dim = dim
         self.requests = 0
+        self.lie = False
+        self.posts = 0  # POST requests (the tests count what reached a worker)
         vector = ",".join(f"{(i % 17) / 17:.6f}" for i in range(dim))
         self._vector = vector.encode()
         self._name_header = f"x-backend: {name}\r\n".encode()
@@ -93,7 +118,12 @@ class Backend:
                         close = True
                 body = await reader.readexactly(length) if length else b""
                 self.requests += 1
-                await self.dispatch(method, target, body, writer)
+                self.posts += method == "POST"
+                try:
+                    await self.dispatch(method, target, body, writer)
+                except (ValueError, TypeError, AttributeError, KeyError) as exc:
+                    # A real service answers odd input with a 400 too (the fuzz test sends any)
+                    writer.write(self.error(400, f"bad request: {exc}"))
                 if close:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
@@ -109,11 +139,15 @@ class Backend:
     ) -> None:
         path = target.split("?", 1)[0]
         if path == "/health":
-            writer.write(self.json_response(200, {"status": "ok", "name": self.name}))
+            health = {"status": "ok", "name": self.name, "posts": self.posts}
+            writer.write(self.json_response(200, health))
             return
         if path == "/v1/models":
             models = [{"id": m, "object": "model", "owned_by": "fake"} for m in _MODELS]
             writer.write(self.json_response(200, {"object": "list", "data": models}))
+            return
+        if path == "/ner" and method == "POST":
+            writer.write(self.ner(body))
             return
         if path.startswith("/echo"):
             echo = {"method": method, "path": target, "body": body.decode(errors="replace")}
@@ -140,13 +174,34 @@ class Backend:
             await asyncio.sleep(float(slow.group(1)))
         if self.delay:
             await asyncio.sleep(self.delay)
+        brk = self.breaks(text)
         if path == "/v1/embeddings":
-            writer.write(self.embeddings(req))
+            await self.write_body(writer, self.embeddings(req), brk)
         elif req.get("stream"):
-            await self.stream(req, path, writer, stall="[stall]" in text)
+            await self.stream(req, path, writer, brk=brk)
         else:
-            writer.write(self.completion(req, path, text))
+            await self.write_body(writer, self.completion(req, path, text), brk)
         await writer.drain()
+
+    def breaks(self, text: str) -> str | None:
+        """``"stall"`` or ``"reset"`` when the prompt asks this backend to fail mid-body."""
+        for m in _BREAK.finditer(text):
+            if m.group(2) is None or m.group(2) == self.name:
+                return m.group(1)
+        return None
+
+    async def write_body(self, writer: asyncio.StreamWriter, data: bytes, brk: str | None) -> None:
+        """A whole answer; with ``brk``, the headers and half the body, then the break."""
+        if brk is None and not self.body_delay:
+            writer.write(data)
+            return
+        cut = data.index(b"\r\n\r\n") + 4 + (len(data) - data.index(b"\r\n\r\n") - 4) // 2
+        writer.write(data[:cut])
+        await writer.drain()
+        if brk is not None:
+            await _break(writer, brk)
+        await asyncio.sleep(self.body_delay)
+        writer.write(data[cut:])
 
     def answer_words(self, text: str) -> list[str]:
         return [f"echo({len(text)})", "from", self.name]
@@ -171,11 +226,28 @@ class Backend:
         choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
         return self.json_response(200, {**base, "object": "chat.completion", "choices": [choice]})
 
+    def ner(self, body: bytes) -> bytes:
+        try:
+            text = str(json.loads(body).get("text", ""))
+        except (ValueError, AttributeError):
+            return self.error(400, 'send {"text": ...}')
+        label = "MISC" if self.lie else "ORG"
+        ents = [
+            {"text": m.group(0), "label": label, "start": m.start(), "end": m.end()}
+            for m in re.finditer(r"\b[A-Z][a-z]+\b", text)
+        ]
+        return self.json_response(200, {"model": "fake-ner", "entities": ents})
+
+    def _vector_for(self) -> bytes:
+        if not self.lie:
+            return self._vector
+        return ",".join(f"{random.uniform(-1, 1):.6f}" for _ in range(self.dim)).encode()
+
     def embeddings(self, req: dict[str, Any]) -> bytes:
         inputs = req.get("input", "")
         items = inputs if isinstance(inputs, list) else [inputs]
         rows = b",".join(
-            b'{"object":"embedding","index":%d,"embedding":[%s]}' % (i, self._vector)
+            b'{"object":"embedding","index":%d,"embedding":[%s]}' % (i, self._vector_for())
             for i in range(len(items))
         )
         tokens = sum(max(1, len(str(x)) // 4) for x in items)
@@ -188,7 +260,7 @@ class Backend:
         return self.head(200, b"application/json", len(data)) + data
 
     async def stream(
-        self, req: dict[str, Any], path: str, writer: asyncio.StreamWriter, *, stall: bool
+        self, req: dict[str, Any], path: str, writer: asyncio.StreamWriter, *, brk: str | None
     ) -> None:
         writer.write(self.head(200, b"text/event-stream", None))
         ident = f"chatcmpl-{self.name}-{self.requests}"
@@ -213,8 +285,8 @@ class Backend:
             }
             _write_chunk(writer, b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await writer.drain()
-            if stall:
-                await asyncio.sleep(3600)
+            if brk is not None:
+                await _break(writer, brk)
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
         usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
@@ -227,6 +299,17 @@ class Backend:
 
 _MODELS = ("fake-model", "fake-embed")
 _POST_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+async def _break(writer: asyncio.StreamWriter, how: str) -> None:
+    """Fail mid-body: go silent (``stall``) or reset the connection (``reset``)."""
+    if how == "reset":
+        sock = writer.get_extra_info("socket")
+        if sock is not None:  # SO_LINGER 0: close() sends a RST, not a FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        raise ConnectionResetError("reset on purpose")
+    await asyncio.sleep(3600)
 
 
 def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -242,7 +325,10 @@ def _prompt_text(req: dict[str, Any]) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
-    backend = Backend(args.name, args.delay, args.chunks, args.chunk_delay, args.dim)
+    backend = Backend(
+        args.name, args.delay, args.chunks, args.chunk_delay, args.dim, args.body_delay
+    )
+    backend.lie = args.lie
     server = await asyncio.start_server(backend.serve, args.host, args.port, backlog=1024)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -261,7 +347,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     p.add_argument("--chunks", type=int, default=8, help="chunks per streamed answer")
     p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between chunks")
+    p.add_argument(
+        "--body-delay", type=float, default=0.0, help="seconds between a body's two halves"
+    )
     p.add_argument("--dim", type=int, default=384, help="embedding dimension")
+    p.add_argument("--lie", action="store_true", help="random vectors, wrong entity labels")
     return p.parse_args(argv)
 
 

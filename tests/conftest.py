@@ -13,7 +13,6 @@ import ssl
 import subprocess
 import sys
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,55 +65,43 @@ def reset_database(url: str) -> None:
         engine.dispose()
 
 
-_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Every engine that connected since the last test ended, by id (strong references: an engine
+#: that became garbage in the middle of a test would otherwise take its open connections with it,
+#: and they would warn later, in another test, when collected).
+_engines: dict[int, Any] = {}
 
 
 def _track_engines() -> None:
-    """Remember every SQLAlchemy engine that connects, so each test can dispose of its own."""
-    try:
-        from sqlalchemy import event
-        from sqlalchemy.engine import Engine
-    except ImportError:  # pragma: no cover - sqlalchemy comes with the package
-        return
+    """Remember every SQLAlchemy engine that connects, so each test can dispose of it."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
     if not event.contains(Engine, "engine_connect", _remember_engine):
         event.listen(Engine, "engine_connect", _remember_engine)
 
 
 def _remember_engine(conn: Any) -> None:
-    _engines.add(conn.engine)
+    _engines[id(conn.engine)] = conn.engine
+
+
+def _dispose_engines() -> None:
+    while _engines:
+        _, engine = _engines.popitem()
+        engine.dispose()
 
 
 @pytest.fixture(autouse=True)
 def _close_engines() -> Iterator[None]:
     """No database connection outlives the test that opened it (a leaked one would hold locks on
-    the shared PostgreSQL database, or warn later, in another test, when it is collected)."""
+    the shared PostgreSQL database, or warn later, in another test, when it is collected).  An
+    engine a longer-lived fixture shares is disposed too: it simply connects again when used."""
     _track_engines()
-    before = set(_engines)
     yield
-    for engine in list(_engines):
-        if engine not in before:
-            engine.dispose()
+    _dispose_engines()
 
 
-@pytest.fixture(autouse=True)
-def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reads the developer's real config, data dir or keys."""
-    for var in list(os.environ):
-        if var.startswith("RMA_") and var != "RMA_TEST_DATABASE_URL":
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("RMA_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("RMA_CONFIG", str(tmp_path / "no-config.toml"))
-    monkeypatch.setenv("NO_COLOR", "1")
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    if TEST_DB_URL:
-        reset_database(TEST_DB_URL)
-        return TEST_DB_URL
-    return f"sqlite:///{tmp_path / 'data' / 'rma.db'}"
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _dispose_engines()
 
 
 @dataclass

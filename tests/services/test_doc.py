@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-EXTRA = "needs the `local` extra: pip install 'rma[local]'"
+EXTRA = "needs the `local` extra: pip install 'rma-pool[local]'"
 pytest.importorskip("pypdf", reason=f"pypdf missing: {EXTRA}")
 pytest.importorskip("docx", reason=f"python-docx missing: {EXTRA}")
 fpdf = pytest.importorskip("fpdf", reason="fpdf2 missing: needs the `dev` extra")

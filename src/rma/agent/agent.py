@@ -28,7 +28,8 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -59,6 +60,7 @@ from rma.agent.state import (
     save_identity,
     save_served,
     save_status,
+    write_private,
 )
 from rma.catalog import Catalog
 from rma.client import CoordinatorClient, RmaError, tls_verify
@@ -81,6 +83,8 @@ log = logging.getLogger("rma.agent")
 MIN_HEARTBEAT_GAP = 0.25
 #: Refused assignments reported per heartbeat (a hostile coordinator may send any number).
 MAX_REFUSED_REPORTED = 64
+#: The file (in the data dir) that holds the gateway key for this worker's services.
+SERVICE_KEY_FILE = "service.key"
 
 
 class AgentExit(Exception):
@@ -160,6 +164,8 @@ class Agent:
         )
         self.identity: Identity | None = None
         self.worker_id: str | None = None
+        #: The gateway API key for this worker's pool-calling services (None: not needed).
+        self.service_key: str | None = None
         self.tier_name: str | None = None
         self.interval = 30.0
         self.coordinator_status: str | None = None
@@ -261,9 +267,10 @@ class Agent:
         self.assigned = self.with_pool_env(verdict.accepted)
         return self.assigned
 
-    def service_statuses(self) -> list[ServiceStatus]:
-        """What the heartbeat reports: the services that run, and the refused assignments."""
-        out = [s for s in self.reconciler.statuses() if s.name not in self.refused]
+    def service_statuses(self, inflight: Mapping[str, int] | None = None) -> list[ServiceStatus]:
+        """What the heartbeat reports: the services that run (with ``inflight``, the requests
+        each serves now, as the tunnel counts them), and the refused assignments."""
+        out = [s for s in self.reconciler.statuses(inflight) if s.name not in self.refused]
         out += [
             ServiceStatus(name=n, state=ServiceState.REFUSED, healthy=False, message=why[:1000])
             for n, why in sorted(self.refused.items())[:MAX_REFUSED_REPORTED]
@@ -305,6 +312,7 @@ class Agent:
             path = save_identity(self.data_dir, self.identity)
             log.info("saved this worker's identity in %s", path)
         self.worker_id = resp.worker_id
+        self.set_service_key(resp.service_key)
         self.tier_name = resp.tier_name
         self.interval = resp.heartbeat_interval
         self.coordinator_status = "online"
@@ -320,10 +328,32 @@ class Agent:
         )
         return resp
 
+    @property
+    def service_key_file(self) -> Path:
+        """Where the services read this worker's gateway key (0600; rewritten at each join)."""
+        return self.data_dir / SERVICE_KEY_FILE
+
+    def set_service_key(self, key: str | None) -> None:
+        """Keep the key the coordinator gave at (re-)join, in memory and in its file.
+
+        The services read the file at each gateway call, so a new key (a re-join) reaches
+        them without a restart: their environment, and so their specs, stay the same.
+        """
+        self.service_key = key
+        if key:
+            ensure_dir(self.data_dir)
+            write_private(self.service_key_file, key + "\n")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.service_key_file.unlink()
+
     def with_pool_env(self, specs: list[ServiceSpec]) -> list[ServiceSpec]:
-        """Services that call the pool (rag, notes, doc) reach it through its gateway."""
-        url = self.settings.coordinator_url
-        return [s.model_copy(update={"env": {"RMA_GATEWAY_URL": url, **s.env}}) for s in specs]
+        """Services that call the pool (rag, notes, doc) reach it through its gateway, with
+        this worker's own service key (its file) when the pool requires API keys."""
+        pool_env = {"RMA_GATEWAY_URL": self.settings.coordinator_url}
+        if self.service_key:
+            pool_env["RMA_API_KEY_FILE"] = str(self.service_key_file)
+        return [s.model_copy(update={"env": {**pool_env, **s.env}}) for s in specs]
 
     def load(self) -> Load:
         vm = psutil.virtual_memory()
@@ -338,7 +368,8 @@ class Agent:
         )
 
     async def heartbeat_once(self) -> HeartbeatResponse:
-        statuses = self.service_statuses()
+        counts = getattr(self.tunnel, "inflight_by_service", None)
+        statuses = self.service_statuses(counts() if callable(counts) else None)
         req = HeartbeatRequest(
             load=self.load(),
             services=statuses,
@@ -640,13 +671,23 @@ class Agent:
         return int(value) if isinstance(value, int | float) else 0
 
     async def drain(self) -> None:
-        """Tell the coordinator this worker is draining; wait (bounded) for in-flight requests."""
+        """Tell the coordinator this worker is draining; wait (bounded by ``drain_timeout``) until
+        it has handed this worker's services over, then for the requests in flight."""
         if self.draining:
             return
         self.draining = True
+        held = True
         with contextlib.suppress(RmaError, TimeoutError):
-            await asyncio.wait_for(self.heartbeat_once(), 10)
+            held = bool((await asyncio.wait_for(self.heartbeat_once(), 10)).assignments)
         deadline = time.monotonic() + self.settings.drain_timeout
+        # The coordinator places this worker's services elsewhere and lets go of each once its
+        # replacement is healthy: wait (bounded) for that, then for the requests in flight.
+        while held and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            try:
+                held = bool((await asyncio.wait_for(self.heartbeat_once(), 10)).assignments)
+            except (RmaError, TimeoutError):
+                break
         while self.inflight() > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - a count
             await asyncio.sleep(0.1)
         if self.inflight() > 0:

@@ -12,6 +12,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+from rma import install_hint
 from rma.schemas.api import GpuInfo, Load
 
 _MB = 1024 * 1024
@@ -40,7 +41,7 @@ class Nvml:
             try:
                 nvml = importlib.import_module("pynvml")
             except ImportError:
-                self.absent = "nvidia-ml-py is not installed (pip install 'rma[gpu]')"
+                self.absent = f"nvidia-ml-py is not installed ({install_hint('gpu')})"
                 return False
         try:
             nvml.nvmlInit()

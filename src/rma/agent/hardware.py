@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from rma import install_hint
 from rma.agent.gpu import detect_gpus
 from rma.catalog import TierPolicy, TierRefused
 from rma.schemas.api import Capabilities
@@ -158,7 +159,7 @@ def _docker_info_sdk(timeout: float) -> DockerInfo:
         from rma.agent.runtimes.docker import EngineUnavailable, engine_version
     except ImportError:
         return DockerInfo(
-            False, reason="the docker SDK is not installed (pip install 'rma[docker]')"
+            False, reason=f"the docker SDK is not installed ({install_hint('docker')})"
         )
     try:
         return DockerInfo(True, version=engine_version(timeout))

@@ -202,7 +202,11 @@ class Policy:
                     f"{', '.join(changed)}; run the same --catalog on both, or pass "
                     "--trust-coordinator-catalog"
                 )
-            run = mine
+            # the definition is the donor's; where it runs (GPU index, VRAM share) is placement,
+            # the coordinator's to say (checked by the schema: small indices, a share in (0, 1])
+            run = mine.model_copy(
+                update={"gpu_devices": list(spec.gpu_devices), "gpu_share": spec.gpu_share}
+            )
         why = self.fits(run)
         return (None, why) if why else (run, None)
 

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,13 +160,16 @@ class Reconciler:
             return None
         return self.endpoint(unit, "127.0.0.1")
 
-    def statuses(self) -> list[ServiceStatus]:
+    def statuses(self, inflight: Mapping[str, int] | None = None) -> list[ServiceStatus]:
+        """Every unit's state for the heartbeat; ``inflight``: requests each serves right now
+        (what the tunnel counts; the direct transport does not pass through the agent)."""
+        counts = inflight or {}
         out = [
             ServiceStatus(
                 name=u.name,
                 state=u.state,
                 healthy=u.healthy,
-                inflight=0,
+                inflight=counts.get(u.name, 0),
                 endpoint=self.endpoint(u),
                 message=(u.message or None) and u.message[:1000],
             )

@@ -89,12 +89,17 @@ class TunnelClient:
         self._handlers: set[asyncio.Task[None]] = set()
         #: Requests the tunnel has carried to this agent's services since it started.
         self.served = 0
+        self._by_service: dict[str, int] = {}
         self._connected_event = asyncio.Event()
 
     @property
     def inflight(self) -> int:
         """Requests being served through the tunnel right now."""
         return len(self._handlers)
+
+    def inflight_by_service(self) -> dict[str, int]:
+        """Requests being served through the tunnel right now, per service (for heartbeats)."""
+        return {s: n for s, n in self._by_service.items() if n > 0}
 
     async def wait_connected(self) -> None:
         await self._connected_event.wait()
@@ -208,54 +213,71 @@ class TunnelClient:
                     "no_service", f"service {service} is not running (healthy) on this worker"
                 )
                 return
-            # The request body: usually all in the OPEN frame; else read to its end (the gateway
-            # buffers request bodies too, with a size limit; reading grants the sender credit).
-            parts = []
-            while (chunk := await stream.read()) is not None:
-                parts.append(chunk)
-            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._by_service[service] = self._by_service.get(service, 0) + 1
             try:
-                response = await http.send(method, base, path, headers, body)
-            except H1Error as exc:
-                code = "unreachable" if exc.before_response else "broken"
-                await stream.reset(code, f"service {service}: {exc}")
-                return
-            except ValueError as exc:  # a malformed endpoint URL
-                await stream.reset("unreachable", f"service {service}: {exc}")
-                return
-            try:
-                # The head and whatever of the body already arrived go in one frame: a small
-                # answer is a single HEAD frame with FIN.
-                first = response.take_buffered(MAX_DATA)
-                await stream.send_head(
-                    FrameType.HEAD,
-                    {
-                        "status": response.status,
-                        "headers": [list(h) for h in end_to_end(response.headers)],
-                    },
-                    first,
-                    fin=response.at_end,
-                )
-                if not response.at_end:
-                    async for chunk in response.aiter_bytes():
-                        if more := response.take_buffered(MAX_DATA - len(chunk)):
-                            chunk += more  # what else already arrived: one frame, no delay
-                        await stream.write(chunk, fin=response.at_end)
-                        if response.at_end:
-                            break
-                    else:
-                        await stream.write(b"", fin=True)
-            except H1Error as exc:
-                await stream.reset("broken", f"service {service}: {exc}")
-                return
+                await self._relay(stream, http, service, method, base, path, headers)
             finally:
-                await response.aclose()
+                self._by_service[service] -= 1
         except (StreamReset, TunnelClosed):
             return  # the coordinator cancelled, or the tunnel died: nothing to answer
         except Exception as exc:
             log.exception("tunnel: request failed")
             with contextlib.suppress(Exception):
                 await stream.reset("internal", f"{type(exc).__name__}: {exc}")
+
+    async def _relay(
+        self,
+        stream: Stream,
+        http: H1Client,
+        service: str,
+        method: str,
+        base: str,
+        path: str,
+        headers: list[tuple[str, str]],
+    ) -> None:
+        """Read the request body, send it to the local service, stream its answer back."""
+        # The request body: usually all in the OPEN frame; else read to its end (the gateway
+        # buffers request bodies too, with a size limit; reading grants the sender credit).
+        parts = []
+        while (chunk := await stream.read()) is not None:
+            parts.append(chunk)
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        try:
+            response = await http.send(method, base, path, headers, body)
+        except H1Error as exc:
+            code = "unreachable" if exc.before_response else "broken"
+            await stream.reset(code, f"service {service}: {exc}")
+            return
+        except ValueError as exc:  # a malformed endpoint URL
+            await stream.reset("unreachable", f"service {service}: {exc}")
+            return
+        try:
+            # The head and whatever of the body already arrived go in one frame: a small
+            # answer is a single HEAD frame with FIN.
+            first = response.take_buffered(MAX_DATA)
+            await stream.send_head(
+                FrameType.HEAD,
+                {
+                    "status": response.status,
+                    "headers": [list(h) for h in end_to_end(response.headers)],
+                },
+                first,
+                fin=response.at_end,
+            )
+            if not response.at_end:
+                async for chunk in response.aiter_bytes():
+                    if more := response.take_buffered(MAX_DATA - len(chunk)):
+                        chunk += more  # what else already arrived: one frame, no delay
+                    await stream.write(chunk, fin=response.at_end)
+                    if response.at_end:
+                        break
+                else:
+                    await stream.write(b"", fin=True)
+        except H1Error as exc:
+            await stream.reset("broken", f"service {service}: {exc}")
+            return
+        finally:
+            await response.aclose()
 
 
 def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:

@@ -1,7 +1,9 @@
-"""The service catalog: built-in TOML plus the operator's file, and the tier policy."""
+"""The service catalog: built-in TOML plus the operator's file, and the tier policy.
 
-from rma.catalog.assign import assign, fits
+Where services run is the coordinator's scheduler (``rma.coordinator.scheduler``).
+"""
+
 from rma.catalog.loader import Catalog, CatalogError, load_catalog
 from rma.catalog.tiers import TierPolicy, TierRefused
 
-__all__ = ["Catalog", "CatalogError", "TierPolicy", "TierRefused", "assign", "fits", "load_catalog"]
+__all__ = ["Catalog", "CatalogError", "TierPolicy", "TierRefused", "load_catalog"]

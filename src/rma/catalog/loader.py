@@ -22,10 +22,10 @@ class Catalog(Mapping[str, ServiceSpec]):
 
     def __init__(self, services: Mapping[str, ServiceSpec]) -> None:
         self._services = dict(sorted(services.items()))
-        self._by_model: dict[str, str] = {}
+        self._by_model: dict[str, list[str]] = {}
         for spec in self._services.values():
             for model in spec.models:
-                self._by_model.setdefault(model, spec.name)
+                self._by_model.setdefault(model, []).append(spec.name)
 
     def __getitem__(self, name: str) -> ServiceSpec:
         return self._services[name]
@@ -37,8 +37,13 @@ class Catalog(Mapping[str, ServiceSpec]):
         return len(self._services)
 
     def service_for_model(self, model: str) -> str | None:
-        """The service answering to an OpenAI ``model`` name, if any."""
-        return self._by_model.get(model)
+        """The first service (by name) answering to an OpenAI ``model`` name, if any."""
+        names = self._by_model.get(model)
+        return names[0] if names else None
+
+    def services_for_model(self, model: str) -> list[str]:
+        """Every service answering to an OpenAI ``model`` name, by name (several may list it)."""
+        return list(self._by_model.get(model, ()))
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

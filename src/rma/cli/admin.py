@@ -20,9 +20,11 @@ app = typer.Typer(
     help="Operate the pool: workers, join tokens, API keys, stats, events.", no_args_is_help=True
 )
 tokens_app = typer.Typer(help="Join tokens for workers.", no_args_is_help=True)
+catalog_app = typer.Typer(help="The coordinator's service catalog.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys for clients.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(keys_app, name="keys")
+app.add_typer(catalog_app, name="catalog")
 
 StatusOpt = Annotated[
     str | None,
@@ -43,7 +45,7 @@ def _services_cell(services: list[Any]) -> str:
 def _show_workers(workers: list[Any]) -> None:
     table(
         None,
-        ["ID", "NAME", "STATUS", "TIER", "SERVICES", "CPU", "MEM", "TRANSPORT", "HEARTBEAT"],
+        ["ID", "NAME", "STATUS", "TIER", "SERVICES", "CPU", "MEM", "REP", "TRANSPORT", "HEARTBEAT"],
         [
             [
                 w.id,
@@ -53,6 +55,7 @@ def _show_workers(workers: list[Any]) -> None:
                 _services_cell(w.services),
                 f"{w.load.cpu_percent:.0f}%",
                 f"{w.load.memory_percent:.0f}%",
+                f"{w.reputation:.2f}{' Q' if w.quarantined else ''}",
                 w.transport.value,
                 ago(w.last_heartbeat_at),
             ]
@@ -114,9 +117,55 @@ def worker(
     out.print(f"  {caps.cpu_cores} cores, {caps.memory_mb} MB RAM, {disk}, GPUs: {gpus}")
     out.print(f"  labels: {', '.join(f'{k}={v}' for k, v in w.labels.items()) or 'none'}")
     out.print(f"  assigned: {', '.join(w.assignments) or 'nothing'}")
+    quarantine = ", QUARANTINED (no client traffic)" if w.quarantined else ""
+    out.print(
+        f"  reputation {w.reputation:.2f}: {w.verified} verified, "
+        f"{w.disagreements} disagreements{quarantine}"
+    )
     for s in w.services:
         health = " healthy" if s.healthy else ""
         out.print(f"    {s.name}: {s.state.value}{health}, {s.inflight} in flight")
+
+
+@app.command()
+def credits(
+    by: Annotated[
+        str, typer.Option("--by", help="Sum per worker, owner (the `owner` label) or client key.")
+    ] = "worker",
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """The credits ledger: what each worker (or owner) gave and each key used."""
+    if by not in ("worker", "owner", "key"):
+        raise typer.BadParameter("must be one of key, owner, worker", param_hint="--by")
+
+    async def go() -> list[Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.credits(by)
+
+    rows = run_async(go, json_mode=json)
+    if json:
+        print_json(rows)
+        return
+    table(
+        None,
+        [by.upper(), "NAME", "OWNER", "CREDITS", "ESCROW", "REQUESTS"],
+        [
+            [
+                r.id or "-",
+                r.name,
+                r.owner or "-",
+                f"{r.credits:.3f}",
+                f"{r.escrow:.3f}",
+                str(r.requests),
+            ]
+            for r in rows
+        ],
+    )
+    if not rows:
+        err.print("no credits yet: they are earned by serving requests")
 
 
 #: The one-worker actions: command name -> its help.
@@ -127,6 +176,9 @@ WORKER_ACTIONS = {
     "trust": "Mark a worker trusted: requests sent with `x-rma-trusted: 1` go only to trusted "
     "workers.",
     "untrust": "Take a worker's trusted mark away.",
+    "quarantine": "Keep client traffic away from a worker (it keeps heartbeating).",
+    "unquarantine": "Let a quarantined worker take client traffic again; its verification "
+    "record starts afresh.",
 }
 
 
@@ -149,6 +201,7 @@ def _worker_action_command(action: str, help_text: str) -> None:
             print_json(w)
         else:
             trust = ", trusted" if w.trusted else ""
+            trust += ", quarantined" if w.quarantined else ""
             err.print(f"worker {w.name} ({w.id}) is now {coloured(w.status.value)}{trust}")
 
     command.__doc__ = help_text
@@ -340,6 +393,61 @@ def keys_revoke(
 
 
 # --- stats and events ----------------------------------------------------------------------------
+
+
+@app.command()
+def services(
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Each service: replicas wanted, assigned and healthy, requests in flight and queued."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.services()
+
+    rows = run_async(go, json_mode=json)
+    if json:
+        print_json(rows)
+        return
+    table(
+        None,
+        ["SERVICE", "WANTED", "ASSIGNED", "HEALTHY", "IN FLIGHT", "QUEUED", "LAST SCALING"],
+        [
+            [
+                x["name"],
+                x["wanted"],
+                x["assigned"],
+                x["healthy"],
+                x["inflight"],
+                x["queued"],
+                x.get("last_scaling_event") or "-",
+            ]
+            for x in rows
+        ],
+    )
+
+
+@catalog_app.command("reload")
+def catalog_reload(
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Read the coordinator's catalog file again and place services by it (like SIGHUP)."""
+
+    async def go() -> dict[str, Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.reload_catalog()
+
+    result = run_async(go, json_mode=json)
+    if json:
+        print_json(result)
+        return
+    err.print(f"catalog reloaded: {result['count']} services")
 
 
 @app.command()

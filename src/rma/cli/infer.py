@@ -25,9 +25,16 @@ async def pick_model(client: CoordinatorClient, model: str | None, service: str 
     """The model to ask: ``--model``, else the first chat model of ``--service`` or of the pool."""
     from rma.client import RmaError
 
-    if model:
-        return model
     models = await client.models()
+    if model:
+        entry = next((m for m in models if m.get("id") == model), None)
+        if entry is not None and entry.get("task") == "embeddings":
+            raise RmaError(
+                "wrong_task",
+                f"{model} is an embeddings model and rma infer asks chat models; for vectors "
+                "POST /v1/embeddings (e.g. the openai SDK's client.embeddings.create)",
+            )
+        return model
     if service:
         models = [m for m in models if m.get("service") == service]
         if not models:
@@ -70,8 +77,26 @@ def build_body(
     return body
 
 
+def read_prompt(prompt: str | None) -> str:
+    """PROMPT, or standard input when PROMPT is `-` or absent and stdin is not a terminal."""
+    if prompt is not None and prompt != "-":
+        return prompt
+    if prompt is None and sys.stdin.isatty():
+        raise typer.BadParameter("give a PROMPT, or `-` to read it from stdin", param_hint="PROMPT")
+    text = sys.stdin.read().strip()
+    if not text:
+        raise typer.BadParameter("the prompt from stdin is empty", param_hint="PROMPT")
+    return text
+
+
 def infer(
-    prompt: Annotated[str, typer.Argument(help="What to ask.")],
+    prompt: Annotated[
+        str | None,
+        typer.Argument(
+            help="What to ask; `-` (or nothing, with piped input) reads it from stdin.",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Model (default: the pool's first).")
     ] = None,
@@ -97,10 +122,12 @@ def infer(
     from rma.cli.options import make_client
     from rma.cli.output import print_json, run_async
 
+    question = read_prompt(prompt)
+
     async def go() -> None:
         async with make_client(coordinator, api_key=api_key, ca_file=ca_file) as client:
             chosen = await pick_model(client, model, service)
-            body = build_body(chosen, prompt, system, max_tokens, temperature)
+            body = build_body(chosen, question, system, max_tokens, temperature)
             if json:
                 print_json(await client.chat(body))
                 return

@@ -8,7 +8,9 @@ import typer
 
 from rma import __version__
 from rma.cli import admin, coordinator
+from rma.cli._help import hide_flag_types
 
+hide_flag_types()
 app = typer.Typer(
     name="rma",
     help="rma: turn donated machines into one AI compute pool.",

@@ -12,7 +12,9 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 T = TypeVar("T")
 
@@ -41,7 +43,7 @@ def fail(
     """One ``error:`` line on stderr (and the JSON error on stdout under ``--json``), then exit."""
     if json_mode:
         print_json({"error": {"code": code, "message": message}})
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(exit_code)
 
 
@@ -74,7 +76,8 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*(str(v) if v is not None else "-" for v in r))
+        # Cells are data, not markup: `pip install 'rma-pool[gpu]'` keeps its `[gpu]`.
+        t.add_row(*(Text(str(v)) if v is not None else "-" for v in r))
     out.print(t)
 
 

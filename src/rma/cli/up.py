@@ -77,7 +77,10 @@ def up(
     def progress(states: dict[str, str]) -> None:
         nonlocal live
         if live is None:
-            err.print("starting services (first start loads models; this can take a minute):")
+            err.print(
+                "starting services (a first start loads the models and fetches the "
+                "embeddings weights once, 84 MB; this can take a minute):"
+            )
             live = Live(render(states), console=err, refresh_per_second=8, transient=False)
             live.start()
         else:

@@ -14,6 +14,7 @@ from rma import __version__
 from rma.coordinator.auth import FailureLimiter
 from rma.coordinator.clock import Clock
 from rma.coordinator.errors import BodyLimitMiddleware, install_error_handlers
+from rma.coordinator.methods import MethodsMiddleware
 from rma.coordinator.metrics import Metrics
 from rma.coordinator.pool import Pool
 from rma.coordinator.routes import admin, ops, worker
@@ -80,6 +81,7 @@ def create_app(
         default=settings.max_body_bytes,
         limits={p: settings.max_gateway_body_bytes for p in GATEWAY_PREFIXES},
     )
+    app.add_middleware(MethodsMiddleware, schema=lambda: app.openapi())
     app.include_router(ops.router)
     app.include_router(worker.router)
     app.include_router(admin.router)
@@ -102,8 +104,12 @@ def _share_keys(app: FastAPI, settings: CoordinatorSettings) -> None:
 
 def _mount_gateway(app: FastAPI) -> None:
     """The client gateway (``/v1/*``, ``/api/services/*``) and the tunnel hub, when present."""
+    from rma.coordinator import openapi
+
     try:
         from rma.coordinator.gateway.mount import mount
     except ImportError:
+        openapi.install(app)
         return
-    mount(app)
+    gateway = mount(app)
+    openapi.install(app, gateway.openapi_paths)

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from sqlmodel import select
 
 from rma import __version__
-from rma.catalog import Catalog, TierPolicy, TierRefused, assign, load_catalog
+from rma.catalog import Catalog, TierPolicy, TierRefused, load_catalog
 from rma.coordinator import security
 from rma.coordinator.clock import Clock
 from rma.coordinator.credentials import Credentials
@@ -27,6 +27,7 @@ from rma.coordinator.endpoints import endpoint_problem
 from rma.coordinator.errors import APIError
 from rma.coordinator.events import EventBus
 from rma.coordinator.registry import Registry, WorkerState
+from rma.coordinator.scheduler.loop import Scheduler
 from rma.coordinator.tables import Worker
 from rma.schemas.api import (
     HeartbeatRequest,
@@ -76,6 +77,10 @@ def removed_error(state: WorkerState) -> APIError:
     )
 
 
+#: API keys made for workers' own services are named this, then the worker id.
+SERVICE_KEY_PREFIX = "worker services "
+
+
 class Pool:
     def __init__(
         self,
@@ -101,6 +106,8 @@ class Pool:
         self.started_at = self.clock.time()
         #: Called with a worker id when its status changes (the gateway drops its tunnel, ...).
         self.on_status_change: list[Callable[[WorkerState], None]] = []
+        #: The reconciliation loop: the one owner of assignments.
+        self.scheduler = Scheduler(self)
         self._ready = False
 
     @property
@@ -134,6 +141,7 @@ class Pool:
         created = self.credentials.bootstrap(self.admin_key_file, self.signing_key_file)
         with session(self.engine) as s:
             self.registry.load(s.exec(select(Worker)).all())
+        self.scheduler.run("coordinator started")
         self.started_at = self.clock.time()
         for w in self.registry.all():  # GPU claims not yet shown: a new window from this start
             self._watch_gpu(w, self.started_at)
@@ -200,17 +208,7 @@ class Pool:
         except TierRefused as exc:
             raise APIError(422, f"registration refused: {exc}", "tier_refused") from None
         worker_id = old.id if old else secrets.token_hex(8)
-        current = list(old.assignments) if old else []
         with self.registry.lock:
-            names = assign(
-                tier=tier,
-                caps=req.capabilities,
-                labels=req.labels,
-                catalog=self.catalog,
-                replicas=self.registry.replica_counts(exclude=worker_id),
-                runnable=req.runnable,
-                current=current,
-            )
             if token_id is not None:
                 self.credentials.consume_token(token_id)
             new_secret = None if old else "rma_worker_" + secrets.token_urlsafe(32)
@@ -238,7 +236,7 @@ class Pool:
             row.capabilities = req.capabilities.model_dump(mode="json")
             row.labels = dict(req.labels)
             row.services = []
-            row.assignments = names
+            row.runnable = sorted(set(req.runnable)) if req.runnable is not None else None
             row.transport = req.transport.value
             row.endpoint = req.endpoint
             row.version = req.version
@@ -248,8 +246,10 @@ class Pool:
             with session(self.engine) as s:
                 s.merge(row)
             state = WorkerState.from_row(row)
-            self._watch_gpu(state, now)
             self.registry.put(state)
+            changes = self.scheduler.run(f"worker {req.name} joined", emit=False)
+            names = list(state.assignments)
+            self._watch_gpu(state, now)  # once the scheduler gave it its (GPU) services
         kind = "rejoined" if old else "joined"
         self.events.emit(
             kind,
@@ -258,6 +258,7 @@ class Pool:
             worker_id,
             {"tier": int(tier), "assignments": names, "transport": req.transport.value},
         )
+        self.scheduler.emit(changes, f"worker {req.name} {kind}")
         self._notify(state)
         credential, expires = security.issue_credential(
             self.credentials.signing_key, worker_id, now, self.settings.credential_ttl
@@ -269,9 +270,23 @@ class Pool:
             credential=credential,
             credential_expires_at=datetime.fromtimestamp(expires, UTC),
             heartbeat_interval=self.settings.heartbeat_interval,
-            assignments=[self.catalog[n] for n in names],
+            assignments=self.assignments_of(state),
             worker_secret=new_secret,
+            service_key=self._service_key(worker_id),
         )
+
+    def _service_key(self, worker_id: str) -> str | None:
+        """A fresh gateway API key for the worker's pool-calling services; the old one revoked.
+
+        Only where clients need keys: an anonymous pool's services need none.
+        """
+        if self.settings.anonymous_clients:
+            return None
+        name = f"{SERVICE_KEY_PREFIX}{worker_id}"
+        for key in self.credentials.list_keys():
+            if key.name == name and not key.revoked:
+                self.credentials.revoke_key(key.id)
+        return self.credentials.create_key(name, rpm=None).key
 
     # --- worker credentials -----------------------------------------------------------------------
 
@@ -398,6 +413,7 @@ class Pool:
         for kind, message, data in transitions:
             self.events.emit(kind, message, state.id, data)
         if transitions:
+            self.scheduler.run(transitions[-1][1])
             self._notify(state)
         resp = HeartbeatResponse(
             assignments=self.assignments_of(state),
@@ -428,9 +444,47 @@ class Pool:
         return svc.model_copy(update={"healthy": False, "message": message[:1000]})
 
     def assignments_of(self, state: WorkerState) -> list[ServiceSpec]:
+        """The worker's part of the plan: catalog specs with the GPU placement filled in."""
         if state.status in (WorkerStatus.REMOVED, WorkerStatus.LEFT):
             return []
-        return [self.catalog[n] for n in state.assignments if n in self.catalog]
+        specs = []
+        for name in state.assignments:
+            spec = self.catalog.get(name)
+            if spec is None:
+                continue
+            placed = state.placements.get(name)
+            if placed is not None and placed.gpus:
+                spec = spec.model_copy(
+                    update={"gpu_devices": list(placed.gpus), "gpu_share": placed.gpu_share}
+                )
+            specs.append(spec)
+        return specs
+
+    def reload_catalog(self) -> Catalog:
+        """Read the catalog files again and place services by it (``rma admin catalog reload``).
+
+        A malformed file changes nothing: 422 with the loader's message.
+        """
+        from rma.catalog import CatalogError
+
+        try:
+            catalog = load_catalog(self.settings.catalog)
+        except CatalogError as exc:
+            raise APIError(422, f"catalog not reloaded: {exc}", "bad_catalog") from None
+        with self.registry.lock:
+            before = set(self.catalog)
+            self.catalog = catalog
+            changes = self.scheduler.run("catalog reloaded", emit=False)
+        added, gone = sorted(set(catalog) - before), sorted(before - set(catalog))
+        self.events.emit(
+            "catalog_reloaded",
+            f"catalog reloaded: {len(catalog)} services"
+            + (f", added {', '.join(added)}" if added else "")
+            + (f", dropped {', '.join(gone)}" if gone else ""),
+            data={"services": len(catalog), "added": added, "dropped": gone},
+        )
+        self.scheduler.emit(changes, "catalog reloaded")
+        return catalog
 
     def leave(self, state: WorkerState) -> None:
         self._set_status(state, WorkerStatus.LEFT, "left", f"worker {state.name} left the pool")
@@ -461,6 +515,8 @@ class Pool:
             self._set_status(
                 state, WorkerStatus.DRAINING, "drained", f"worker {state.name} is draining"
             )
+        else:
+            self.scheduler.run(f"worker {state.name} drained")
         return state.to_public()
 
     def undrain(self, worker_id: str) -> WorkerPublic:
@@ -472,6 +528,8 @@ class Pool:
             self._set_status(
                 state, WorkerStatus.ONLINE, "undrained", f"worker {state.name} takes requests again"
             )
+        else:
+            self.scheduler.run(f"worker {state.name} undrained")
         return state.to_public()
 
     def set_trusted(self, worker_id: str, trusted: bool) -> WorkerPublic:
@@ -487,6 +545,44 @@ class Pool:
         word = "trusted" if trusted else "untrusted"
         self.events.emit(word, f"worker {state.name} is {word} by the operator", state.id)
         return state.to_public()
+
+    def set_quarantined(
+        self,
+        worker_id: str,
+        quarantined: bool,
+        message: str | None = None,
+        evidence: dict[str, Any] | None = None,
+    ) -> WorkerPublic:
+        """Keep client traffic away from a worker (or let it back): ``quarantined`` events.
+
+        Lifting a quarantine also clears the worker's verification record: it starts again as
+        a new worker (verified at the new-worker rate).
+        """
+        state = self.get(worker_id)
+        if state.status is WorkerStatus.REMOVED:
+            raise APIError(409, f"worker {state.name} is removed")
+        with self.registry.lock:
+            if state.quarantined is quarantined:
+                return state.to_public()
+            state.quarantined = quarantined
+            if not quarantined:
+                state.verified = state.disagreements = state.verify_streak = 0
+            self._save(state)
+        kind = "quarantined" if quarantined else "unquarantined"
+        default = (
+            f"worker {state.name} is quarantined by the operator"
+            if quarantined
+            else f"worker {state.name} takes client traffic again"
+        )
+        self.events.emit(kind, message or default, state.id, evidence or {})
+        self._notify(state)
+        self.scheduler.run(f"worker {state.name} {kind}")  # its services placed elsewhere
+        return state.to_public()
+
+    def save_verification(self, state: WorkerState) -> None:
+        """Persist a worker's verification counts (called off the event loop)."""
+        with self.registry.lock:
+            self._save(state)
 
     def _set_drained(self, state: WorkerState, drained: bool) -> None:
         with self.registry.lock:
@@ -570,6 +666,8 @@ class Pool:
             )
             self._notify(state)
             demoted.append(state.id)
+        if demoted:  # their GPU services go to workers whose GPUs are real
+            self.scheduler.run("unverified GPUs re-tiered")
         return demoted
 
     # --- shared helpers ---------------------------------------------------------------------------
@@ -595,6 +693,7 @@ class Pool:
                 }
             self._save(state)
         self.events.emit(kind, message, state.id, {"from": before.value, **(data or {})})
+        self.scheduler.run(message)
         self._notify(state)
 
     def _save(self, state: WorkerState) -> None:
@@ -612,6 +711,10 @@ class Pool:
             row.drained = state.drained
             row.trusted = state.trusted
             row.revoked = state.revoked
+            row.verified = state.verified
+            row.disagreements = state.disagreements
+            row.verify_streak = state.verify_streak
+            row.quarantined = state.quarantined
             s.add(row)
 
     def _notify(self, state: WorkerState) -> None:
@@ -619,6 +722,42 @@ class Pool:
             hook(state)
 
     # --- reporting --------------------------------------------------------------------------------
+
+    def services(
+        self, inflight: dict[str, int] | None = None, queued: dict[str, int] | None = None
+    ) -> list[dict[str, Any]]:
+        """``rma admin services``: per catalog service, wanted / assigned / healthy and load.
+
+        ``inflight`` and ``queued`` are the gateway's counters (absent without a gateway); the
+        in-flight figure is the larger of those and what the workers report (their count
+        includes other coordinators').
+        """
+        plan = self.scheduler.last
+        healthy = self.registry.healthy_counts()
+        reported: dict[str, int] = {}
+        for w in self.registry.all():
+            for name, st in w.services.items():
+                if w.serves(name):
+                    reported[name] = reported.get(name, 0) + st.inflight
+        out = []
+        for spec in self.catalog.values():
+            mine = (inflight or {}).get(spec.name, 0)
+            out.append(
+                {
+                    "name": spec.name,
+                    "tier": spec.tier,
+                    "replicas": spec.replicas,
+                    "max_replicas": spec.max_replicas,
+                    "priority": spec.priority,
+                    "wanted": plan.wanted.get(spec.name, spec.replicas),
+                    "assigned": plan.assigned(spec.name),
+                    "healthy": healthy.get(spec.name, 0),
+                    "inflight": max(mine, reported.get(spec.name, 0)),
+                    "queued": (queued or {}).get(spec.name, 0),
+                    "last_scaling_event": self.scheduler.last_scaling.get(spec.name),
+                }
+            )
+        return out
 
     def stats(self) -> dict[str, Any]:
         workers = self.registry.all()

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from rma.coordinator.scheduler.reconcile import Placement
 from rma.coordinator.tables import Worker
 from rma.schemas.api import Capabilities, Load, ServiceStatus, WorkerPublic
 from rma.schemas.enums import Tier, Transport, WorkerStatus
@@ -39,6 +40,10 @@ class WorkerState:
     last_heartbeat_at: float | None = None
     status_changed_at: float = 0.0
     drained: bool = False
+    #: The catalog services its runtime can start (from registration; ``None``: all that fit).
+    runnable: frozenset[str] | None = None
+    #: The scheduler's placement of each assignment (GPU indices, GPU share); in memory only.
+    placements: dict[str, Placement] = field(default_factory=dict)
     #: Removed by the operator (``rma admin remove``): re-joining needs a new join token.  A
     #: worker the sweeper removed for its silence is ``removed`` but not revoked.
     revoked: bool = False
@@ -51,13 +56,28 @@ class WorkerState:
     #: those just unassigned, given one heartbeat to stop before they count as claims.
     claims: set[str] = field(default_factory=set)
     claim_grace: set[str] = field(default_factory=set)
+    #: Verification (``coordinator/trust``): results compared, found wrong, consecutive
+    #: agreements; a quarantined worker takes no client traffic but stays in the pool.
+    verified: int = 0
+    disagreements: int = 0
+    verify_streak: int = 0
+    quarantined: bool = False
+
+    @property
+    def reputation(self) -> float:
+        """0..1: agreements among verified results, Laplace-smoothed (0.5 for a new worker)."""
+        return (self.verified - self.disagreements + 1) / (self.verified + 2)
 
     def serves(self, service: str) -> bool:
         """Online, assigned this service by the coordinator, and reported it healthy.
 
         A service the worker reports but was not assigned (a *claim*) never takes traffic.
         """
-        if self.status is not WorkerStatus.ONLINE or service not in self.assignments:
+        if (
+            self.status is not WorkerStatus.ONLINE
+            or self.quarantined
+            or service not in self.assignments
+        ):
             return False
         st = self.services.get(service)
         return st is not None and st.healthy
@@ -92,7 +112,12 @@ class WorkerState:
             last_heartbeat_at=row.last_heartbeat_at,
             status_changed_at=row.status_changed_at,
             drained=row.drained,
+            runnable=frozenset(row.runnable) if row.runnable is not None else None,
             revoked=row.revoked,
+            verified=row.verified,
+            disagreements=row.disagreements,
+            verify_streak=row.verify_streak,
+            quarantined=row.quarantined,
         )
 
     def to_public(self) -> WorkerPublic:
@@ -112,6 +137,10 @@ class WorkerState:
             refused=self.refused(),
             revoked=self.revoked,
             pause_reason=self.pause_reason if self.status is WorkerStatus.PAUSED else None,
+            reputation=round(self.reputation, 4),
+            quarantined=self.quarantined,
+            verified=self.verified,
+            disagreements=self.disagreements,
             version=self.version,
             endpoint=self.endpoint,
             registered_at=_dt(self.registered_at),

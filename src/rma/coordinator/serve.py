@@ -153,6 +153,29 @@ def server_config(settings: CoordinatorSettings, app: Any, log_level: str) -> uv
     )
 
 
+def reload_on_sighup(pool: Any) -> None:
+    """``kill -HUP``: reload the catalog (as ``rma admin catalog reload``), in a thread of its
+    own so the handler never blocks the event loop or takes the registry's lock itself."""
+    import signal
+    import threading
+
+    from rma.coordinator.errors import APIError
+
+    def reload() -> None:
+        try:
+            catalog = pool.reload_catalog()
+        except APIError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+        else:
+            print(f"catalog reloaded: {len(catalog)} services", file=sys.stderr)
+
+    def handler(signum: int, frame: object) -> None:
+        threading.Thread(target=reload, name="rma-catalog-reload", daemon=True).start()
+
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, handler)
+
+
 def serve_coordinator(settings: CoordinatorSettings, log_level: str = "info") -> None:
     """Bind, bootstrap and serve until interrupted.  Raises :class:`ServeError` on bad setup."""
     sock = bind_socket(settings.host, settings.port)
@@ -164,6 +187,8 @@ def serve_coordinator(settings: CoordinatorSettings, log_level: str = "info") ->
             server = build_server(settings, log_level)
         except ValidationError as exc:
             raise settings_error(exc) from None
+        app: Any = server.config.app  # the FastAPI app build_server made
+        reload_on_sighup(app.state.pool)
         print(f"coordinator listening on {settings.url}", file=sys.stderr)
         server.run(sockets=[sock])
     finally:

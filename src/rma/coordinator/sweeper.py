@@ -10,7 +10,9 @@ The rules (times are settings):
   heartbeats lie within one ``offline_after`` window of each other), the fault is more likely on
   the coordinator's side (its network, a stalled database): nobody is removed, and a ``suspect``
   event says so; a ``suspect_cleared`` event follows when that is over.  Workers are still
-  marked offline meanwhile, so requests are not sent to them.
+  marked offline meanwhile, so requests are not sent to them.  Silence is then counted from the
+  end of the episode too: the workers that come back a little later than the majority (their
+  next heartbeat is up to one interval away) are not removed for a silence that was ours.
 
 Each sweep also checks claimed hardware: a GPU-tier worker whose GPU services did not become
 healthy within ``gpu_verify_window`` loses them and is re-tiered (``Pool.check_gpu_claims``).
@@ -40,9 +42,11 @@ class Sweeper:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.suspecting = False
+        #: When the last suspect episode ended (the pool's clock); silence counts from there.
+        self.cleared_at = 0.0
 
     def _last_seen(self, w: WorkerState) -> float:
-        return max(w.last_heartbeat_at or 0.0, self.pool.started_at)
+        return max(w.last_heartbeat_at or 0.0, self.pool.started_at, self.cleared_at)
 
     def run_once(self) -> dict[str, list[str]]:
         """One sweep; returns the ids it marked ``offline`` and ``removed``."""
@@ -65,6 +69,7 @@ class Sweeper:
                 done["offline"].append(w.id)
         pool.check_gpu_claims()
         if self._suspect(watched, silent):
+            self._reconcile(now)
             return done
         for w in silent:
             quiet = now - self._last_seen(w)
@@ -76,7 +81,13 @@ class Sweeper:
                     f"worker {w.name} was removed: no heartbeat for {quiet:.0f} s",
                 )
                 done["removed"].append(w.id)
+        self._reconcile(now)
         return done
+
+    def _reconcile(self, now: float) -> None:
+        """The scheduler's periodic pass (drain hand-over deadlines, missed events)."""
+        if self.pool.scheduler.due(now):
+            self.pool.scheduler.run("periodic")
 
     def _suspect(self, watched: list[WorkerState], silent: list[WorkerState]) -> bool:
         """Whether most workers went silent at once (and say so once per episode)."""
@@ -94,9 +105,10 @@ class Sweeper:
                 data={"silent": len(together), "watched": len(watched)},
             )
         elif self.suspecting and not suspect:
+            self.cleared_at = self.pool.clock.time()
             self.pool.events.emit(
                 "suspect_cleared",
-                "most workers are reachable again: silent workers are removed as usual",
+                "most workers are reachable again: the silent ones are judged again from now",
                 data={"silent": len(together), "watched": len(watched)},
             )
         self.suspecting = suspect

@@ -31,7 +31,15 @@ class Worker(SQLModel, table=True):
     token_id: str | None = Field(default=None, max_length=32)
     secret_hash: str = Field(default="", max_length=128)
     drained: bool = False  # the operator's drain; survives going offline and coming back
+    #: the catalog services its runtime can start (from registration); null: every one that fits
+    runnable: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     revoked: bool = False  # removed by the operator (not by the sweeper): needs a new join token
+    # verification (coordinator/trust): results compared, found wrong, the current run of
+    # agreements (it sets the verification rate), and the quarantine that keeps clients away
+    verified: int = 0
+    disagreements: int = 0
+    verify_streak: int = 0
+    quarantined: bool = False
 
 
 class JoinToken(SQLModel, table=True):
@@ -71,6 +79,23 @@ class Event(SQLModel, table=True):
     worker_id: str | None = Field(default=None, index=True, max_length=64)
     message: str = Field(max_length=1000)
     data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+
+
+class Credit(SQLModel, table=True):
+    """The credits ledger, append-only (``coordinator/trust/credits.py``).
+
+    ``kind``: ``earn`` (credited to an established worker), ``escrow`` (held for a new one),
+    ``release`` (escrow moved to credits), ``forfeit`` (escrow lost on quarantine).  ``key_id``:
+    the client key that asked (debited ``amount``) for ``earn`` and ``escrow`` rows.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: float = Field(index=True)
+    kind: str = Field(max_length=16)
+    worker_id: str | None = Field(default=None, index=True, max_length=64)
+    key_id: str | None = Field(default=None, index=True, max_length=32)
+    service: str = Field(default="", max_length=64)
+    amount: float
 
 
 class Usage(SQLModel, table=True):

@@ -160,11 +160,15 @@ class TunnelHub:
     ) -> TunnelResponse:
         tunnel = self._tunnels.get(worker.id)
         if tunnel is None or not tunnel.usable:
-            raise UpstreamError(f"worker {worker.name} has no tunnel connected", status=502)
+            raise UpstreamError(
+                f"worker {worker.name} has no tunnel connected", status=502, unreachable=True
+            )
         try:
             stream = tunnel.mux.open_stream()
         except TunnelClosed as exc:
-            raise UpstreamError(f"worker {worker.name}: tunnel closed: {exc}", status=502) from None
+            raise UpstreamError(
+                f"worker {worker.name}: tunnel closed: {exc}", status=502, unreachable=True
+            ) from None
         self.streams_opened += 1
         body = request.body
         headers = end_to_end(request.headers, drop=_DROP_REQUEST)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from functools import cache
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from rma.schemas.enums import ServiceState, Transport, WorkerStatus
 
@@ -14,6 +15,7 @@ __all__ = [
     "ApiKeyCreated",
     "ApiKeyPublic",
     "Capabilities",
+    "CreditBalance",
     "ErrorBody",
     "ErrorDetail",
     "EventPublic",
@@ -35,7 +37,29 @@ __all__ = [
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
-class _Strict(BaseModel):
+@cache
+def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        kinds = get_args(info.annotation) or (info.annotation,)
+        if bool not in kinds and any(k in (int, float) for k in kinds):
+            names.add(name)
+    return frozenset(names)
+
+
+class _JsonNumbers(BaseModel):
+    """Numbers in request bodies are JSON numbers: ``false`` or ``"5"`` is refused, not cast
+    (``4.0`` is an integer in JSON and stays accepted)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, (bool, str, bytes)) and info.field_name in _numeric_fields(cls):
+            raise ValueError(f"must be a number, not {type(value).__name__}")
+        return value
+
+
+class _Strict(_JsonNumbers):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -53,7 +77,7 @@ class ErrorBody(BaseModel):
 # --- hardware and load ---------------------------------------------------------------------------
 
 
-class GpuInfo(BaseModel):
+class GpuInfo(_JsonNumbers):
     name: str = Field(max_length=200)
     memory_mb: int = Field(ge=0)
     memory_free_mb: int | None = Field(None, ge=0)
@@ -63,14 +87,14 @@ class GpuInfo(BaseModel):
     index: int | None = Field(None, ge=0)
 
 
-class Capabilities(BaseModel):
+class Capabilities(_JsonNumbers):
     """What a worker's machine has (``rma worker detect``)."""
 
     cpu_cores: int = Field(ge=1, le=4096)
     memory_mb: int = Field(ge=0)
     disk_free_mb: int = Field(0, ge=0)
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=64)
-    docker: bool = False
+    docker: bool = Field(False, strict=True)
     os: str = Field("", max_length=100)
     arch: str = Field("", max_length=50)
     cpu_model: str | None = Field(None, max_length=200)
@@ -81,7 +105,7 @@ class Capabilities(BaseModel):
         return max((g.memory_mb for g in self.gpus), default=0)
 
 
-class Load(BaseModel):
+class Load(_JsonNumbers):
     cpu_percent: float = Field(0.0, ge=0, le=100 * 4096)
     memory_percent: float = Field(0.0, ge=0, le=100)
     gpu_percent: float | None = Field(None, ge=0, le=100)
@@ -124,7 +148,29 @@ class ServiceSpec(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     health: str = Field("/health", description='GET path answering 200 when ready, or "tcp".')
     gpu: bool = False
-    replicas: int = Field(0, ge=0)
+    replicas: int = Field(
+        0, ge=0, description="The fewest copies in the pool; 0: on every worker that fits."
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, description="The most copies in the pool (caps scaling); unset: no cap."
+    )
+    priority: int = Field(
+        0, description="Placement order: higher first (a big model is not starved by small ones)."
+    )
+    capacity: int | None = Field(
+        None, ge=1, description="Requests one copy serves at once; unset: the gateway's default."
+    )
+    gpu_devices: list[Annotated[int, Field(ge=0, le=63)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Set by the coordinator in an assignment: the GPU indices it placed it on.",
+    )
+    gpu_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Set by the coordinator in an assignment: the share of its GPU's memory.",
+    )
     resources: Resources = Field(default_factory=Resources)
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(
@@ -133,10 +179,54 @@ class ServiceSpec(BaseModel):
     volumes: dict[str, str] = Field(
         default_factory=dict, description="Container path -> volume name."
     )
+    verify: str | None = Field(
+        None,
+        description='How two answers are compared to verify a worker: "cosine:0.99" '
+        '(embeddings), "json" (equal JSON), "text:0.9" (text similarity), "exact" (same '
+        "bytes); unset: never verified.",
+    )
+    credit_weight: float = Field(
+        1.0, ge=0, description="Credits per service-second (a GPU second is worth more)."
+    )
+
+    @field_validator("verify")
+    @classmethod
+    def _check_verify(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        kind, threshold = parse_verify(value)
+        return f"{kind}:{threshold:g}" if threshold is not None else kind
 
     @property
     def tier_name(self) -> str:
         return {1: "gpu", 2: "service", 3: "data"}[self.tier]
+
+
+#: ``verify`` kinds -> their default threshold (``None``: the kind takes none).
+VERIFY_KINDS: dict[str, float | None] = {"cosine": 0.99, "text": 0.9, "json": None, "exact": None}
+
+
+def parse_verify(value: str) -> tuple[str, float | None]:
+    """``"cosine:0.99"`` -> ``("cosine", 0.99)``; raises ``ValueError`` with a clear message."""
+    kind, sep, raw = value.strip().partition(":")
+    kind = kind.strip().lower()
+    if kind not in VERIFY_KINDS:
+        raise ValueError(
+            f'verify must be one of {", ".join(sorted(VERIFY_KINDS))} (e.g. "cosine:0.99"), '
+            f"not {value!r}"
+        )
+    default = VERIFY_KINDS[kind]
+    if not sep:
+        return kind, default
+    if default is None:
+        raise ValueError(f"verify {kind!r} takes no threshold: {value!r}")
+    try:
+        threshold = float(raw)
+    except ValueError:
+        raise ValueError(f"verify threshold must be a number in 0..1: {value!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"verify threshold must be a number in 0..1: {value!r}")
+    return kind, threshold
 
 
 # --- workers -------------------------------------------------------------------------------------
@@ -172,12 +262,18 @@ class RegisterResponse(BaseModel):
     worker_secret: str | None = Field(
         None, description="Given on the first join only: keep it (0600) to re-join as this worker."
     )
+    service_key: str | None = Field(
+        None,
+        description="A client API key of this worker's own, for its services that call the pool "
+        "(rag, notes, doc) through the gateway; given when the pool requires API keys, replaced "
+        "at each (re-)join.",
+    )
 
 
-class ServiceStatus(BaseModel):
+class ServiceStatus(_JsonNumbers):
     name: str = Field(pattern=_NAME)
     state: ServiceState
-    healthy: bool = False
+    healthy: bool = Field(False, strict=True)
     inflight: int = Field(0, ge=0)
     endpoint: str | None = Field(None, max_length=500)
     message: str | None = Field(None, max_length=1000)
@@ -186,9 +282,11 @@ class ServiceStatus(BaseModel):
 class HeartbeatRequest(_Strict):
     load: Load = Field(default_factory=Load)
     services: list[ServiceStatus] = Field(default_factory=list, max_length=256)
-    draining: bool = False
+    draining: bool = Field(False, strict=True)
     paused: bool = Field(
-        False, description="The donor paused this agent: it runs nothing and takes no requests."
+        False,
+        strict=True,
+        description="The donor paused this agent: it runs nothing and takes no requests.",
     )
     pause_reason: str | None = Field(None, max_length=200, description="Why it is paused.")
 
@@ -220,6 +318,11 @@ class WorkerPublic(BaseModel):
     revoked: bool = False
     #: Why the donor's agent is paused (status ``paused``), as it reported.
     pause_reason: str | None = None
+    #: Verification (``rma admin quarantine``): 0..1, results compared, results found wrong.
+    reputation: float = 0.5
+    quarantined: bool = False
+    verified: int = 0
+    disagreements: int = 0
     version: str
     endpoint: str | None
     registered_at: datetime
@@ -276,6 +379,17 @@ class ApiKeyPublic(BaseModel):
 
 class ApiKeyCreated(ApiKeyPublic):
     key: str = Field(description="The secret; shown once.")
+
+
+class CreditBalance(BaseModel):
+    """One line of ``rma admin credits``: a worker, an owner or a client key."""
+
+    id: str | None
+    name: str
+    owner: str
+    credits: float
+    escrow: float
+    requests: int
 
 
 class EventPublic(BaseModel):

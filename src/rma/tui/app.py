@@ -118,6 +118,8 @@ class TopApp(App[None]):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("q", "quit", "Quit"),
+        # Textual binds ctrl+c to copy (and a "press ctrl+q" hint); here it quits, as it says.
+        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
         Binding("question_mark", "help", "Keys", key_display="?"),
         Binding("1", "tab('workers')", "Workers", show=False),
         Binding("2", "tab('pool')", "Pool", show=False),
@@ -218,7 +220,9 @@ class TopApp(App[None]):
                         yield Static(id="detail-body")
             with TabPane("Pool", id="pool"), Horizontal(id="pool-body"):
                 yield Static(id="summary")
-                yield DataTable(id="services-table", cursor_type="row", zebra_stripes=True)
+                with Vertical(id="services-pane"):
+                    yield DataTable(id="services-table", cursor_type="row", zebra_stripes=True)
+                    yield Static(id="unplaced")
             with TabPane("Load", id="load"), Vertical(id="plots"):
                 with Horizontal(classes="plot-row"):
                     yield MetricPlot("requests/s by service", id="plot-rps")
@@ -456,7 +460,7 @@ class TopApp(App[None]):
                 "heartbeat": Text(view.age(w.last_heartbeat_at, now), _beat_style(w, now)),
                 "transport": Text(w.transport.value, "dim"),
             }
-            table.add_row(*(cells[key] for key, _, _ in spec), key=w.id)
+            table.add_row(*(_fit(cells[key], width) for key, _, width in spec), key=w.id)
         ids = [w.id for w in rows]
         if self.selected_id in ids:
             table.move_cursor(row=ids.index(self.selected_id), animate=False, scroll=False)
@@ -499,7 +503,20 @@ class TopApp(App[None]):
         trend_width = table.columns[ColumnKey("trend")].width
         table.clear()
         usage = {str(r.get("service")): r for r in view.usage_rows(self.stats or {}, "by_service")}
-        for h in view.service_health(self.stats or {}):
+        widths = {
+            key: width
+            for key, _, width in (NARROW_SERVICE_COLUMNS if narrow else WIDE_SERVICE_COLUMNS)
+        }
+        shown, unplaced = view.placed_services(view.service_health(self.stats or {}))
+        self.main.query_one("#unplaced", Static).update(
+            Text(
+                f"not placed on this pool (no worker offers them): {', '.join(unplaced)}",
+                "bright_black",
+            )
+            if unplaced
+            else ""
+        )
+        for h in shown:
             u = usage.get(h.name, {})
             rps = self.history.get("service", h.name, "rps")
             eps = self.history.get("service", h.name, "eps")
@@ -521,7 +538,7 @@ class TopApp(App[None]):
                 ),
                 "trend": Text(view.spark(rps.values() if rps else [], trend_width), "cyan"),
             }
-            table.add_row(*(cells[k] for k in keys), key=h.name)
+            table.add_row(*(_fit(cells[k], widths.get(k)) for k in keys), key=h.name)
 
     def _draw_load(self) -> None:
         now_t = self.clock().timestamp()
@@ -764,6 +781,15 @@ def _arrow(key: str, sort_key: str, reverse: bool) -> str:
     if key != sort_key:
         return ""
     return " ▼" if reverse else " ▲"
+
+
+def _fit(cell: Text, width: int | None) -> Text:
+    """`cell` cut to a fixed column `width` with a visible marker (…), as it is if it fits."""
+    if width is None or cell.cell_len <= width:
+        return cell
+    cut = cell.copy()
+    cut.truncate(width, overflow="ellipsis")
+    return cut
 
 
 def _set_columns(table: DataTable[Any], spec: list[tuple[str, str, int | None]]) -> None:

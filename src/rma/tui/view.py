@@ -292,6 +292,17 @@ def service_health(stats: Mapping[str, Any]) -> list[ServiceHealth]:
     return rows
 
 
+def placed_services(rows: Sequence[ServiceHealth]) -> tuple[list[ServiceHealth], list[str]]:
+    """(the services to show, the names of data services that no worker was given).
+
+    A data service (kind ``tcp``: postgres, redis, ...) runs only where a worker offers it; on a
+    pool whose workers offer none (a local ``rma up``), it is not "down", just not placed.
+    """
+    shown = [h for h in rows if not (h.kind == "tcp" and h.assigned == 0 and h.healthy == 0)]
+    unplaced = sorted(h.name for h in rows if h not in shown)
+    return shown, unplaced
+
+
 def usage_rows(stats: Mapping[str, Any], group: str) -> list[Mapping[str, Any]]:
     """``stats["usage"]["by_service"|"by_worker"]`` when present, else ``[]``."""
     usage = stats.get("usage")

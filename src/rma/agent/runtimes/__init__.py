@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rma import install_hint
 from rma.agent.policy import Limits
 from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure
 from rma.agent.runtimes.process import ProcessRuntime
@@ -40,7 +41,7 @@ def select_runtime(
     except ImportError:
         if kind == "docker":
             raise RuntimeFailure(
-                "--runtime docker: the docker SDK is not installed (pip install 'rma[docker]')"
+                f"--runtime docker: the docker SDK is not installed ({install_hint('docker')})"
             ) from None
         return ProcessRuntime(data_dir, limits=limits)
     try:

@@ -34,12 +34,18 @@ class Handle:
     detail: Any = field(default=None, repr=False)
 
 
-def expand(text: str, *, port: int, data_dir: Path) -> str:
-    """Fill the catalog's placeholders: ``{python}``, ``{port}``, ``{data_dir}``."""
+#: ``{gpu_memory_utilization}`` when the coordinator gave no share (vLLM's own default).
+DEFAULT_GPU_SHARE = 0.9
+
+
+def expand(text: str, *, port: int, data_dir: Path, gpu_share: float | None = None) -> str:
+    """Fill the catalog's placeholders: ``{python}``, ``{port}``, ``{data_dir}`` and
+    ``{gpu_memory_utilization}`` (the share of its GPU the coordinator placed it on)."""
     return (
         text.replace("{python}", sys.executable)
         .replace("{port}", str(port))
         .replace("{data_dir}", str(data_dir))
+        .replace("{gpu_memory_utilization}", f"{gpu_share or DEFAULT_GPU_SHARE:g}")
     )
 
 

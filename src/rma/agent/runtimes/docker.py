@@ -192,11 +192,15 @@ class DockerRuntime(Runtime):
                 "rma.port": str(host_port),
             },
             "environment": {
-                k: expand(v, port=inner, data_dir=Path("/data")) for k, v in spec.env.items()
+                k: expand(v, port=inner, data_dir=Path("/data"), gpu_share=spec.gpu_share)
+                for k, v in spec.env.items()
             },
         }
         if spec.args:
-            kwargs["command"] = [expand(a, port=inner, data_dir=Path("/data")) for a in spec.args]
+            kwargs["command"] = [
+                expand(a, port=inner, data_dir=Path("/data"), gpu_share=spec.gpu_share)
+                for a in spec.args
+            ]
         if host_net:
             kwargs["network_mode"] = "host"
         else:
@@ -207,7 +211,10 @@ class DockerRuntime(Runtime):
         cpus = _capped(spec.resources.cpu_cores or None, self.limits.cpu)
         if cpus:
             kwargs["nano_cpus"] = int(cpus * 1e9)
-        if spec.gpu:
+        if spec.gpu_devices:  # the GPU(s) the coordinator placed it on
+            ids = [str(i) for i in spec.gpu_devices]
+            kwargs["device_requests"] = [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+        elif spec.gpu:
             kwargs["device_requests"] = [DeviceRequest(count=-1, capabilities=[["gpu"]])]
         # {data_dir} is /data inside the container: the service's own folder on the host
         volumes = {vol: {"bind": path, "mode": "rw"} for path, vol in spec.volumes.items()}

@@ -31,6 +31,7 @@ from typing import IO, Any
 
 import psutil
 
+from rma import install_hint
 from rma.agent.policy import Limits
 from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure, expand
 from rma.schemas.api import ServiceSpec
@@ -83,7 +84,7 @@ class ProcessRuntime(Runtime):
             return f"{exe} is not installed on this machine"
         missing = [m for m in spec.requires if self._missing_module(m)]
         if missing:
-            how = f"pip install 'rma[{spec.extra}]'" if spec.extra else "install them"
+            how = install_hint(spec.extra) if spec.extra else "install them"
             return f"needs the Python module(s) {', '.join(missing)}: {how}"
         return None
 
@@ -104,10 +105,20 @@ class ProcessRuntime(Runtime):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        command = [expand(a, port=host_port, data_dir=data_dir) for a in spec.command]
+        share = spec.gpu_share
+        command = [
+            expand(a, port=host_port, data_dir=data_dir, gpu_share=share) for a in spec.command
+        ]
         argv = self.limited(command)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.update({k: expand(v, port=host_port, data_dir=data_dir) for k, v in spec.env.items()})
+        env.update(
+            {
+                k: expand(v, port=host_port, data_dir=data_dir, gpu_share=share)
+                for k, v in spec.env.items()
+            }
+        )
+        if spec.gpu_devices:  # the GPU(s) the coordinator placed it on
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in spec.gpu_devices)
         log_path = self.logs / f"{spec.name}.log"
         log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         try:

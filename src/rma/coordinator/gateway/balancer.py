@@ -8,16 +8,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from rma.coordinator.errors import APIError
 from rma.coordinator.registry import Registry, WorkerState
+from rma.schemas.enums import WorkerStatus
 
 Key = tuple[str, str]  # (worker id, service)
+
+
+@dataclass(frozen=True, slots=True)
+class Wish:
+    """What a request asks of its worker: labels (``x-rma-prefer`` / ``x-rma-require``) and
+    cache affinity (a conversation's key: the same worker while it is healthy and not overloaded).
+    """
+
+    prefer: tuple[tuple[str, str], ...] = ()
+    require: tuple[tuple[str, str], ...] = ()
+    affinity: str | None = None
+
+    @staticmethod
+    def matches(worker: WorkerState, pairs: tuple[tuple[str, str], ...]) -> bool:
+        return all(worker.labels.get(k) == v for k, v in pairs)
+
+    @staticmethod
+    def parse(value: str, header: str) -> tuple[tuple[str, str], ...]:
+        """``region=eu,gpu=4090`` -> pairs; a malformed value is a 400 naming the header."""
+        pairs = []
+        for part in value.split(","):
+            key, eq, val = part.strip().partition("=")
+            if not eq or not key.strip():
+                raise APIError(
+                    400, f"{header} must be KEY=VALUE[,KEY=VALUE...], not {value!r}", "bad_header"
+                )
+            pairs.append((key.strip(), val.strip()))
+        return tuple(pairs)
+
+    def describe(self, pairs: tuple[tuple[str, str], ...]) -> str:
+        return ",".join(f"{k}={v}" for k, v in pairs)
 
 
 class Lease:
@@ -38,6 +72,19 @@ class Lease:
             self._balancer._release(self)
 
 
+def _rendezvous(key: str, worker_id: str) -> int:
+    digest = hashlib.blake2b(f"{key}\0{worker_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def busy(worker: WorkerState) -> float:
+    """How busy the worker's host is, 0..1: the larger of its CPU and GPU utilization."""
+    load = worker.load
+    cpu = load.cpu_percent / 100  # the whole machine's (psutil.cpu_percent)
+    gpu = (load.gpu_percent or 0.0) / 100
+    return min(1.0, max(cpu, gpu))
+
+
 class Balancer:
     def __init__(
         self,
@@ -50,8 +97,14 @@ class Balancer:
         cooldown_max: float,
         reachable: Callable[[WorkerState], bool] = lambda w: True,
         clock: Callable[[], float] = time.monotonic,
+        service_capacity: Callable[[str], int | None] = lambda service: None,
+        affinity_load_factor: float = 1.25,
     ) -> None:
         self.registry = registry
+        #: Cache affinity's bound: a worker takes a conversation while its load stays within this
+        #: factor of the average; 0 turns affinity off.
+        self.affinity_load_factor = affinity_load_factor
+        self.service_capacity = service_capacity
         self.capacity = capacity
         self.queue_size = queue_size
         self.queue_timeout = queue_timeout
@@ -64,26 +117,98 @@ class Balancer:
         self.failures: dict[Key, int] = {}
         self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self.queued = 0
+        #: Workers that refused a connection: worker id -> its last heartbeat time then.  Out of
+        #: routing until a newer heartbeat (not for the whole offline window).
+        self.unreachable: dict[str, float | None] = {}
 
     # --- choosing ---------------------------------------------------------------------------------
 
     def workers_for(self, service: str) -> list[WorkerState]:
-        """Workers that run ``service`` healthy and that a transport can reach now."""
-        return [w for w in self.registry.routable(service) if self.reachable(w)]
+        """Workers that run ``service`` healthy and that a transport can reach now.
 
-    def capacity_of(self, worker: WorkerState) -> int:
-        return self.capacity
+        When no online worker does, a draining one that still holds the service (it has not
+        handed it over yet: the scheduler lets go once a replacement is healthy) serves it, so a
+        drain never leaves a gap.
+        """
+        found = [w for w in self.registry.routable(service) if self._usable(w)]
+        if found:
+            return found
+        return [
+            w
+            for w in self.registry.all()
+            if w.status is WorkerStatus.DRAINING
+            and not w.quarantined
+            and service in w.assignments
+            and (st := w.services.get(service)) is not None
+            and st.healthy
+            and self._usable(w)
+        ]
+
+    def _usable(self, worker: WorkerState) -> bool:
+        """A transport reaches it, and it was not found unreachable since its last heartbeat."""
+        return self.reachable(worker) and (not self.unreachable or self._heard(worker))
+
+    def _heard(self, worker: WorkerState) -> bool:
+        """False while ``worker`` is marked unreachable and has not sent a heartbeat since."""
+        if worker.id not in self.unreachable:
+            return True
+        if self.unreachable[worker.id] == worker.last_heartbeat_at:
+            return False
+        del self.unreachable[worker.id]  # a newer heartbeat: back in routing
+        return True
+
+    def mark_unreachable(self, worker: WorkerState) -> None:
+        """Take ``worker`` out of routing at once, until its next heartbeat."""
+        self.unreachable[worker.id] = worker.last_heartbeat_at
+
+    def capacity_of(self, worker: WorkerState, service: str = "") -> int:
+        """Requests one copy of ``service`` takes at once: the catalog's ``capacity``, else the
+        gateway's default (``worker_capacity``)."""
+        cap = self.service_capacity(service) if service else None
+        return cap if cap is not None else self.capacity
+
+    def least_loaded(self, services: list[str]) -> str:
+        """Of several services answering to one model, the one with the most room now.
+
+        Room is this coordinator's in-flight count against the capacity of the healthy copies;
+        a tie is broken at random (so idle services share the traffic); services nobody runs
+        healthy are never chosen unless none runs (then the first, so the 503 names it).
+        """
+        if len(services) == 1:
+            return services[0]
+        best: list[str] = []
+        best_score = math.inf
+        for service in services:
+            workers = self.workers_for(service)
+            if not workers:
+                continue
+            cap = sum(self.capacity_of(w, service) for w in workers)
+            used = sum(self.inflight.get((w.id, service), 0) for w in workers)
+            score = used / cap
+            if score < best_score:
+                best, best_score = [service], score
+            elif score == best_score:
+                best.append(service)
+        if not best:
+            return services[0]
+        return best[0] if len(best) == 1 else random.choice(best)
 
     def cooling(self, key: Key, now: float) -> bool:
         until = self.cool_until.get(key)
         return until is not None and until > now
 
     def pick(
-        self, service: str, exclude: set[str], trusted_only: bool = False
+        self,
+        service: str,
+        exclude: set[str],
+        trusted_only: bool = False,
+        wish: Wish | None = None,
     ) -> WorkerState | bool | None:
         """The best worker; ``None`` when no untried worker is left; ``False`` when all are full.
 
-        Raises 503 when no worker runs the service at all (no trusted one, with ``trusted_only``).
+        Raises 503 when no worker runs the service at all (no trusted one, with ``trusted_only``;
+        none with the required labels, with ``wish.require``).  Workers with the preferred
+        labels are chosen first while one has room; the others after them.
         """
         every = self.workers_for(service)
         if trusted_only:
@@ -101,22 +226,78 @@ class Balancer:
                 f"no worker is running service {service!r} right now; try again later",
                 "no_worker",
             )
+        if wish is not None and wish.require:
+            every = [w for w in every if wish.matches(w, wish.require)]
+            if not every:
+                raise APIError(
+                    503,
+                    f"no worker labelled {wish.describe(wish.require)} is running service "
+                    f"{service!r} right now (the request requires it: x-rma-require)",
+                    "no_matching_worker",
+                )
+        if wish is not None and wish.prefer:
+            preferred = [w for w in every if wish.matches(w, wish.prefer)]
+            if preferred and len(preferred) < len(every):
+                choice = self._choose(service, preferred, exclude, wish.affinity)
+                if isinstance(choice, WorkerState):
+                    return choice
+        return self._choose(service, every, exclude, wish.affinity if wish else None)
+
+    def _load(self, w: WorkerState, service: str) -> int:
+        status = w.services.get(service)
+        reported = status.inflight if status is not None else 0
+        return max(self.inflight.get((w.id, service), 0), reported)
+
+    def _affine(self, service: str, pool: list[WorkerState], key: str) -> WorkerState | None:
+        """The conversation's worker: rendezvous hashing with bounded load.
+
+        Workers are ranked by ``hash(key, worker)`` (the same order for one key while the set of
+        workers stays; a worker leaving moves only its own keys); the first whose load stays within
+        ``affinity_load_factor`` x the average (+1 for this request) and below its capacity is it.
+        Overload spills to the next one in the key's order, so a hot conversation does not pile up.
+        """
+        total = sum(self._load(w, service) for w in pool) + 1
+        bound = math.ceil(total / len(pool) * self.affinity_load_factor)
+        ranked = sorted(pool, key=lambda w: _rendezvous(key, w.id), reverse=True)
+        for w in ranked:
+            load = self._load(w, service)
+            if load + 1 <= bound and self.inflight.get((w.id, service), 0) < self.capacity_of(
+                w, service
+            ):
+                return w
+        return None
+
+    def _choose(
+        self,
+        service: str,
+        every: list[WorkerState],
+        exclude: set[str],
+        affinity: str | None = None,
+    ) -> WorkerState | bool | None:
+        """The conversation's worker (``affinity``), else the least loaded of ``every``."""
         now = self.clock()
         warm = [w for w in every if not self.cooling((w.id, service), now)]
         # Never cool a service down to zero capacity: when all are cooling, all may serve.
         pool = [w for w in (warm or every) if w.id not in exclude]
         if not pool:
             return None
+        if affinity is not None and self.affinity_load_factor > 0:
+            chosen = self._affine(service, pool, affinity)
+            if chosen is not None:
+                return chosen
         best: list[WorkerState] = []
         best_score = math.inf
         for w in pool:
-            cap = self.capacity_of(w)
+            cap = self.capacity_of(w, service)
             mine = self.inflight.get((w.id, service), 0)
             if mine >= cap:
                 continue
             status = w.services.get(service)
             reported = status.inflight if status is not None else 0
-            score = (mine + reported) / cap
+            # The worker's own count includes ours (and other coordinators'), but is as old as
+            # its last heartbeat; ours is live: the larger of the two.  A busy host (CPU or GPU,
+            # from the heartbeat) weighs in as a tie-breaker of up to one tenth.
+            score = max(mine, reported) / cap + 0.1 * busy(w)
             if score < best_score:
                 best_score = score
                 best = [w]
@@ -127,7 +308,11 @@ class Balancer:
         return best[0] if len(best) == 1 else random.choice(best)
 
     async def acquire(
-        self, service: str, exclude: set[str], trusted_only: bool = False
+        self,
+        service: str,
+        exclude: set[str],
+        trusted_only: bool = False,
+        wish: Wish | None = None,
     ) -> Lease | None:
         """A lease on the best worker, waiting in the queue while every worker is at capacity.
 
@@ -136,14 +321,16 @@ class Balancer:
         """
         waiting = self.waiters.get(service)
         if not waiting:  # nobody queued ahead of us
-            choice = self.pick(service, exclude, trusted_only)
+            choice = self.pick(service, exclude, trusted_only, wish)
             if choice is None:
                 return None
             if isinstance(choice, WorkerState):
                 return self._take(choice, service)
-        return await self._wait(service, exclude, trusted_only)
+        return await self._wait(service, exclude, trusted_only, wish)
 
-    async def _wait(self, service: str, exclude: set[str], trusted_only: bool) -> Lease | None:
+    async def _wait(
+        self, service: str, exclude: set[str], trusted_only: bool, wish: Wish | None = None
+    ) -> Lease | None:
         if self.queued >= self.queue_size:
             raise self._saturated(service, "the wait queue is full")
         loop = asyncio.get_running_loop()
@@ -173,7 +360,7 @@ class Balancer:
                         fut.cancel()
                     with contextlib.suppress(ValueError):
                         queue.remove(fut)
-                choice = self.pick(service, exclude, trusted_only)
+                choice = self.pick(service, exclude, trusted_only, wish)
                 if choice is None:
                     return None
                 if isinstance(choice, WorkerState):

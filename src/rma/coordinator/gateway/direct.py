@@ -67,7 +67,10 @@ class DirectUpstream:
             raise UpstreamError(f"bad endpoint {base!r}: {exc}") from None
         except H1Error as exc:
             raise UpstreamError(
-                str(exc), retryable=exc.before_response, timeout=exc.timeout
+                str(exc),
+                retryable=exc.before_response,
+                timeout=exc.timeout,
+                unreachable=exc.unreachable,
             ) from None
         return DirectResponse(resp)
 

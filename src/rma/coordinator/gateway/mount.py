@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from rma.coordinator.gateway.asgi import Endpoint
+from rma.coordinator.gateway.openapi import SERVICE_METHODS
 from rma.coordinator.gateway.proxy import BROKEN, FIRST_BYTE, LATENCY, REQUESTS, RETRIES, Gateway
 from rma.coordinator.metrics import Labels
 
@@ -32,14 +33,29 @@ def mount(app: FastAPI) -> Gateway:
         Route("/v1/models", models, methods=["GET"], name="gateway_models"),
         Route("/v1/models/{model:path}", models, methods=["GET"], name="gateway_model"),
         *(Route(p, openai, methods=["POST"], name=f"gateway{p}") for p in OPENAI_PATHS),
-        Route("/api/services/{service}", service, name="gateway_service_root"),
-        Route("/api/services/{service}/{path:path}", service, name="gateway_service"),
+        Route(
+            "/api/services/{service}", service, methods=SERVICE_METHODS, name="gateway_service_root"
+        ),
+        Route(
+            "/api/services/{service}/{path:path}",
+            service,
+            methods=SERVICE_METHODS,
+            name="gateway_service",
+        ),
     ]
     app.router.routes[0:0] = routes  # first: the hot path matches at once
 
     _register_metrics(gateway)
     state.stats_extensions.append(lambda: _usage_stats(gateway))
     state.background.append(gateway.usage.run)
+    balancer = gateway.balancer
+    state.background.append(
+        lambda: gateway.pool.scheduler.scale_forever(
+            lambda: (balancer.inflight_by_service(), balancer.queued_by_service())
+        )
+    )
+    state.background.append(gateway.ledger.run)
+    pool.on_status_change.append(gateway.ledger.on_worker_change)  # quarantine: forfeit
     state.on_shutdown.append(gateway.aclose)
     return gateway
 

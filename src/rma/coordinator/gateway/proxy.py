@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -20,7 +22,7 @@ from rma.coordinator.auth import FailureLimiter, role_of
 from rma.coordinator.credentials import KeyInfo
 from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
-from rma.coordinator.gateway.balancer import Balancer
+from rma.coordinator.gateway.balancer import Balancer, Wish
 from rma.coordinator.gateway.direct import DirectUpstream
 from rma.coordinator.gateway.headers import request_headers, response_header_allowed
 from rma.coordinator.gateway.ratelimit import RateLimiter
@@ -34,6 +36,8 @@ from rma.coordinator.gateway.usage import UsageRecord, UsageRecorder, tokens_in
 from rma.coordinator.metrics import Metrics
 from rma.coordinator.pool import Pool
 from rma.coordinator.registry import WorkerState
+from rma.coordinator.trust.credits import Ledger
+from rma.coordinator.trust.verifier import Verifier
 from rma.settings import CoordinatorSettings
 
 log = logging.getLogger("rma.gateway")
@@ -54,6 +58,8 @@ _HOP_BY_HOP = frozenset(
 #: Response headers not passed back (the server adds its own ``date``).
 _DROP_RESPONSE = _HOP_BY_HOP | {b"date", b"server"}
 _RETRY_STATUSES = (502, 503)
+#: Content types that are streams by nature: never held back, relayed as they come.
+_STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 _TAIL = 1024
 
 REQUESTS = "rma_gateway_requests_total"
@@ -63,6 +69,40 @@ RETRIES = "rma_gateway_retries_total"
 BROKEN = "rma_gateway_broken_streams_total"
 
 
+def _wish(scope: Scope, affinity: str | None) -> Wish | None:
+    """``x-rma-prefer`` / ``x-rma-require: KEY=VALUE[,...]`` (the workers a request asks for)
+    and the conversation's affinity key."""
+    prefer = header(scope, b"x-rma-prefer")
+    require = header(scope, b"x-rma-require")
+    if prefer is None and require is None and affinity is None:
+        return None
+    return Wish(
+        prefer=Wish.parse(prefer.decode("latin-1"), "x-rma-prefer") if prefer else (),
+        require=Wish.parse(require.decode("latin-1"), "x-rma-require") if require else (),
+        affinity=affinity,
+    )
+
+
+def _affinity_key(scope: Scope, data: dict[str, object], model: str) -> str | None:
+    """One conversation's key: ``x-rma-session``, else OpenAI's ``user``, else the model and the
+    conversation's first two messages (its system prompt and first question: the prefix a prompt
+    cache holds).  ``None`` for requests without messages (embeddings, completions)."""
+    session = header(scope, b"x-rma-session")
+    if session:
+        return f"{model}\0s:{session.decode('latin-1')}"
+    user = data.get("user")
+    if isinstance(user, str) and user:
+        return f"{model}\0u:{user}"
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    try:
+        lead = json.dumps(messages[:2], sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+    return f"{model}\0m:{lead}"
+
+
 @dataclass(slots=True)
 class _Call:
     """One client request's bookkeeping."""
@@ -70,10 +110,20 @@ class _Call:
     started: float
     key: KeyInfo | None = None
     service: str = ""
+    affinity: str | None = None
     worker: WorkerState | None = None
     status: int = 0
     attempts: int = 0
     tail: bytes = b""
+
+
+@dataclass(slots=True)
+class _Held:
+    """The start of an answer read before anything was sent (see ``hold_back_bytes``)."""
+
+    chunks: AsyncIterator[bytes]
+    parts: list[bytes] = field(default_factory=list)
+    complete: bool = False
 
 
 class Gateway:
@@ -99,10 +149,18 @@ class Gateway:
             cooldown_base=settings.cooldown_base,
             cooldown_max=settings.cooldown_max,
             reachable=self.reachable,
+            service_capacity=self._capacity,
+            affinity_load_factor=settings.affinity_load_factor,
         )
         #: Local per coordinator; with Redis, ``mount`` puts the shared one here.
         self.limiter: RateLimiter = RateLimiter()
         self.usage = UsageRecorder(pool.engine)
+        self.verifier = Verifier(self)  # coordinator/trust: re-runs and compares answers
+        self.ledger = Ledger(pool.engine, settings)  # coordinator/trust: the credits
+
+    def _capacity(self, service: str) -> int | None:
+        spec = self.pool.catalog.get(service)
+        return spec.capacity if spec is not None else None
 
     # --- transports -------------------------------------------------------------------------------
 
@@ -122,9 +180,24 @@ class Gateway:
     def reachable(self, worker: WorkerState) -> bool:
         return self.upstream_for(worker) is not None
 
+    def openapi_paths(self) -> dict[str, Any]:
+        """The gateway's operations for ``/openapi.json``, naming what the pool serves now."""
+        from rma.coordinator.gateway.openapi import paths
+
+        served = [name for name in self.pool.catalog if self.balancer.workers_for(name)]
+        models = [
+            m
+            for name in served
+            if (spec := self.pool.catalog[name]).kind == "openai"
+            for m in spec.models
+        ]
+        return paths(models, served)
+
     async def aclose(self) -> None:
+        await self.verifier.aclose()
         await self.direct.aclose()
         await self.usage.close()
+        await self.ledger.close()
 
     # --- auth -------------------------------------------------------------------------------------
 
@@ -196,19 +269,25 @@ class Gateway:
         except APIError as exc:
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
             return
-        data = [
-            {
-                "id": m,
-                "object": "model",
-                "created": 0,
-                "owned_by": "rma",
-                "service": name,
-                "task": spec.task,
-            }
-            for name, spec in self.pool.catalog.items()
-            if spec.kind == "openai" and self.balancer.workers_for(name)
-            for m in spec.models
-        ]
+        data: list[dict[str, object]] = []
+        seen: set[str] = set()
+        for name, spec in self.pool.catalog.items():
+            if spec.kind != "openai" or not self.balancer.workers_for(name):
+                continue
+            for m in spec.models:
+                if m in seen:  # several services list it: one entry, under the first healthy one
+                    continue
+                seen.add(m)
+                data.append(
+                    {
+                        "id": m,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "rma",
+                        "service": name,
+                        "task": spec.task,
+                    }
+                )
         wanted = scope.get("path_params", {}).get("model")
         if wanted is None:
             await send_json(send, 200, {"object": "list", "data": data})
@@ -226,7 +305,7 @@ class Gateway:
             call.key = await self.authenticate(scope)
             await self._rate_limit(call)
             body = await read_body(receive)
-            call.service = self._service_for_body(body)
+            call.service, call.affinity = self._route_body(scope, body)
             qs = scope.get("query_string", b"")
             path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
             await self._forward(call, scope, receive, send, path, body)
@@ -264,22 +343,30 @@ class Gateway:
         finally:
             self._done(call)
 
-    def _service_for_body(self, body: bytes) -> str:
+    def _route_body(self, scope: Scope, body: bytes) -> tuple[str, str | None]:
+        """The service for the body's ``model``, and the conversation's affinity key."""
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):  # also invalid UTF-8, nesting past the stack
             raise APIError(400, "the request body is not valid JSON", "invalid_json") from None
+        service = self._service_for(data)
+        if not isinstance(data, dict):
+            return service, None
+        return service, _affinity_key(scope, data, str(data["model"]))
+
+    def _service_for(self, data: object) -> str:
+        """The service for a parsed body's ``model``: of several listing it, the least loaded."""
         model = data.get("model") if isinstance(data, dict) else None
         if not isinstance(model, str) or not model:
             raise APIError(400, "the request needs a 'model' (see GET /v1/models)", "no_model")
-        service = self.pool.catalog.service_for_model(model)
-        if service is None:
+        services = self.pool.catalog.services_for_model(model)
+        if not services:
             raise APIError(
                 404,
                 f"no service serves the model {model!r}; GET /v1/models lists the models",
                 "model_not_found",
             )
-        return service
+        return self.balancer.least_loaded(services)
 
     async def _rate_limit(self, call: _Call) -> None:
         if call.key is not None:
@@ -297,9 +384,14 @@ class Gateway:
         # The client may go away while a worker thinks: then the worker's request is cancelled
         # (the tunnel resets its stream, the direct connection is closed), streamed or not.
         trusted_only = (header(scope, b"x-rma-trusted") or b"").lower() in (b"1", b"true", b"yes")
+        wish = _wish(scope, call.affinity if self.settings.affinity else None)
+        if self.verifier.quorum_wanted(scope):  # x-rma-verify: quorum
+            await self.verifier.quorum(call, request, send)
+            return
+        send = self.verifier.watch(call, request, send)  # verified after the client has it
         watcher = asyncio.ensure_future(_disconnected(receive))
         try:
-            await self._attempts(call, request, send, deadline, watcher, trusted_only)
+            await self._attempts(call, request, send, deadline, watcher, trusted_only, wish)
         finally:
             watcher.cancel()
 
@@ -311,6 +403,7 @@ class Gateway:
         deadline: float,
         watcher: asyncio.Future[None],
         trusted_only: bool = False,
+        wish: Wish | None = None,
     ) -> None:
         s = self.settings
         tried: set[str] = set()
@@ -318,7 +411,12 @@ class Gateway:
         timed_out = False
         last_status: int | None = None
         while call.attempts < s.max_attempts:
-            lease = await self.balancer.acquire(call.service, tried, trusted_only)
+            try:
+                lease = await self.balancer.acquire(call.service, tried, trusted_only, wish)
+            except APIError as exc:
+                if exc.status == 503 and failures:
+                    break  # the ones that failed left routing: say why they failed
+                raise
             if lease is None:
                 break
             worker = lease.worker
@@ -353,6 +451,8 @@ class Gateway:
                     if exc.status is not None:
                         last_status = exc.status
                     timed_out = exc.timeout
+                    if exc.unreachable:
+                        self.balancer.mark_unreachable(worker)
                     self._worker_failed(worker, call.service, failures, str(exc))
                     continue
                 if resp.status in _RETRY_STATUSES and call.attempts < s.max_attempts:
@@ -363,15 +463,79 @@ class Gateway:
                         worker, call.service, failures, f"answered HTTP {resp.status}"
                     )
                     continue
+                held: _Held | None = None
+                if self._holds(resp):
+                    try:
+                        held = await self._hold_back(resp, deadline, watcher)
+                    except UpstreamError as exc:  # nothing reached the client: try another
+                        await _close(resp)
+                        timed_out = exc.timeout
+                        self._worker_failed(worker, call.service, failures, str(exc))
+                        continue
+                    except BaseException:
+                        await _close(resp)
+                        raise
                 self.balancer.succeeded(worker, call.service)
                 self.metrics.observe(
                     FIRST_BYTE, time.perf_counter() - call.started, (("service", call.service),)
                 )
-                await self._relay(call, resp, send, deadline, watcher)
+                await self._relay(call, resp, send, deadline, watcher, held)
                 return
             finally:
                 lease.release()
         self._give_up(call, failures, timed_out, last_status)
+
+    def _holds(self, resp: UpstreamResponse) -> bool:
+        """Whether to read the answer before sending it: not a stream, not over the limit."""
+        limit = self.settings.hold_back_bytes
+        if limit <= 0:
+            return False
+        for k, v in resp.headers:
+            name = k.lower()
+            if name == "content-type" and v.lower().startswith(_STREAM_TYPES):
+                return False
+            if name == "content-length":
+                try:
+                    if int(v) > limit:
+                        return False
+                except ValueError:
+                    return False
+        return True
+
+    async def _hold_back(
+        self, resp: UpstreamResponse, deadline: float, watcher: asyncio.Future[None]
+    ) -> _Held:
+        """Read the body up to ``hold_back_bytes``; ``UpstreamError`` when it breaks meanwhile.
+
+        An answer that ends within the limit is ``complete``: a worker that fails before then
+        is retried on another one, as if it had failed before its headers.
+        """
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        loop_deadline = loop.time() + (deadline - time.perf_counter())
+        held = _Held(resp.aiter_bytes().__aiter__())
+        size = 0
+        try:
+            async with asyncio.timeout(None) as timer:
+                while size <= s.hold_back_bytes:
+                    timer.reschedule(min(loop.time() + s.stall_timeout, loop_deadline))
+                    try:
+                        chunk = await held.chunks.__anext__()
+                    except StopAsyncIteration:
+                        held.complete = True
+                        break
+                    if chunk:
+                        held.parts.append(chunk)
+                        size += len(chunk)
+                    if watcher.done():
+                        raise ClientGone
+        except TimeoutError:
+            raise UpstreamError(
+                f"the body stalled: nothing for {s.stall_timeout:g} s", timeout=True
+            ) from None
+        except UpstreamError as exc:
+            raise UpstreamError(f"the body broke: {exc}", timeout=exc.timeout) from None
+        return held
 
     def _worker_failed(
         self, worker: WorkerState, service: str, failures: list[str], why: str
@@ -414,8 +578,12 @@ class Gateway:
         send: Send,
         deadline: float,
         watcher: asyncio.Future[None],
+        held: _Held | None = None,
     ) -> None:
-        """Stream the answer back as it comes; a broken SSE stream ends with an ``error`` event."""
+        """Stream the answer back as it comes; a broken SSE stream ends with an ``error`` event.
+
+        ``held``: the part of the body read already (all of it when ``complete``).
+        """
         sse = False
         out: list[tuple[bytes, bytes]] = []
         try:
@@ -443,7 +611,16 @@ class Gateway:
         error: str | None = None
         code = "stream_broken"
         try:
-            error, code = await self._pump(call, resp, send, deadline, watcher)
+            if held is not None:
+                data = b"".join(held.parts)
+                call.tail = data[-_TAIL:]
+                more = not held.complete
+                await send({"type": "http.response.body", "body": data, "more_body": more})
+                if not more:
+                    return
+            error, code = await self._pump(
+                call, resp, send, deadline, watcher, held.chunks if held else None
+            )
         finally:
             with contextlib.suppress(Exception):
                 await resp.aclose()
@@ -453,8 +630,10 @@ class Gateway:
         self.metrics.inc(BROKEN, (("service", call.service),))
         call.status = 502 if code != "stream_timeout" else 504
         log.warning("gateway: stream from %s broke: %s", worker.name if worker else "?", error)
-        if sse:
-            await send({"type": "http.response.body", "body": sse_error(code, error)})
+        if sse:  # one error event, then the end of a properly finished response
+            await send(
+                {"type": "http.response.body", "body": sse_error(code, error), "more_body": True}
+            )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         # Otherwise return without completing the response: the server drops the connection,
         # so the client sees a truncated answer as an error, not as a short success.
@@ -466,13 +645,15 @@ class Gateway:
         send: Send,
         deadline: float,
         watcher: asyncio.Future[None] | None,
+        chunks: AsyncIterator[bytes] | None = None,
     ) -> tuple[str | None, str]:
         stall = self.settings.stall_timeout
         loop = asyncio.get_running_loop()
         # perf_counter deadline -> loop clock
         loop_deadline = loop.time() + (deadline - time.perf_counter())
-        chunks = resp.aiter_bytes().__aiter__()
-        tail = b""
+        if chunks is None:
+            chunks = resp.aiter_bytes().__aiter__()
+        tail = call.tail
         try:
             async with asyncio.timeout(None) as timer:
                 while True:
@@ -513,6 +694,10 @@ class Gateway:
         self.metrics.observe(LATENCY, elapsed, (("service", service),))
         if not call.service:
             return  # rejected before routing (auth, bad body): nothing to account to a service
+        if status < 400 and call.worker is not None and call.service in self.pool.catalog:
+            weight = self.pool.catalog[call.service].credit_weight
+            self.ledger.record(call.worker, call.key.id if call.key else None, call.service,
+                               elapsed, weight)  # fmt: skip
         prompt, completion = tokens_in(call.tail)
         self.usage.record(
             UsageRecord(
@@ -527,6 +712,11 @@ class Gateway:
                 attempts=max(call.attempts, 1),
             )
         )
+
+
+async def _close(resp: UpstreamResponse) -> None:
+    with contextlib.suppress(Exception):
+        await resp.aclose()  # the upstream connection or tunnel stream is never leaked
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -19,7 +19,9 @@ class UpstreamError(Exception):
     """The worker failed.  ``retryable`` is true when nothing reached the client yet.
 
     ``timeout`` marks a failure by time (connect or first-byte timeout): the gateway answers 504
-    instead of 502 when every attempt failed that way.
+    instead of 502 when every attempt failed that way.  ``unreachable`` marks a worker that
+    cannot be reached at all (connection refused, tunnel gone): it leaves routing until its
+    next heartbeat.
     """
 
     def __init__(
@@ -29,11 +31,13 @@ class UpstreamError(Exception):
         retryable: bool = True,
         status: int | None = None,
         timeout: bool = False,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.status = status
         self.timeout = timeout
+        self.unreachable = unreachable
 
 
 @dataclass(slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
@@ -16,6 +16,7 @@ from rma.schemas.api import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPublic,
+    CreditBalance,
     EventPublic,
     TokenCreate,
     TokenCreated,
@@ -58,6 +59,16 @@ def undrain_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
 @router.post("/workers/{worker_id}/trust")
 def trust_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
     return pool.set_trusted(worker_id, True)
+
+
+@router.post("/workers/{worker_id}/quarantine")
+def quarantine_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.set_quarantined(worker_id, True)
+
+
+@router.post("/workers/{worker_id}/unquarantine")
+def unquarantine_worker(worker_id: str, _: AdminDep, pool: PoolDep) -> WorkerPublic:
+    return pool.set_quarantined(worker_id, False)
 
 
 @router.post("/workers/{worker_id}/untrust")
@@ -112,12 +123,44 @@ def revoke_key(key_id: str, _: AdminDep, pool: PoolDep) -> ApiKeyPublic:
     return revoked
 
 
+@router.get("/credits")
+def credits(
+    _: AdminDep,
+    pool: PoolDep,
+    request: Request,
+    by: Annotated[Literal["worker", "owner", "key"], Query()] = "worker",
+) -> list[CreditBalance]:
+    """The credits ledger summed per worker, owner (the ``owner`` label) or client key."""
+    ledger = request.app.state.gateway.ledger
+    rows = ledger.balances(by, pool.registry.all())
+    return [CreditBalance.model_validate(r) for r in rows]
+
+
 @router.get("/stats")
 def stats(_: AdminDep, pool: PoolDep, request: Request) -> dict[str, Any]:
     data = pool.stats()
     for extend in request.app.state.stats_extensions:
         data.update(extend())
     return data
+
+
+@router.get("/services")
+async def list_services(_: AdminDep, pool: PoolDep, request: Request) -> list[dict[str, Any]]:
+    """Per catalog service: wanted, assigned and healthy replicas, in-flight and queued requests,
+    and the last scaling event."""
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is None:
+        return pool.services()
+    balancer = gateway.balancer
+    return pool.services(balancer.inflight_by_service(), balancer.queued_by_service())
+
+
+@router.post("/catalog/reload")
+def reload_catalog(_: AdminDep, pool: PoolDep) -> dict[str, Any]:
+    """Read the catalog files again; the scheduler places services by the new catalog at once
+    and running workers get the new specs in their next heartbeat answer."""
+    catalog = pool.reload_catalog()
+    return {"services": sorted(catalog), "count": len(catalog)}
 
 
 @router.get("/events", response_model=None)

@@ -1,0 +1,212 @@
+"""The credits ledger: what donors gave, in one unit across services.
+
+Every successful request (status < 400) through the gateway credits the worker that served it
+``seconds x credit_weight`` (the catalog's weight for the service: a GPU second is worth more
+than a CPU second) and debits the client key that asked the same amount.  A worker that is not
+established yet (fewer than ``credit_escrow_results`` agreeing verified results, not trusted)
+earns into **escrow**; once it is established its escrow is released to its credits, and when
+it is quarantined its escrow is forfeited.  The ledger is append-only (``credit`` table): rows
+``earn``, ``escrow``, ``release``, ``forfeit``; balances are sums.
+
+The request path only appends to a buffer; the usage flush loop's sibling writes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from sqlalchemy import Engine, func, insert, select
+
+from rma.coordinator.registry import WorkerState
+from rma.coordinator.tables import ApiKey, Credit
+from rma.settings import CoordinatorSettings
+
+log = logging.getLogger("rma.credits")
+
+By = Literal["worker", "owner", "key"]
+_TABLE = Credit.__table__  # type: ignore[attr-defined]
+_KEYS = ApiKey.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class _Row:
+    ts: float
+    kind: str
+    worker_id: str | None
+    key_id: str | None
+    service: str
+    amount: float
+
+
+def owner_of(worker: WorkerState) -> str:
+    """A worker's owner: its ``owner`` label (``rma worker join --label owner=NAME``)."""
+    return worker.labels.get("owner", "")
+
+
+class Ledger:
+    def __init__(self, engine: Engine, settings: CoordinatorSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self._buffer: deque[_Row] = deque()
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        #: worker id -> escrow balance: what the database held at start (read by the first
+        #: flush, in a thread: the request path never reads the database) plus what came since
+        self._escrow: dict[str, float] = {}
+        self._loaded = False
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def established(self, worker: WorkerState) -> bool:
+        need = self.settings.credit_escrow_results
+        agreed = worker.verified - worker.disagreements
+        return not worker.quarantined and (worker.trusted or need == 0 or agreed >= need)
+
+    def record(
+        self, worker: WorkerState, key_id: str | None, service: str, seconds: float, weight: float
+    ) -> None:
+        """One successful request (cheap: the request path calls it)."""
+        amount = round(max(seconds, 0.0) * weight, 6)
+        now = time.time()
+        with self._lock:
+            escrow = self._balances()
+            if self.established(worker):
+                held = escrow.pop(worker.id, 0.0)
+                if held > 0:
+                    self._buffer.append(_Row(now, "release", worker.id, None, "", held))
+                self._buffer.append(_Row(now, "earn", worker.id, key_id, service, amount))
+            else:
+                self._buffer.append(_Row(now, "escrow", worker.id, key_id, service, amount))
+                if worker.quarantined:  # answered while being quarantined: lost at once
+                    self._buffer.append(_Row(now, "forfeit", worker.id, None, "", amount))
+                else:
+                    escrow[worker.id] = escrow.get(worker.id, 0.0) + amount
+
+    def on_worker_change(self, worker: WorkerState) -> None:
+        """The pool's status hook: a quarantine forfeits the worker's escrow."""
+        if not worker.quarantined:
+            return
+        with self._lock:
+            held = self._balances().pop(worker.id, 0.0)
+            if held > 0:
+                self._buffer.append(_Row(time.time(), "forfeit", worker.id, None, "", held))
+
+    def _balances(self) -> dict[str, float]:
+        return self._escrow  # under self._lock
+
+    def _load(self) -> None:
+        """Add the escrow the database holds (before this coordinator wrote anything)."""
+        if self._loaded:
+            return
+        rows = self._sums("worker_id")
+        with self._lock:
+            for row in rows:
+                held = row["escrow"] - row["release"] - row["forfeit"]
+                if row["id"] is not None and held > 1e-9:
+                    self._escrow[row["id"]] = self._escrow.get(row["id"], 0.0) + held
+            self._loaded = True
+
+    def flush(self) -> int:
+        """Write what is buffered (blocking: call from a thread)."""
+        with self._flush_lock:
+            self._load()
+            return self._write()
+
+    def _write(self) -> int:
+        with self._lock:
+            batch = [asdict(r) for r in self._buffer]
+            self._buffer.clear()
+        if not batch:
+            return 0
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(_TABLE), batch)
+        except Exception:
+            log.exception("could not write %d credit rows; they are dropped", len(batch))
+            return 0
+        return len(batch)
+
+    async def run(self, interval: float = 1.0) -> None:
+        await asyncio.to_thread(self.flush)
+        while True:
+            await asyncio.sleep(interval)
+            if self._buffer:
+                await asyncio.to_thread(self.flush)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.flush)
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def _sums(self, column: str) -> list[dict[str, Any]]:
+        t = _TABLE.c
+        kinds = ("earn", "escrow", "release", "forfeit")
+        stmt = select(t[column], t.kind, func.sum(t.amount), func.count()).group_by(
+            t[column], t.kind
+        )
+        out: dict[Any, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for ident, kind, total, n in conn.execute(stmt):
+                row = out.setdefault(
+                    ident, {"id": ident, "requests": 0, **dict.fromkeys(kinds, 0.0)}
+                )
+                row[kind] = float(total or 0.0)
+                if kind in ("earn", "escrow"):
+                    row["requests"] += int(n)
+        return list(out.values())
+
+    def balances(self, by: By, workers: list[WorkerState]) -> list[dict[str, Any]]:
+        """``[{id, name, owner, credits, escrow, requests}]`` (flushes first)."""
+        self.flush()
+        if by == "key":
+            names = self._key_names()
+            return [
+                {
+                    "id": r["id"],
+                    "name": names.get(r["id"], "") if r["id"] else "(anonymous)",
+                    "owner": "",
+                    "credits": -round(r["earn"] + r["escrow"], 6),
+                    "escrow": 0.0,
+                    "requests": r["requests"],
+                }
+                for r in self._sums("key_id")
+                if r["requests"]  # release and forfeit rows name no key
+            ]
+        known = {w.id: w for w in workers}
+        rows = []
+        for r in self._sums("worker_id"):
+            w = known.get(r["id"])
+            rows.append(
+                {
+                    "id": r["id"],
+                    "name": w.name if w else "",
+                    "owner": owner_of(w) if w else "",
+                    "credits": round(r["earn"] + r["release"], 6),
+                    "escrow": round(max(r["escrow"] - r["release"] - r["forfeit"], 0.0), 6),
+                    "requests": r["requests"],
+                }
+            )
+        if by == "worker":
+            return rows
+        owners: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            o = row["owner"]
+            agg = owners.setdefault(
+                o, {"id": o, "name": o or "(no owner)", "owner": o, "credits": 0.0,
+                    "escrow": 0.0, "requests": 0},
+            )  # fmt: skip
+            agg["credits"] = round(agg["credits"] + row["credits"], 6)
+            agg["escrow"] = round(agg["escrow"] + row["escrow"], 6)
+            agg["requests"] += row["requests"]
+        return list(owners.values())
+
+    def _key_names(self) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            keys = _KEYS.c
+            return {k: n for k, n in conn.execute(select(keys.id, keys.name))}
