@@ -6,6 +6,7 @@ every database test against PostgreSQL instead of SQLite; CI does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -71,23 +72,44 @@ def reset_database(url: str) -> None:
 _engines: dict[int, Any] = {}
 
 
+#: Every PostgreSQL (DBAPI) connection opened since the last test ended.
+_raw: list[Any] = []
+
+
 def _track_engines() -> None:
-    """Remember every SQLAlchemy engine that connects, so each test can dispose of it."""
+    """Remember every SQLAlchemy engine that connects, and every DBAPI connection a pool opens,
+    so each test can close what it opened."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
+    from sqlalchemy.pool import Pool
 
     if not event.contains(Engine, "engine_connect", _remember_engine):
         event.listen(Engine, "engine_connect", _remember_engine)
+    if not event.contains(Pool, "connect", _remember_connection):
+        event.listen(Pool, "connect", _remember_connection)
 
 
 def _remember_engine(conn: Any) -> None:
     _engines[id(conn.engine)] = conn.engine
 
 
+def _remember_connection(dbapi_conn: Any, _record: Any) -> None:
+    if hasattr(dbapi_conn, "closed"):  # psycopg; SQLite's die with their file
+        _raw.append(dbapi_conn)
+
+
 def _dispose_engines() -> None:
     while _engines:
         _, engine = _engines.popitem()
         engine.dispose()
+    # A connection a pool lost track of (its session was abandoned by a thread that outlived an
+    # app, say) is closed here rather than warned about when collected, in some later test.
+    # A pool that still holds one finds it closed at its next checkout (pre-ping) and reconnects.
+    while _raw:
+        conn = _raw.pop()
+        if not conn.closed:
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 @pytest.fixture(autouse=True)
