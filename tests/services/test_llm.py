@@ -165,3 +165,35 @@ def test_the_physical_batch_size_is_a_setting() -> None:
 
     assert "n_ubatch" not in model_settings(ServiceSettings())
     assert model_settings(ServiceSettings(llm_n_ubatch=1))["n_ubatch"] == 1
+
+
+def test_prompt_cache_brings_back_a_conversation_after_another(llm_url: str) -> None:
+    """A's second turn reuses A's first even though B ran in between (the RAM prompt cache)."""
+
+    def chat(messages: list[dict[str, str]]) -> str:
+        body = {"model": "smollm2-135m", "messages": messages, "temperature": 0, "max_tokens": 8}
+        response = httpx.post(f"{llm_url}/v1/chat/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return str(response.json()["choices"][0]["message"]["content"])
+
+    def cache() -> dict[str, int]:
+        return dict(httpx.get(f"{llm_url}/health").json()["cache"])
+
+    a = [
+        {"role": "system", "content": "You are a ship's cook. " * 20},
+        {"role": "user", "content": "What is for dinner?"},
+    ]
+    b = [
+        {"role": "system", "content": "You are a tax adviser. " * 20},
+        {"role": "user", "content": "Is my boat deductible?"},
+    ]
+    assert cache()["enabled"] is True
+    a.append({"role": "assistant", "content": chat(a)})
+    chat(b)
+    a.append({"role": "user", "content": "And for dessert?"})
+    before = cache()
+    chat(a)
+    after = cache()
+    assert after["requests"] == before["requests"] + 1
+    assert after["hits"] == before["hits"] + 1
+    assert after["cached_tokens"] - before["cached_tokens"] >= 100

@@ -26,6 +26,7 @@ SHOTS: list[tuple[str, list[str], tuple[int, int]]] = [
     ("top-load-160x48.svg", ["3"], (160, 48)),
     ("top-load-80x24.svg", ["3"], (80, 24)),
     ("top-events-80x24.svg", ["4"], (80, 24)),
+    ("top-services-160x48.svg", ["6"], (160, 48)),
     ("top-confirm-80x24.svg", ["down", "d"], (80, 24)),
     ("top-help-80x24.svg", ["question_mark"], (80, 24)),
 ]

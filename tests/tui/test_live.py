@@ -284,3 +284,55 @@ async def test_a_wrong_admin_key_ends_the_app_with_the_reason(
     assert app.fatal is not None
     assert app.fatal.status == 401
     assert app.return_code == 1
+
+
+async def test_services_tab_shows_the_schedulers_view(fast_coordinator: Coordinator) -> None:
+    """Key 6: every catalog service of GET /api/admin/services; llm assigned and healthy."""
+    async with httpx.AsyncClient(base_url=fast_coordinator.url, timeout=10) as http:
+        r = await http.post(
+            "/api/worker/register",
+            json={
+                "token": fast_coordinator.token(),
+                "name": "llm-box",
+                "capabilities": CAPS,
+                "labels": {},
+                "version": "test",
+                "transport": "direct",
+                "endpoint": "http://127.0.0.1:9",
+                "runnable": ["llm"],
+            },
+        )
+        assert r.status_code == 201, r.text
+        credential = r.json()["credential"]
+    app = app_for(fast_coordinator, refresh=0.5)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("6")
+        assert app.query_one(TabbedContent).active == "services"
+        names = {s["name"] for s in admin_get(fast_coordinator, "/api/admin/services")}
+        assert "llm" in names
+        await wait_for(
+            pilot, lambda: set(table_rows(app, "#scheduler-table")) == names, "every service"
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            async with httpx.AsyncClient(base_url=fast_coordinator.url, timeout=10) as http:
+                hb = await http.post(
+                    "/api/worker/heartbeat",
+                    headers={"authorization": f"Bearer {credential}"},
+                    json={
+                        "load": {"cpu_percent": 10.0, "memory_percent": 20.0},
+                        "services": [
+                            {"name": "llm", "state": "running", "healthy": True, "inflight": 2}
+                        ],
+                    },
+                )
+            assert hb.status_code == 200, hb.text
+            row = table_rows(app, "#scheduler-table")["llm"]
+            if row[3:5] == ["1", "1"]:
+                break
+            await pilot.pause(0.3)
+        # SERVICE TIER WANTED ASSIGNED HEALTHY IN FLIGHT QUEUED LAST SCALING
+        row = table_rows(app, "#scheduler-table")["llm"]
+        assert row[3:5] == ["1", "1"], row
+        assert row[5] == "2", row
+        assert row[7] == "-", row

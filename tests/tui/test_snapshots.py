@@ -65,6 +65,12 @@ def test_tokens(snap_compare):
     assert snap_compare(make_app(), press=["5"], terminal_size=(80, 24), run_before=settle)
 
 
+@pytest.mark.parametrize("size", SIZES)
+def test_services(snap_compare, size):
+    """The scheduler's services: wanted / assigned / healthy, in flight, queued, last scaling."""
+    assert snap_compare(make_app(), press=["6"], terminal_size=size, run_before=settle)
+
+
 def test_confirm_drain(snap_compare):
     """Drain asks first."""
     assert snap_compare(make_app(), press=["down", "d"], terminal_size=(80, 24), run_before=settle)

@@ -165,6 +165,29 @@ _ASSIGNED = {"vllm": 1, "ollama": 1, "llm": 1, "embeddings": 1, "ocr": 1, "ner":
 _ASSIGNED["postgres"] = 1
 _QUEUED = {"vllm": 4, "llm": 0}
 
+_INFLIGHT = {"vllm": 3, "embeddings": 1, "ocr": 1, "rag": 2}
+_SCALING = {
+    "vllm": "vllm scaled up to 2 replicas: in flight per healthy replica 3.5 above 2 for 60 s",
+    "embeddings": "embeddings scaled down to 1 replicas: quiet for 300 s",
+}
+#: ``GET /api/admin/services``: the scheduler's view.
+SERVICES: list[dict[str, Any]] = [
+    {
+        "name": name,
+        "tier": tier,
+        "replicas": wanted,
+        "max_replicas": None,
+        "priority": 0,
+        "wanted": 2 if name == "vllm" else wanted,
+        "assigned": _ASSIGNED.get(name, 0),
+        "healthy": _HEALTHY.get(name, 0),
+        "inflight": _INFLIGHT.get(name, 0),
+        "queued": _QUEUED.get(name, 0),
+        "last_scaling_event": _SCALING.get(name),
+    }
+    for name, tier, _kind, wanted in _CATALOG
+]
+
 STATS: dict[str, Any] = {
     "version": "0.1.0",
     "uptime_s": 3 * 86400 + 7260,
@@ -390,6 +413,10 @@ class StubClient:
 
     async def tokens(self) -> list[TokenPublic]:
         return list(TOKENS)
+
+    async def services(self) -> list[dict[str, Any]]:
+        self.calls.append("services")
+        return SERVICES
 
     async def events(self, limit: int = 100) -> list[EventPublic]:
         self.calls.append("events")

@@ -24,6 +24,7 @@ from rma.services._common import (
     require,
     validation_message,
 )
+from rma.services.llm_cache import CacheStats, watch
 from rma.services.settings import ServiceSettings
 
 
@@ -50,6 +51,10 @@ def model_settings(settings: ServiceSettings) -> dict[str, Any]:
         "n_gpu_layers": settings.llm_n_gpu_layers,
         "verbose": False,
     }
+    if settings.llm_cache_mb > 0:
+        options["cache"] = True
+        options["cache_type"] = "ram"
+        options["cache_size"] = settings.llm_cache_mb * 1024 * 1024
     if settings.llm_n_ubatch is not None:
         options["n_ubatch"] = settings.llm_n_ubatch
     if settings.llm_n_threads is not None:
@@ -158,6 +163,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     """llama-cpp-python's server app with the model loaded (this blocks until it is)."""
     require("llama_cpp", "sse_starlette", "starlette_context")
     options = model_settings(settings)
+    from llama_cpp.server import app as llama_server
     from llama_cpp.server.app import create_app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
     from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
@@ -165,9 +171,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     server = ServerSettings(host="127.0.0.1", port=0, api_key=None, interrupt_requests=False)
     app: FastAPI = llama_app(server_settings=server, model_settings=[ModelSettings(**options)])
     alias = settings.llm_model_alias
+    stats = CacheStats(settings.llm_cache_mb)
+    proxy = llama_server._llama_proxy
+    if proxy is not None:
+        watch(proxy(alias), stats)
 
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok", "service": "llm", "model": alias})
+        body = {"status": "ok", "service": "llm", "model": alias, "cache": stats.snapshot()}
+        return JSONResponse(body)
 
     app.add_api_route("/health", health, methods=["GET"], tags=["health"])
     schemas: dict[str, type[BaseModel]] = {

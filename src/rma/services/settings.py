@@ -65,6 +65,12 @@ class ServiceSettings(BaseSettings):
     llm_n_gpu_layers: int = Field(
         default=0, ge=-1, description="Layers offloaded to a GPU (-1: all), if llama.cpp has one."
     )
+    llm_cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description="RAM prompt cache of the llm, in MiB: llama.cpp states of recent prompts, so "
+        "a conversation's next turn reuses its evaluated prefix (0: off).",
+    )
 
     embeddings_model_path: Path | None = Field(
         default=None,

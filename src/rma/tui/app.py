@@ -28,8 +28,11 @@ from rma.client import CoordinatorClient, RmaError
 from rma.schemas.api import EventPublic, TokenPublic, WorkerPublic
 from rma.tui import view
 from rma.tui.history import History
+from rma.tui.panes.services import ServicesPane
 from rma.tui.screens import ConfirmScreen, HelpScreen
 from rma.tui.widgets import MetricPlot, pool_summary, status_line, worker_detail
+from rma.tui.widgets import fit as _fit
+from rma.tui.widgets import set_columns as _set_columns
 
 #: Event kinds that change what the workers table shows: the poller is woken for these.
 _WORKER_EVENTS = frozenset(
@@ -103,7 +106,7 @@ NARROW_SERVICE_COLUMNS: list[tuple[str, str, int | None]] = [
     ("eps", "ERR/S", 5),
     ("trend", "TREND", 8),
 ]
-TABS = ("workers", "pool", "load", "events", "tokens")
+TABS = ("workers", "pool", "load", "events", "tokens", "services")
 
 
 def _local_now() -> datetime:
@@ -126,6 +129,7 @@ class TopApp(App[None]):
         Binding("3", "tab('load')", "Load", show=False),
         Binding("4", "tab('events')", "Events", show=False),
         Binding("5", "tab('tokens')", "Tokens", show=False),
+        Binding("6", "tab('services')", "Services", show=False),
         Binding("slash", "filter", "Filter", key_display="/"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
         Binding("s", "sort", "Sort"),
@@ -139,7 +143,7 @@ class TopApp(App[None]):
     ]
     #: For the help screen: (keys, what they do).
     KEYS: ClassVar[list[tuple[str, str]]] = [
-        ("1-5", "switch tab: workers, pool, load, events, tokens"),
+        ("1-6", "switch tab: workers, pool, load, events, tokens, services"),
         ("tab / shift+tab", "move focus"),
         ("↑ ↓ / click", "select a worker (its detail shows beside or below)"),
         ("/", "filter workers; esc clears"),
@@ -175,6 +179,8 @@ class TopApp(App[None]):
         self.pool_workers: list[WorkerPublic] = []
         self.stats: dict[str, Any] | None = None
         self.tokens: list[TokenPublic] = []
+        #: ``GET /api/admin/services`` (None: the coordinator has no such route).
+        self.services: list[dict[str, Any]] | None = None
         self.events: list[EventPublic] = []
         self._event_ids: set[int] = set()
         self.connection = "connecting"
@@ -237,6 +243,8 @@ class TopApp(App[None]):
                 yield DataTable(id="events-table", cursor_type="row", zebra_stripes=True)
             with TabPane("Tokens", id="tokens"):
                 yield DataTable(id="tokens-table", cursor_type="row", zebra_stripes=True)
+            with TabPane("Services", id="services"):
+                yield ServicesPane(id="scheduler-pane")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -292,8 +300,8 @@ class TopApp(App[None]):
         if client is None:
             return False
         try:
-            workers, stats, tokens = await asyncio.gather(
-                client.workers(), client.stats(), client.tokens()
+            workers, stats, tokens, services = await asyncio.gather(
+                client.workers(), client.stats(), client.tokens(), _services(client)
             )
             events = None if self.stream_attached else await client.events(200)
         except RmaError as exc:
@@ -304,6 +312,7 @@ class TopApp(App[None]):
             return False
         was_lost = self.connection == "lost"
         self.pool_workers, self.stats, self.tokens = workers, stats, tokens
+        self.services = services
         self.polls += 1
         self.failures = 0
         self.error = None
@@ -389,6 +398,7 @@ class TopApp(App[None]):
         self._draw_pool()
         self._draw_load()
         self._draw_tokens()
+        self._draw_services()
 
     @property
     def drawable(self) -> bool:
@@ -540,6 +550,10 @@ class TopApp(App[None]):
             }
             table.add_row(*(_fit(cells[k], widths.get(k)) for k in keys), key=h.name)
 
+    def _draw_services(self) -> None:
+        pane = self.main.query_one("#scheduler-pane", ServicesPane)
+        pane.show(self.services, narrow=self.narrow)
+
     def _draw_load(self) -> None:
         now_t = self.clock().timestamp()
         h = self.history
@@ -608,6 +622,7 @@ class TopApp(App[None]):
         if self.stats is not None and self.drawable:
             self._draw_workers()
             self._draw_pool()
+            self._draw_services()
             self._draw_detail()
 
     @on(DataTable.RowHighlighted, "#workers-table")
@@ -644,6 +659,7 @@ class TopApp(App[None]):
             "pool": "#services-table",
             "events": "#events-table",
             "tokens": "#tokens-table",
+            "services": "#scheduler-table",
         }.get(tab)
         # Focus moves with the tab, or Textual would switch back to the pane holding the focus.
         if target is None:
@@ -783,26 +799,14 @@ def _arrow(key: str, sort_key: str, reverse: bool) -> str:
     return " ▼" if reverse else " ▲"
 
 
-def _fit(cell: Text, width: int | None) -> Text:
-    """`cell` cut to a fixed column `width` with a visible marker (…), as it is if it fits."""
-    if width is None or cell.cell_len <= width:
-        return cell
-    cut = cell.copy()
-    cut.truncate(width, overflow="ellipsis")
-    return cut
-
-
-def _set_columns(table: DataTable[Any], spec: list[tuple[str, str, int | None]]) -> None:
-    """Give ``table`` these (key, label, width) columns, rebuilding them only when they change."""
-    current = [
-        (str(c.key.value), c.label.plain, c.width if not c.auto_width else None)
-        for c in table.ordered_columns
-    ]
-    if current == spec:
-        return
-    table.clear(columns=True)
-    for key, label, width in spec:
-        table.add_column(label, key=key, width=width)
+async def _services(client: CoordinatorClient) -> list[dict[str, Any]] | None:
+    """The scheduler's services; None from a coordinator that predates the route (404)."""
+    try:
+        return await client.services()
+    except RmaError as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 def _services_cell(w: WorkerPublic) -> Text:

@@ -10,6 +10,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderR
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
+from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
 
 from rma.schemas.api import EventPublic, WorkerPublic
@@ -266,3 +267,25 @@ class MetricPlot(PlotextPlot):
         plt.ylim(0, y_max if y_max is not None else max(1.0, top * 1.15))
         self.border_subtitle = legend.markup if legend else "no data yet"
         self.refresh()
+
+
+def fit(cell: Text, width: int | None) -> Text:
+    """`cell` cut to a fixed column `width` with a visible marker (…), as it is if it fits."""
+    if width is None or cell.cell_len <= width:
+        return cell
+    cut = cell.copy()
+    cut.truncate(width, overflow="ellipsis")
+    return cut
+
+
+def set_columns(table: DataTable[Any], spec: list[tuple[str, str, int | None]]) -> None:
+    """Give ``table`` these (key, label, width) columns, rebuilding them only when they change."""
+    current = [
+        (str(c.key.value), c.label.plain, c.width if not c.auto_width else None)
+        for c in table.ordered_columns
+    ]
+    if current == spec:
+        return
+    table.clear(columns=True)
+    for key, label, width in spec:
+        table.add_column(label, key=key, width=width)
