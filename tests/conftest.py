@@ -104,6 +104,27 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _dispose_engines()
 
 
+@pytest.fixture(autouse=True)
+def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the developer's real config, data dir or keys."""
+    for var in list(os.environ):
+        if var.startswith("RMA_") and var != "RMA_TEST_DATABASE_URL":
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("RMA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RMA_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    if TEST_DB_URL:
+        reset_database(TEST_DB_URL)
+        return TEST_DB_URL
+    return f"sqlite:///{tmp_path / 'data' / 'rma.db'}"
+
+
 @dataclass
 class Coordinator:
     """A real ``rma coordinator serve`` process."""

@@ -382,6 +382,12 @@ class CoordinatorSettings(_Base):
     verify_max_pending: int = Field(
         32, ge=0, description="Verification: background re-runs at once; past it, skipped."
     )
+    queue_priority_aging: float = Field(
+        1.0,
+        ge=0,
+        description="Giving back: priority a queued request gains per second it waits (its "
+        "start is log1p(the key owner's credits)); the floor that keeps anonymous keys moving.",
+    )
     credit_escrow_results: int = Field(
         10,
         ge=0,
@@ -487,6 +493,12 @@ class WorkerSettings(_Base):
     name: str | None = Field(None, description="Worker name; default the host name.")
     labels: dict[str, str] = Field(
         default_factory=dict, description="Labels (KEY=VALUE) for placement."
+    )
+    owner: str = Field(
+        "",
+        max_length=64,
+        description="Who donates this machine: credits add up per owner (default: the "
+        "`owner` label).",
     )
     runtime: Literal["auto", "docker", "process"] = Field("auto", description="How services run.")
     transport: Literal["auto", "tunnel", "direct"] = Field(

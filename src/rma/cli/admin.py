@@ -318,6 +318,13 @@ def keys_create(
         int | None,
         typer.Option(min=0, help="Requests per minute; 0 unlimited (default: the coordinator's)."),
     ] = None,
+    owner: Annotated[
+        str,
+        typer.Option(
+            help="The donor the key belongs to: when requests queue, keys of owners whose "
+            "workers earned more credits go first."
+        ),
+    ] = "",
     json: JsonOpt = False,
     coordinator: CoordinatorOpt = None,
     admin_key: AdminKeyOpt = None,
@@ -327,7 +334,7 @@ def keys_create(
 
     async def go() -> Any:
         async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
-            return await c.create_key(name, rpm)
+            return await c.create_key(name, rpm, owner)
 
     k = run_async(go, json_mode=json)
     if json:

@@ -239,6 +239,9 @@ class RegisterRequest(_Strict):
     name: str = Field(pattern=_NAME)
     capabilities: Capabilities
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    owner: str = Field(
+        "", max_length=64, description="Who donates this machine (credits add up per owner)."
+    )
     version: str = Field("", max_length=50)
     worker_id: str | None = Field(None, max_length=64)
     worker_secret: str | None = Field(
@@ -291,6 +294,10 @@ class HeartbeatResponse(BaseModel):
     status: WorkerStatus
     credential: str | None = None
     credential_expires_at: datetime | None = None
+    credits: float | None = Field(
+        None, description="This worker's credits in the ledger (the donor's own, for status)."
+    )
+    escrow: float | None = Field(None, description="This worker's credits held in escrow.")
 
 
 class WorkerPublic(BaseModel):
@@ -301,6 +308,7 @@ class WorkerPublic(BaseModel):
     tier_name: str
     capabilities: Capabilities
     labels: dict[str, str]
+    owner: str = ""
     services: list[ServiceStatus]
     assignments: list[str]
     load: Load
@@ -358,12 +366,17 @@ class ApiKeyCreate(_Strict):
     rpm: int | None = Field(
         None, ge=0, le=1_000_000, description="Requests per minute; 0 unlimited."
     )
+    owner: str = Field(
+        "", max_length=64, description="The donor it belongs to: queued requests of owners "
+        "who contributed more go first.",
+    )  # fmt: skip
 
 
 class ApiKeyPublic(BaseModel):
     id: str
     name: str
     rpm: int
+    owner: str = ""
     created_at: datetime
     revoked: bool
     last_used_at: datetime | None = None
