@@ -203,7 +203,13 @@ class ServiceSpec(BaseModel):
 
 
 #: ``verify`` kinds -> their default threshold (``None``: the kind takes none).
-VERIFY_KINDS: dict[str, float | None] = {"cosine": 0.99, "text": 0.9, "json": None, "exact": None}
+VERIFY_KINDS: dict[str, float | None] = {
+    "cosine": 0.99,
+    "text": 0.9,
+    "json": None,
+    "exact": None,
+    "canary": None,  # chat/completions: canary prompts and speed suspicion (trust/canary.py)
+}
 
 
 def parse_verify(value: str) -> tuple[str, float | None]:

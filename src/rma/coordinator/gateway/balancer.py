@@ -399,6 +399,10 @@ class Balancer:
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
+    def take(self, worker: WorkerState, service: str) -> Lease:
+        """A lease on this very worker, past its capacity if need be (a canary: no choice)."""
+        return self._take(worker, service)
+
     def _take(self, worker: WorkerState, service: str) -> Lease:
         lease = Lease(self, worker, service)
         self.inflight[lease.key] = self.inflight.get(lease.key, 0) + 1

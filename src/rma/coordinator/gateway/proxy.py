@@ -701,6 +701,8 @@ class Gateway:
             self.ledger.record(call.worker, call.key.id if call.key else None, call.service,
                                elapsed, weight)  # fmt: skip
         prompt, completion = tokens_in(call.tail)
+        if status == 200 and call.worker is not None:  # chat: canaries, speed suspicion
+            self.verifier.canaries.served(call.worker, call.service, elapsed, completion)
         self.usage.record(
             UsageRecord(
                 ts=time.time(),
