@@ -183,7 +183,7 @@ class ServiceSpec(BaseModel):
         None,
         description='How two answers are compared to verify a worker: "cosine:0.99" '
         '(embeddings), "json" (equal JSON), "text:0.9" (text similarity), "exact" (same '
-        "bytes); unset: never verified.",
+        'bytes), "canary" (chat: canary prompts and speed suspicion); unset: never verified.',
     )
     credit_weight: float = Field(
         1.0, ge=0, description="Credits per service-second (a GPU second is worth more)."
