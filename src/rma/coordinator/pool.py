@@ -420,7 +420,10 @@ class Pool:
             status=state.status,
         )
         if self.credits_of is not None:
-            resp.credits, resp.escrow = self.credits_of(state.id)
+            try:
+                resp.credits, resp.escrow = self.credits_of(state.id)
+            except Exception:  # the ledger is informative here: never fail a heartbeat for it
+                log.exception("could not read the credits of worker %s", state.name)
         if credential_expires - now < self.settings.credential_ttl / 2:
             token, exp = security.issue_credential(
                 self.credentials.signing_key, state.id, now, self.settings.credential_ttl
