@@ -6,7 +6,9 @@ only worker of a service with room for one request at a time; the worker belongs
 ``alice`` (``owner`` at registration), who earns credits with a warm-up.  Then ``--clients``
 loops with alice's key (``owner: alice``) and as many with an anonymous key (no owner) send
 ``--requests`` each, all at once, and it reports each key's p50 / p90 queue wait (latency minus
-the fastest answer, i.e. the time spent waiting for the slot).
+the fastest answer, i.e. the time spent waiting for the slot), mean and max.  With
+``RMA_QUEUE_PRIORITY_AGING=100000`` in the environment the queue is first come first served
+(the baseline).
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ async def _measure(
         waits = [v - fastest for v in values]
         out[f"{who}_wait_p50_ms"] = round(statistics.median(waits) * 1000, 1)
         out[f"{who}_wait_p90_ms"] = round(_pct(waits, 0.9) * 1000, 1)
+        out[f"{who}_wait_max_ms"] = round(max(waits) * 1000, 1)
+        out[f"{who}_wait_mean_ms"] = round(statistics.fmean(waits) * 1000, 1)
     return out
 
 
