@@ -116,6 +116,10 @@ def test_owners_from_join_and_label_add_up_and_the_donor_sees_its_credits(
     with pool.coord.admin() as c:
         listed = {k["id"]: k["owner"] for k in c.get("/api/admin/keys").json()}
     assert listed[created["id"]] == "alice"
+    r = CliRunner().invoke(app, ["admin", "keys", "list"], env={**env, "COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "OWNER" in r.stdout
+    assert any(created["id"] in line and "alice" in line for line in r.stdout.splitlines())
 
     sent = 0
     with pool.client(created["key"]) as c:

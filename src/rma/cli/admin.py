@@ -341,8 +341,9 @@ def keys_create(
         print_json(k)
         return
     out.print(k.key)
+    owned = f", owner {k.owner}" if k.owner else ""
     err.print(
-        f"API key {k.id} ({k.rpm or 'unlimited'} requests/min). It is shown only now: "
+        f"API key {k.id} ({k.rpm or 'unlimited'} requests/min{owned}). It is shown only now: "
         "export RMA_API_KEY=<key>, or pass it as the openai SDK's api_key."
     )
 
@@ -366,11 +367,12 @@ def keys_list(
         return
     table(
         None,
-        ["ID", "NAME", "RPM", "STATUS", "LAST USED"],
+        ["ID", "NAME", "OWNER", "RPM", "STATUS", "LAST USED"],
         [
             [
                 k.id,
                 k.name,
+                k.owner or "-",
                 k.rpm or "∞",
                 coloured("revoked" if k.revoked else "active"),
                 ago(k.last_used_at),
