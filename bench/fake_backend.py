@@ -11,7 +11,9 @@
   service's answer.
 
 ``--lie`` makes it a dishonest worker (for the verification tests): random embedding vectors,
-``MISC`` for every entity label.
+``MISC`` for every entity label, wrong sums to chat canaries.  An honest one answers a chat
+prompt "What is A + B? ..." with the sum (the coordinator's canaries).  ``--tokens N`` claims N
+completion tokens per non-streamed answer (speed suspicion).
 
 Every answer carries ``x-backend: <name>`` and the chat answers name the backend in
 ``system_fingerprint``, so tests can see which process served them.  Test hooks, triggered by the
@@ -66,6 +68,7 @@ class Backend:
         self.dim = dim
         self.requests = 0
         self.lie = False
+        self.tokens = 0  # completion tokens claimed per answer (0: 3)
         self.posts = 0  # POST requests (the tests count what reached a worker)
         vector = ",".join(f"{(i % 17) / 17:.6f}" for i in range(dim))
         self._vector = vector.encode()
@@ -208,8 +211,12 @@ class Backend:
 
     def completion(self, req: dict[str, Any], path: str, text: str) -> bytes:
         words = " ".join(self.answer_words(text))
-        usage = {"prompt_tokens": max(1, len(text) // 4), "completion_tokens": 3}
-        usage["total_tokens"] = usage["prompt_tokens"] + 3
+        canary = _CANARY.search(text)
+        if canary:  # the coordinator's check: a liar gets it wrong
+            words = str(int(canary.group(1)) + int(canary.group(2)) + (7 if self.lie else 0))
+        claimed = self.tokens or 3
+        usage = {"prompt_tokens": max(1, len(text) // 4), "completion_tokens": claimed}
+        usage["total_tokens"] = usage["prompt_tokens"] + claimed
         base = {
             "id": f"cmpl-{self.name}-{self.requests}",
             "created": int(time.time()),
@@ -316,6 +323,9 @@ def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
+_CANARY = re.compile(r"What is (\d+) \+ (\d+)\?")
+
+
 def _prompt_text(req: dict[str, Any]) -> str:
     if "messages" in req:
         msgs = req.get("messages") or []
@@ -329,6 +339,7 @@ async def main(args: argparse.Namespace) -> None:
         args.name, args.delay, args.chunks, args.chunk_delay, args.dim, args.body_delay
     )
     backend.lie = args.lie
+    backend.tokens = args.tokens
     server = await asyncio.start_server(backend.serve, args.host, args.port, backlog=1024)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -351,7 +362,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--body-delay", type=float, default=0.0, help="seconds between a body's two halves"
     )
     p.add_argument("--dim", type=int, default=384, help="embedding dimension")
-    p.add_argument("--lie", action="store_true", help="random vectors, wrong entity labels")
+    p.add_argument(
+        "--lie", action="store_true", help="random vectors, wrong entity labels, wrong sums"
+    )
+    p.add_argument("--tokens", type=int, default=0, help="completion tokens claimed per answer")
     return p.parse_args(argv)
 
 

@@ -350,8 +350,10 @@ class CoordinatorClient:
             await self.request("DELETE", f"/api/admin/tokens/{_seg(token_id)}")
         )
 
-    async def create_key(self, name: str, rpm: int | None) -> ApiKeyCreated:
-        body = {"name": name, "rpm": rpm}
+    async def create_key(self, name: str, rpm: int | None, owner: str = "") -> ApiKeyCreated:
+        body: dict[str, Any] = {"name": name, "rpm": rpm}
+        if owner:
+            body["owner"] = owner
         return ApiKeyCreated.model_validate(
             await self.request("POST", "/api/admin/keys", json_body=body)
         )

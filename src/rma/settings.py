@@ -382,6 +382,39 @@ class CoordinatorSettings(_Base):
     verify_max_pending: int = Field(
         32, ge=0, description="Verification: background re-runs at once; past it, skipped."
     )
+    canary_rate: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Chat verification (catalog verify = canary): chance of a canary prompt "
+        "after a served request, times the worker's verification rate (0: no canaries).",
+    )
+    speed_min_tokens: int = Field(
+        32,
+        ge=1,
+        description="Speed suspicion: completion tokens an answer needs before its speed counts.",
+    )
+    speed_limit_gpu: float = Field(
+        1000.0,
+        ge=0,
+        description="Speed suspicion: completion tokens/s a GPU-tier worker cannot beat (0: off).",
+    )
+    speed_limit_service: float = Field(
+        150.0,
+        ge=0,
+        description="Speed suspicion: completion tokens/s a service-tier (CPU) worker cannot beat.",
+    )
+    speed_limit_data: float = Field(
+        60.0,
+        ge=0,
+        description="Speed suspicion: completion tokens/s a data-tier worker cannot beat.",
+    )
+    queue_priority_aging: float = Field(
+        1.0,
+        ge=0,
+        description="Giving back: priority a queued request gains per second it waits (its "
+        "start is log1p(the key owner's credits)); the floor that keeps anonymous keys moving.",
+    )
     credit_escrow_results: int = Field(
         10,
         ge=0,
@@ -487,6 +520,12 @@ class WorkerSettings(_Base):
     name: str | None = Field(None, description="Worker name; default the host name.")
     labels: dict[str, str] = Field(
         default_factory=dict, description="Labels (KEY=VALUE) for placement."
+    )
+    owner: str = Field(
+        "",
+        max_length=64,
+        description="Who donates this machine: credits add up per owner (default: the "
+        "`owner` label).",
     )
     runtime: Literal["auto", "docker", "process"] = Field("auto", description="How services run.")
     transport: Literal["auto", "tunnel", "direct"] = Field(

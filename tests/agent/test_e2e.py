@@ -92,12 +92,16 @@ def echo_procs(data_dir: Path) -> list[Any]:
 def test_join_serve_and_leave_on_sigterm(
     coordinator: Any, agent_factory: Any, echo_catalog: Path
 ) -> None:
-    agent = agent_factory(coordinator.url, "--token", coordinator.token(), *join_args(echo_catalog))
+    agent = agent_factory(
+        coordinator.url, "--token", coordinator.token(), "--owner", "alice",
+        *join_args(echo_catalog),
+    )  # fmt: skip
 
     w = wait_for(lambda: healthy_worker(coordinator), 60, every=0.5)
 
     # tier and assignment: what this machine is, and only the service its label allows
     assert w["name"] == "e2e-box"
+    assert w["owner"] == "alice"  # sent at registration (--owner)
     assert w["tier_name"] == detect(agent.data_dir).tier_name
     assert w["assignments"] == ["echo"]
     assert w["transport"] == "direct"
@@ -120,6 +124,13 @@ def test_join_serve_and_leave_on_sigterm(
     assert status["running"] is True
     assert status["worker_id"] == w["id"]
     assert status["last_heartbeat"]["ok"] is True
+    # the donor's own credits, from the coordinator's heartbeat answer
+    assert status["owner"] == "alice"
+    assert set(status["credits"]) == {"credits", "escrow"}
+    assert status["credits"]["credits"] >= 0 and status["credits"]["escrow"] >= 0
+    res = rma("worker", "status", "--data-dir", str(agent.data_dir))
+    assert res.returncode == 0, res.stderr
+    assert "credits: " in res.stdout and "owner alice" in res.stdout
     assert [(s["name"], s["state"], s["healthy"]) for s in status["services"]] == [
         ("echo", "running", True)
     ]

@@ -172,6 +172,8 @@ class Agent:
         self.draining = False
         self.forced = False
         self.last_heartbeat: dict[str, Any] | None = None
+        #: this worker's credits and escrow, from the last heartbeat answer
+        self.credits: dict[str, float] | None = None
         self.started_at = time.time()
         self.tunnel: Any = None
         self._stop = asyncio.Event()
@@ -286,6 +288,7 @@ class Agent:
             name=self.name,
             capabilities=clip_capabilities(self.capabilities, self.policy.limits),
             labels=self.settings.labels,
+            owner=self.settings.owner,
             version=__version__,
             worker_id=ident.worker_id if ident else None,
             worker_secret=ident.worker_secret if ident else None,
@@ -388,6 +391,8 @@ class Agent:
         self.interval = resp.heartbeat_interval
         self.coordinator_status = resp.status.value
         self.last_heartbeat = {"at": time.time(), "ok": True, "status": resp.status.value}
+        if resp.credits is not None:  # the donor's own, from the coordinator's ledger
+            self.credits = {"credits": resp.credits, "escrow": resp.escrow or 0.0}
         accepted = self.accept(resp.assignments)
         if not self.stopping and not self.paused and self.reconciler.set_desired(accepted):
             self._wake_reconcile.set()
@@ -755,6 +760,8 @@ class Agent:
             "updated_at": time.time(),
             "heartbeat_interval": self.interval,
             "last_heartbeat": self.last_heartbeat,
+            "owner": self.settings.owner or self.settings.labels.get("owner", ""),
+            "credits": self.credits,
             "tunnel": self._tunnel_status(),
             "pinned": self.settings.ca_hash,
             **self.policy.to_json(),

@@ -319,6 +319,13 @@ def keys_create(
         int | None,
         typer.Option(min=0, help="Requests per minute; 0 unlimited (default: the coordinator's)."),
     ] = None,
+    owner: Annotated[
+        str,
+        typer.Option(
+            help="The donor the key belongs to: when requests queue, keys of owners whose "
+            "workers earned more credits go first."
+        ),
+    ] = "",
     json: JsonOpt = False,
     coordinator: CoordinatorOpt = None,
     admin_key: AdminKeyOpt = None,
@@ -328,15 +335,16 @@ def keys_create(
 
     async def go() -> Any:
         async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
-            return await c.create_key(name, rpm)
+            return await c.create_key(name, rpm, owner)
 
     k = run_async(go, json_mode=json)
     if json:
         print_json(k)
         return
     out.print(k.key)
+    owned = f", owner {k.owner}" if k.owner else ""
     err.print(
-        f"API key {k.id} ({k.rpm or 'unlimited'} requests/min). It is shown only now: "
+        f"API key {k.id} ({k.rpm or 'unlimited'} requests/min{owned}). It is shown only now: "
         "export RMA_API_KEY=<key>, or pass it as the openai SDK's api_key."
     )
 
@@ -360,11 +368,12 @@ def keys_list(
         return
     table(
         None,
-        ["ID", "NAME", "RPM", "STATUS", "LAST USED"],
+        ["ID", "NAME", "OWNER", "RPM", "STATUS", "LAST USED"],
         [
             [
                 k.id,
                 k.name,
+                k.owner or "-",
                 k.rpm or "∞",
                 coloured("revoked" if k.revoked else "active"),
                 ago(k.last_used_at),

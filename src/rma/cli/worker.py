@@ -190,6 +190,13 @@ def join(
             help="KEY=VALUE label for placement (repeat); rma.services=a,b limits services."
         ),
     ] = None,
+    owner: Annotated[
+        str | None,
+        typer.Option(
+            help="Who donates this machine (RMA_OWNER): its credits add up under this name, "
+            "and keys of this owner are served first when requests queue."
+        ),
+    ] = None,
     runtime: Annotated[
         RuntimeKind | None,
         typer.Option(help="How services run: docker when an engine answers (auto), or processes."),
@@ -291,6 +298,7 @@ def join(
         token=token,
         name=name,
         labels=_labels(label),
+        owner=owner,
         runtime=runtime.value if runtime else None,
         transport=transport.value if transport else None,
         catalog=catalog,
@@ -434,6 +442,14 @@ def _uptime(doc: dict[str, Any]) -> str:
     return format_duration(time.time() - float(doc["started_at"]))
 
 
+def _credits_line(doc: dict[str, Any]) -> str:
+    got = doc.get("credits")
+    owner = doc.get("owner") or "no owner"
+    if not got:
+        return f"- ({owner}; known after the next heartbeat)"
+    return f"{got['credits']:g} (escrow {got['escrow']:g}; owner {owner})"
+
+
 @app.command()
 def status(json: JsonOpt = False, data_dir: WorkerDataDirOpt = None) -> None:
     """Show what the agent on this machine runs and its last heartbeat."""
@@ -480,7 +496,8 @@ def status(json: JsonOpt = False, data_dir: WorkerDataDirOpt = None) -> None:
         f"coordinator: {doc.get('coordinator')}  runtime: {runtime}  "
         f"transport: {doc.get('transport')}\nlast heartbeat: {result}\n"
         f"allowed: {_allowed_line(doc)}\nlimits: {_limits_line(doc)}\n"
-        f"served: {_served_line(doc)}  uptime: {_uptime(doc)}"
+        f"served: {_served_line(doc)}  uptime: {_uptime(doc)}\n"
+        f"credits: {_credits_line(doc)}"
     )
     table(
         None,

@@ -75,6 +75,7 @@ def key_public(row: ApiKey) -> ApiKeyPublic:
         created_at=_dt(row.created_at),
         revoked=row.revoked,
         last_used_at=_dt(row.last_used_at) if row.last_used_at else None,
+        owner=row.owner,
     )
 
 
@@ -83,6 +84,8 @@ class KeyInfo:
     id: str
     secret_hash: str
     rpm: int
+    #: the donor the key belongs to (queue priority by the owner's credits)
+    owner: str = ""
 
 
 def write_secret_file(path: Path, secret: str) -> None:
@@ -278,7 +281,7 @@ class Credentials:
 
     # --- client API keys --------------------------------------------------------------------------
 
-    def create_key(self, name: str, rpm: int | None) -> ApiKeyCreated:
+    def create_key(self, name: str, rpm: int | None, owner: str = "") -> ApiKeyCreated:
         ident, secret = security.new_prefixed_secret(security.KEY_PREFIX)
         row = ApiKey(
             id=ident,
@@ -286,11 +289,12 @@ class Credentials:
             name=name,
             rpm=self.default_rpm if rpm is None else rpm,
             created_at=self.clock.time(),
+            owner=owner,
         )
         with session(self.engine) as s:
             s.add(row)
         with self._lock:
-            self._keys[ident] = KeyInfo(ident, row.secret_hash, row.rpm)
+            self._keys[ident] = KeyInfo(ident, row.secret_hash, row.rpm, row.owner)
         return ApiKeyCreated(**key_public(row).model_dump(), key=secret)
 
     def list_keys(self) -> list[ApiKeyPublic]:
@@ -365,7 +369,7 @@ class Credentials:
         digest = security.hash_secret(secret)
         with session(self.engine) as s:
             row = s.get(ApiKey, ident)
-            info = KeyInfo(row.id, row.secret_hash, row.rpm) if row is not None else None
+            info = KeyInfo(row.id, row.secret_hash, row.rpm, row.owner) if row is not None else None
             revoked = row is not None and row.revoked
         with self._lock:
             if revoked:
@@ -399,7 +403,7 @@ class Credentials:
             admin = s.get(Setting, ADMIN_HASH)
             admin_hash = admin.value if admin is not None else ""
             rows = s.exec(select(ApiKey).where(col(ApiKey.revoked).is_(False))).all()
-            fresh = {r.id: KeyInfo(r.id, r.secret_hash, r.rpm) for r in rows}
+            fresh = {r.id: KeyInfo(r.id, r.secret_hash, r.rpm, r.owner) for r in rows}
         with self._lock:
             for ident in self._revoked:
                 fresh.pop(ident, None)

@@ -106,6 +106,8 @@ class Pool:
         self.started_at = self.clock.time()
         #: Called with a worker id when its status changes (the gateway drops its tunnel, ...).
         self.on_status_change: list[Callable[[WorkerState], None]] = []
+        #: worker id -> (credits, escrow) for the heartbeat answer (the gateway's ledger)
+        self.credits_of: Callable[[str], tuple[float, float]] | None = None
         #: The reconciliation loop: the one owner of assignments.
         self.scheduler = Scheduler(self)
         self._ready = False
@@ -235,6 +237,7 @@ class Pool:
             row.tier = int(tier)
             row.capabilities = req.capabilities.model_dump(mode="json")
             row.labels = dict(req.labels)
+            row.owner = req.owner
             row.services = []
             row.runnable = sorted(set(req.runnable)) if req.runnable is not None else None
             row.transport = req.transport.value
@@ -420,6 +423,11 @@ class Pool:
             heartbeat_interval=self.settings.heartbeat_interval,
             status=state.status,
         )
+        if self.credits_of is not None:
+            try:
+                resp.credits, resp.escrow = self.credits_of(state.id)
+            except Exception:  # the ledger is informative here: never fail a heartbeat for it
+                log.exception("could not read the credits of worker %s", state.name)
         if credential_expires - now < self.settings.credential_ttl / 2:
             token, exp = security.issue_credential(
                 self.credentials.signing_key, state.id, now, self.settings.credential_ttl

@@ -62,6 +62,8 @@ class WorkerState:
     disagreements: int = 0
     verify_streak: int = 0
     quarantined: bool = False
+    #: Who donates it (``rma worker join --owner``); see ``trust.credits.owner_of``.
+    owner: str = ""
 
     @property
     def reputation(self) -> float:
@@ -118,6 +120,7 @@ class WorkerState:
             disagreements=row.disagreements,
             verify_streak=row.verify_streak,
             quarantined=row.quarantined,
+            owner=row.owner,
         )
 
     def to_public(self) -> WorkerPublic:
@@ -129,6 +132,7 @@ class WorkerState:
             tier_name=Tier(self.tier).label,
             capabilities=self.capabilities,
             labels=self.labels,
+            owner=self.owner or self.labels.get("owner", ""),
             services=list(self.services.values()),
             assignments=list(self.assignments),
             load=self.load,

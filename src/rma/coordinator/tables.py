@@ -40,6 +40,8 @@ class Worker(SQLModel, table=True):
     disagreements: int = 0
     verify_streak: int = 0
     quarantined: bool = False
+    #: who donates it (``rma worker join --owner``; the ``owner`` label when empty)
+    owner: str = Field(default="", max_length=64)
 
 
 class JoinToken(SQLModel, table=True):
@@ -63,6 +65,8 @@ class ApiKey(SQLModel, table=True):
     created_at: float
     revoked: bool = False
     last_used_at: float | None = None
+    #: the donor it belongs to (``rma admin keys create --owner``): queue priority by credits
+    owner: str = Field(default="", max_length=64)
 
 
 class Setting(SQLModel, table=True):

@@ -183,7 +183,7 @@ class ServiceSpec(BaseModel):
         None,
         description='How two answers are compared to verify a worker: "cosine:0.99" '
         '(embeddings), "json" (equal JSON), "text:0.9" (text similarity), "exact" (same '
-        "bytes); unset: never verified.",
+        'bytes), "canary" (chat: canary prompts and speed suspicion); unset: never verified.',
     )
     credit_weight: float = Field(
         1.0, ge=0, description="Credits per service-second (a GPU second is worth more)."
@@ -203,7 +203,13 @@ class ServiceSpec(BaseModel):
 
 
 #: ``verify`` kinds -> their default threshold (``None``: the kind takes none).
-VERIFY_KINDS: dict[str, float | None] = {"cosine": 0.99, "text": 0.9, "json": None, "exact": None}
+VERIFY_KINDS: dict[str, float | None] = {
+    "cosine": 0.99,
+    "text": 0.9,
+    "json": None,
+    "exact": None,
+    "canary": None,  # chat/completions: canary prompts and speed suspicion (trust/canary.py)
+}
 
 
 def parse_verify(value: str) -> tuple[str, float | None]:
@@ -239,6 +245,9 @@ class RegisterRequest(_Strict):
     name: str = Field(pattern=_NAME)
     capabilities: Capabilities
     labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    owner: str = Field(
+        "", max_length=64, description="Who donates this machine (credits add up per owner)."
+    )
     version: str = Field("", max_length=50)
     worker_id: str | None = Field(None, max_length=64)
     worker_secret: str | None = Field(
@@ -297,6 +306,10 @@ class HeartbeatResponse(BaseModel):
     status: WorkerStatus
     credential: str | None = None
     credential_expires_at: datetime | None = None
+    credits: float | None = Field(
+        None, description="This worker's credits in the ledger (the donor's own, for status)."
+    )
+    escrow: float | None = Field(None, description="This worker's credits held in escrow.")
 
 
 class WorkerPublic(BaseModel):
@@ -307,6 +320,7 @@ class WorkerPublic(BaseModel):
     tier_name: str
     capabilities: Capabilities
     labels: dict[str, str]
+    owner: str = ""
     services: list[ServiceStatus]
     assignments: list[str]
     load: Load
@@ -366,12 +380,17 @@ class ApiKeyCreate(_Strict):
     rpm: int | None = Field(
         None, ge=0, le=1_000_000, description="Requests per minute; 0 unlimited."
     )
+    owner: str = Field(
+        "", max_length=64, description="The donor it belongs to: queued requests of owners "
+        "who contributed more go first.",
+    )  # fmt: skip
 
 
 class ApiKeyPublic(BaseModel):
     id: str
     name: str
     rpm: int
+    owner: str = ""
     created_at: datetime
     revoked: bool
     last_used_at: datetime | None = None

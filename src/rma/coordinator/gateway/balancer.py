@@ -99,6 +99,7 @@ class Balancer:
         clock: Callable[[], float] = time.monotonic,
         service_capacity: Callable[[str], int | None] = lambda service: None,
         affinity_load_factor: float = 1.25,
+        priority_aging: float = 1.0,
     ) -> None:
         self.registry = registry
         #: Cache affinity's bound: a worker takes a conversation while its load stays within this
@@ -116,6 +117,10 @@ class Balancer:
         self.cool_until: dict[Key, float] = {}
         self.failures: dict[Key, int] = {}
         self.waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        #: A waiter's priority and when it started waiting (``_wake`` serves the highest
+        #: ``priority + priority_aging x seconds waited`` first: see docs/trust.md).
+        self.rank: dict[asyncio.Future[None], tuple[float, float]] = {}
+        self.priority_aging = priority_aging
         self.queued = 0
         #: Workers that refused a connection: worker id -> its last heartbeat time then.  Out of
         #: routing until a newer heartbeat (not for the whole offline window).
@@ -313,11 +318,13 @@ class Balancer:
         exclude: set[str],
         trusted_only: bool = False,
         wish: Wish | None = None,
+        priority: float = 0.0,
     ) -> Lease | None:
         """A lease on the best worker, waiting in the queue while every worker is at capacity.
 
         ``None`` when every worker was tried already.  429 when the queue is full or the wait
-        times out; 503 when no worker runs the service.
+        times out; 503 when no worker runs the service.  A freed slot goes to the waiter with
+        the highest ``priority`` (the key owner's credits) plus its aging.
         """
         waiting = self.waiters.get(service)
         if not waiting:  # nobody queued ahead of us
@@ -326,10 +333,15 @@ class Balancer:
                 return None
             if isinstance(choice, WorkerState):
                 return self._take(choice, service)
-        return await self._wait(service, exclude, trusted_only, wish)
+        return await self._wait(service, exclude, trusted_only, wish, priority)
 
     async def _wait(
-        self, service: str, exclude: set[str], trusted_only: bool, wish: Wish | None = None
+        self,
+        service: str,
+        exclude: set[str],
+        trusted_only: bool,
+        wish: Wish | None = None,
+        priority: float = 0.0,
     ) -> Lease | None:
         if self.queued >= self.queue_size:
             raise self._saturated(service, "the wait queue is full")
@@ -338,9 +350,11 @@ class Balancer:
         queue = self.waiters.setdefault(service, deque())
         self.queued += 1
         front = False
+        since = loop.time()  # kept across wake-ups: the wait ages from the first
         try:
             while True:
                 fut: asyncio.Future[None] = loop.create_future()
+                self.rank[fut] = (priority, since)
                 if front:
                     queue.appendleft(fut)
                 else:
@@ -358,6 +372,7 @@ class Balancer:
                 finally:
                     if not fut.done():
                         fut.cancel()
+                    self.rank.pop(fut, None)
                     with contextlib.suppress(ValueError):
                         queue.remove(fut)
                 choice = self.pick(service, exclude, trusted_only, wish)
@@ -384,6 +399,10 @@ class Balancer:
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
+    def take(self, worker: WorkerState, service: str) -> Lease:
+        """A lease on this very worker, past its capacity if need be (a canary: no choice)."""
+        return self._take(worker, service)
+
     def _take(self, worker: WorkerState, service: str) -> Lease:
         lease = Lease(self, worker, service)
         self.inflight[lease.key] = self.inflight.get(lease.key, 0) + 1
@@ -401,10 +420,18 @@ class Balancer:
         queue = self.waiters.get(service)
         if not queue:
             return
-        for fut in queue:
-            if not fut.done():
-                fut.set_result(None)
-                return
+        now = asyncio.get_running_loop().time()
+        best: asyncio.Future[None] | None = None
+        best_score = -math.inf
+        for fut in queue:  # in arrival order: a tie goes to the first
+            if fut.done():
+                continue
+            priority, since = self.rank.get(fut, (0.0, now))
+            score = priority + self.priority_aging * (now - since)
+            if score > best_score:
+                best, best_score = fut, score
+        if best is not None:
+            best.set_result(None)
 
     def failed(self, worker: WorkerState, service: str) -> float:
         """Cool the worker down (5 s doubling to 60 s), unless it is the service's only one.

@@ -151,12 +151,13 @@ class Gateway:
             reachable=self.reachable,
             service_capacity=self._capacity,
             affinity_load_factor=settings.affinity_load_factor,
+            priority_aging=settings.queue_priority_aging,
         )
         #: Local per coordinator; with Redis, ``mount`` puts the shared one here.
         self.limiter: RateLimiter = RateLimiter()
         self.usage = UsageRecorder(pool.engine)
         self.verifier = Verifier(self)  # coordinator/trust: re-runs and compares answers
-        self.ledger = Ledger(pool.engine, settings)  # coordinator/trust: the credits
+        self.ledger = Ledger(pool.engine, settings, pool.registry.all)  # trust: the credits
 
     def _capacity(self, service: str) -> int | None:
         spec = self.pool.catalog.get(service)
@@ -412,7 +413,8 @@ class Gateway:
         last_status: int | None = None
         while call.attempts < s.max_attempts:
             try:
-                lease = await self.balancer.acquire(call.service, tried, trusted_only, wish)
+                rank = self.ledger.priority_of(call.key.owner) if call.key else 0.0
+                lease = await self.balancer.acquire(call.service, tried, trusted_only, wish, rank)
             except APIError as exc:
                 if exc.status == 503 and failures:
                     break  # the ones that failed left routing: say why they failed
@@ -699,6 +701,8 @@ class Gateway:
             self.ledger.record(call.worker, call.key.id if call.key else None, call.service,
                                elapsed, weight)  # fmt: skip
         prompt, completion = tokens_in(call.tail)
+        if status == 200 and call.worker is not None:  # chat: canaries, speed suspicion
+            self.verifier.canaries.served(call.worker, call.service, elapsed, completion)
         self.usage.record(
             UsageRecord(
                 ts=time.time(),

@@ -111,8 +111,9 @@ def list_keys(_: AdminDep, pool: PoolDep) -> list[ApiKeyPublic]:
 
 @router.post("/keys", status_code=201)
 def create_key(body: ApiKeyCreate, _: AdminDep, pool: PoolDep) -> ApiKeyCreated:
-    created = pool.credentials.create_key(body.name, body.rpm)
-    pool.events.emit("key_created", f"API key {created.id} created", data={"name": body.name})
+    created = pool.credentials.create_key(body.name, body.rpm, body.owner)
+    data = {"name": body.name, "owner": body.owner}
+    pool.events.emit("key_created", f"API key {created.id} created", data=data)
     return created
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -45,14 +47,34 @@ class _Row:
 
 
 def owner_of(worker: WorkerState) -> str:
-    """A worker's owner: its ``owner`` label (``rma worker join --label owner=NAME``)."""
-    return worker.labels.get("owner", "")
+    """A worker's owner: ``rma worker join --owner NAME`` (``RMA_OWNER``), else its ``owner``
+    label (``--label owner=NAME``)."""
+    return worker.owner or worker.labels.get("owner", "")
+
+
+def priority(credits: float) -> float:
+    """A queued request's starting priority: ``log1p(the key owner's credits)``, 0 for a key
+    without an owner (or an owner who gave nothing).  The balancer adds
+    ``queue_priority_aging`` per second waited, so nobody starves."""
+    return math.log1p(max(credits, 0.0))
+
+
+#: Seconds between two readings of the owners' credits (for queue priority).
+OWNERS_EVERY = 5.0
 
 
 class Ledger:
-    def __init__(self, engine: Engine, settings: CoordinatorSettings) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: CoordinatorSettings,
+        workers: Callable[[], list[WorkerState]] = list,
+    ) -> None:
         self.engine = engine
         self.settings = settings
+        self.workers = workers
+        #: owner -> credits, read in the flush loop (the request path reads only this)
+        self.owners: dict[str, float] = {}
         self._buffer: deque[_Row] = deque()
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -132,12 +154,26 @@ class Ledger:
             return 0
         return len(batch)
 
+    def priority_of(self, owner: str) -> float:
+        """The queue priority of a key of ``owner`` (cheap: the request path calls it)."""
+        return priority(self.owners.get(owner, 0.0)) if owner else 0.0
+
+    def refresh_owners(self) -> None:
+        """Re-read the owners' credits (blocking: call from a thread)."""
+        self.owners = self.owner_credits(self.workers())
+
     async def run(self, interval: float = 1.0) -> None:
         await asyncio.to_thread(self.flush)
+        await asyncio.to_thread(self.refresh_owners)
+        loop = asyncio.get_running_loop()
+        read_at = loop.time()
         while True:
             await asyncio.sleep(interval)
             if self._buffer:
                 await asyncio.to_thread(self.flush)
+            if loop.time() - read_at >= OWNERS_EVERY:
+                read_at = loop.time()
+                await asyncio.to_thread(self.refresh_owners)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.flush)
@@ -160,6 +196,28 @@ class Ledger:
                 if kind in ("earn", "escrow"):
                     row["requests"] += int(n)
         return list(out.values())
+
+    def worker_balance(self, worker_id: str) -> tuple[float, float]:
+        """``(credits, escrow)`` of one worker, as written (the heartbeat answer; blocking)."""
+        t = _TABLE.c
+        stmt = select(t.kind, func.sum(t.amount)).where(t.worker_id == worker_id).group_by(t.kind)
+        sums = dict.fromkeys(("earn", "escrow", "release", "forfeit"), 0.0)
+        with self.engine.connect() as conn:
+            for kind, total in conn.execute(stmt):
+                sums[kind] = float(total or 0.0)
+        credits = round(sums["earn"] + sums["release"], 6)
+        escrow = round(max(sums["escrow"] - sums["release"] - sums["forfeit"], 0.0), 6)
+        return credits, escrow
+
+    def owner_credits(self, workers: list[WorkerState]) -> dict[str, float]:
+        """owner -> credits (released, not escrow) of its workers (blocking: a thread)."""
+        known = {w.id: owner_of(w) for w in workers}
+        out: dict[str, float] = {}
+        for r in self._sums("worker_id"):
+            owner = known.get(r["id"], "")
+            if owner:
+                out[owner] = out.get(owner, 0.0) + r["earn"] + r["release"]
+        return out
 
     def balances(self, by: By, workers: list[WorkerState]) -> list[dict[str, Any]]:
         """``[{id, name, owner, credits, escrow, requests}]`` (flushes first)."""

@@ -27,7 +27,11 @@ from rma.coordinator.gateway.headers import response_header_allowed
 from rma.coordinator.gateway.upstream import UpstreamError, UpstreamRequest
 from rma.coordinator.registry import WorkerState
 from rma.coordinator.trust import reputation
+from rma.coordinator.trust.canary import Canaries
 from rma.coordinator.trust.compare import Comparator, Comparison, comparator_for
+
+#: The catalog's ``verify`` value for chat/completions services (canaries, speed suspicion).
+CANARY = "canary"
 
 if TYPE_CHECKING:
     from rma.coordinator.gateway.proxy import Gateway
@@ -125,13 +129,14 @@ class Verifier:
         self.random = random.Random()
         #: service -> when its last ``verification_failed`` event went out (loop clock)
         self._undecided_at: dict[str, float] = {}
+        self.canaries = Canaries(self)  # chat: canary prompts and speed suspicion
 
     # --- the hooks in the gateway -----------------------------------------------------------------
 
     def comparator(self, service: str) -> Comparator | None:
         spec = self.pool.catalog.get(service)
-        if spec is None or spec.verify is None:
-            return None
+        if spec is None or spec.verify is None or spec.verify == CANARY:
+            return None  # canary: checked by trust/canary.py, not by comparing two answers
         return comparator_for(spec.verify)
 
     def watch(self, call: CallLike, request: UpstreamRequest, send: Send) -> Send:
@@ -281,33 +286,46 @@ class Verifier:
         for w in changed:
             await asyncio.to_thread(self.pool.save_verification, w)
         for ans, other, verdict in wrong:
-            w = ans.worker
             log.warning(
                 "verification: %s on %s disagrees with %s (%s)",
-                request.service, w.name, other.worker.name, verdict.detail,
+                request.service, ans.worker.name, other.worker.name, verdict.detail,
             )  # fmt: skip
-            if reputation.should_quarantine(w, self.settings):
-                evidence: dict[str, Any] = {
-                    "service": request.service,
-                    "reputation": round(w.reputation, 4),
-                    "verified": w.verified,
-                    "disagreements": w.disagreements,
-                    "against": other.worker.name,
-                    "against_trusted": other.worker.trusted,
-                    "detail": verdict.detail,
-                    "score": round(verdict.score, 4),
-                    "threshold": self.settings.quarantine_threshold,
-                }
-                message = (
-                    f"worker {w.name} is quarantined: reputation {w.reputation:.2f} below "
-                    f"{self.settings.quarantine_threshold:g} after {w.disagreements} wrong of "
-                    f"{w.verified} verified results ({request.service}: {verdict.detail} "
-                    f"against {other.worker.name})"
-                )
-                with contextlib.suppress(APIError):
-                    await asyncio.to_thread(
-                        self.pool.set_quarantined, w.id, True, message, evidence
-                    )
+            await self.blame(
+                ans.worker, request.service, verdict, other.worker.name, other.worker.trusted
+            )
+
+    async def blame(
+        self,
+        w: WorkerState,
+        service: str,
+        verdict: Comparison,
+        against: str,
+        against_trusted: bool,
+        **extra: Any,
+    ) -> None:
+        """Quarantine ``w`` when its last wrong result took its reputation below the
+        threshold; the event carries the evidence."""
+        if not reputation.should_quarantine(w, self.settings):
+            return
+        evidence: dict[str, Any] = {
+            "service": service,
+            "reputation": round(w.reputation, 4),
+            "verified": w.verified,
+            "disagreements": w.disagreements,
+            "against": against,
+            "against_trusted": against_trusted,
+            "detail": verdict.detail,
+            "score": round(verdict.score, 4),
+            "threshold": self.settings.quarantine_threshold,
+            **extra,
+        }
+        message = (
+            f"worker {w.name} is quarantined: reputation {w.reputation:.2f} below "
+            f"{self.settings.quarantine_threshold:g} after {w.disagreements} wrong of "
+            f"{w.verified} verified results ({service}: {verdict.detail} against {against})"
+        )
+        with contextlib.suppress(APIError):
+            await asyncio.to_thread(self.pool.set_quarantined, w.id, True, message, evidence)
 
     async def _undecided(
         self, request: UpstreamRequest, answers: list[Answer], verdict: Comparison, why: str
