@@ -248,14 +248,26 @@ class CoordinatorClient:
         role: str = "admin",
         json_body: Any = None,
         params: Mapping[str, Any] | None = None,
+        idempotent: bool | None = None,
     ) -> Any:
-        """One call: the decoded JSON body (``None`` for 204), or :class:`RmaError`."""
-        try:
-            resp = await self._http.request(
-                method, path, json=json_body, params=params, headers=self._auth(role)
-            )
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, self.base_url) from None
+        """One call: the decoded JSON body (``None`` for 204), or :class:`RmaError`.
+
+        An idempotent call (GET, or ``idempotent=True``) that meets a kept-alive connection the
+        coordinator closed just before (its keep-alive timeout) is sent again at once on a new
+        connection, instead of failing (a heartbeat sent late would otherwise wait for a retry).
+        """
+        again = method == "GET" if idempotent is None else idempotent
+        for attempt in (1, 2):
+            try:
+                resp = await self._http.request(
+                    method, path, json=json_body, params=params, headers=self._auth(role)
+                )
+                break
+            except httpx.RemoteProtocolError as exc:
+                if not again or attempt == 2:
+                    raise transport_error(exc, self.base_url) from None
+            except httpx.HTTPError as exc:
+                raise transport_error(exc, self.base_url) from None
         if resp.status_code >= 400:
             raise error_from_response(resp)
         if resp.status_code == 204 or not resp.content:
@@ -279,7 +291,11 @@ class CoordinatorClient:
 
     async def heartbeat(self, req: HeartbeatRequest) -> HeartbeatResponse:
         data = await self.request(
-            "POST", "/api/worker/heartbeat", role="worker", json_body=req.model_dump(mode="json")
+            "POST",
+            "/api/worker/heartbeat",
+            role="worker",
+            json_body=req.model_dump(mode="json"),
+            idempotent=True,  # a heartbeat states the present: sending it twice changes nothing
         )
         resp = HeartbeatResponse.model_validate(data)
         if resp.credential:
