@@ -30,6 +30,10 @@ FULL = os.environ.get("RMA_CHAOS_SCALE") == "full"
 RESULTS = os.environ.get("RMA_CHAOS_RESULTS")  # a JSON-lines file that collects every report
 
 
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
 def scale(ci: float, full: float) -> float:
     """The CI figure, or the long one under ``nox -s chaos``."""
     return full if FULL else ci
@@ -157,19 +161,28 @@ async def one_request(client: httpx.AsyncClient, i: int, stream: bool, tally: Ta
 
 
 async def load(
-    url: str, key: str, seconds: float, concurrency: int, stream_every: int, tally: Tally
+    url: str,
+    key: str,
+    seconds: float,
+    concurrency: int,
+    stream_every: int,
+    tally: Tally,
+    local_address: str | None = None,
 ) -> None:
     """``concurrency`` loops of requests for ``seconds``; every ``stream_every``-th is streamed
     (0: none).  Each loop keeps one keep-alive connection, so a connection a broken stream
-    spoiled shows up as a failed next request."""
+    spoiled shows up as a failed next request.  ``local_address``: the client's source address
+    (e.g. ``127.0.0.2``)."""
     stop = time.monotonic() + seconds
     counter = 0
 
     async def worker() -> None:
         nonlocal counter
         headers = {"authorization": f"Bearer {key}"}
+        limits = httpx.Limits(max_connections=1)
+        transport = httpx.AsyncHTTPTransport(limits=limits, local_address=local_address)
         async with httpx.AsyncClient(
-            base_url=url, headers=headers, timeout=30, limits=httpx.Limits(max_connections=1)
+            base_url=url, headers=headers, timeout=30, transport=transport
         ) as client:
             while time.monotonic() < stop:
                 counter += 1
