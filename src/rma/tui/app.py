@@ -488,6 +488,8 @@ class TopApp(App[None]):
         return None
 
     def _draw_detail(self) -> None:
+        if not self.drawable:  # a late table event while the app shuts down
+            return
         body = self.main.query_one("#detail-body", Static)
         w = self.selected_worker()
         if w is None:
