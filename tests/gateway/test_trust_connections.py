@@ -4,6 +4,7 @@ deadline (slowloris), the header size limit; nobody else is starved by one addre
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -101,6 +102,21 @@ def test_slow_headers_get_408_and_big_headers_431(pool_factory: Any) -> None:
         # a keep-alive connection serves one request after another (the deadline is per request)
         for _ in range(3):
             assert c.get("/healthz").status_code == 200
+
+
+def test_a_request_the_parser_cannot_read_gets_a_json_400(pool_factory: Any) -> None:
+    """Bad framing (schemathesis found it: `transfer-encoding: Bz1LQ^`) is answered like every
+    other error, `{"error": ...}` JSON, not the HTTP server's plain text."""
+    pool = pool_factory()
+    with sockets(port_of(pool.url), 1) as (s,):
+        s.sendall(
+            b"DELETE /api/services/x/y HTTP/1.1\r\nHost: x\r\ntransfer-encoding: Bz1LQ^\r\n\r\n"
+        )
+        raw = answer_of(s)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "bad_request"
 
 
 def test_readyz_turns_503_at_the_total_cap(pool_factory: Any) -> None:

@@ -251,6 +251,14 @@ def protocol_class(guard: ConnectionGuard) -> type[HttpToolsProtocol]:
             guard.refused["header_timeout"] += 1
             self._close_with(timeout_body)
 
+        def send_400_response(self, msg: str) -> None:
+            """A request the HTTP parser cannot read (bad framing, bad header bytes): the same
+            ``{"error": ...}`` JSON as every other answer, not uvicorn's plain text; then the
+            connection is closed."""
+            self._close_with(
+                _response(400, b"Bad Request", "bad_request", msg.rstrip(".") or "bad request")
+            )
+
         def _close_with(self, response: bytes) -> None:
             self._disarm()
             if self.transport is not None and not self.transport.is_closing():
