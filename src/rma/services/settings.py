@@ -54,7 +54,9 @@ class ServiceSettings(BaseSettings):
     )
     llm_n_ctx: int = Field(default=2048, gt=0, description="Context window of the llm, in tokens.")
     llm_n_threads: int | None = Field(
-        default=None, description="CPU threads for the llm; unset: llama.cpp's default."
+        default=None,
+        description="CPU threads for the llm; unset: half the CPUs this process may use to "
+        "generate and all of them to read prompts (llama.cpp's rule, from the affinity mask).",
     )
     llm_n_ubatch: int | None = Field(
         default=None,

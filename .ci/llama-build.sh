@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Puts into .venv a llama-cpp-python (the lock's version) that decodes on this machine.
+#
+# pip's wheel cache keys the wheel it compiled by version only, not by CMAKE_ARGS: a machine whose
+# cache holds a native build (AMX kernels on an AMX Xeon, which die on the first decode in a VM
+# that does not grant AMX) would get that build back. So the wheel is built here, with pip's cache
+# off, into a folder named after the version and the flags, and installed from there; CI on the
+# same machine later reuses it. .ci/llama_smoke.py then decodes with it; a build that fails is
+# replaced by a more conservative one (no OpenMP, no llamafile kernels; then no AVX).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=$(sed -n 's/^llama-cpp-python==//p' requirements/lock.txt)
+[ -n "$version" ] || { echo "error: llama-cpp-python is not in requirements/lock.txt" >&2; exit 1; }
+cache=${RMA_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rma-ci}/llama
+stamp=.venv/.rma-llama-build
+
+portable="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+plain="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_LLAMAFILE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+sse="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_LLAMAFILE=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF"
+
+install_with() {  # $1: CMAKE_ARGS
+  local key dir
+  key="$version-$(uname -m)-$(printf '%s' "$1" | sha256sum | cut -c1-12)"
+  dir="$cache/$key"
+  if [ "$(cat "$stamp" 2>/dev/null)" = "$key" ] && .venv/bin/pip show -q llama-cpp-python 2>/dev/null; then
+    echo "llama-cpp-python $version already built with: $1"
+    return 0
+  fi
+  if ! ls "$dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python $version (5-12 min) with CMAKE_ARGS=$1"
+    rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+    CMAKE_ARGS="$1" .venv/bin/pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+      -w "$dir.tmp" "llama-cpp-python==$version"
+    rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  fi
+  .venv/bin/pip install -q --no-deps --force-reinstall "$dir"/llama_cpp_python-*.whl
+  echo "$key" >"$stamp"
+}
+
+smoke() { timeout 300 .venv/bin/python .ci/llama_smoke.py; }
+
+install_with "$portable"
+# its dependencies (numpy, jinja2, ...) come with the project's install, from the lock
+[ "${1:-}" = "--install-only" ] && exit 0
+for flags in "$plain" "$sse"; do
+  smoke && exit 0
+  echo "llama-cpp-python does not decode on this machine with that build; trying a plainer one"
+  install_with "$flags"
+done
+smoke || { echo "error: no build of llama-cpp-python $version decodes on this machine" >&2; exit 1; }
