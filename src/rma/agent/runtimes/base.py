@@ -38,11 +38,21 @@ class Handle:
 DEFAULT_GPU_SHARE = 0.9
 
 
-def expand(text: str, *, port: int, data_dir: Path, gpu_share: float | None = None) -> str:
-    """Fill the catalog's placeholders: ``{python}``, ``{port}``, ``{data_dir}`` and
-    ``{gpu_memory_utilization}`` (the share of its GPU the coordinator placed it on)."""
+def expand(
+    text: str,
+    *,
+    port: int,
+    data_dir: Path,
+    gpu_share: float | None = None,
+    host: str = "127.0.0.1",
+) -> str:
+    """Fill the catalog's placeholders: ``{python}``, ``{host}`` (the address the service listens
+    on: loopback, or every address inside a bridge-networked container, whose published port is
+    bound to loopback on the host), ``{port}``, ``{data_dir}`` and ``{gpu_memory_utilization}``
+    (the share of its GPU the coordinator placed it on)."""
     return (
         text.replace("{python}", sys.executable)
+        .replace("{host}", host)
         .replace("{port}", str(port))
         .replace("{data_dir}", str(data_dir))
         .replace("{gpu_memory_utilization}", f"{gpu_share or DEFAULT_GPU_SHARE:g}")

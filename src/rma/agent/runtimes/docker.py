@@ -8,7 +8,9 @@ an earlier, crashed run of it left behind.
 Networking: with a ``bridge`` network the service's container port (``port`` in the catalog) is
 published on a free host port, and ``{port}`` in its environment is the container port.  Without
 one (``dockerd --bridge=none``) or with ``network="host"``, containers share the host's network
-and ``{port}`` is the host port the service must listen on.
+and ``{port}`` is the host port the service must listen on. ``{host}`` is the address to listen
+on: ``127.0.0.1`` with host networking, ``0.0.0.0`` inside a bridge-networked container (its
+port is published on the host's loopback only, ``bind_host``).
 """
 
 from __future__ import annotations
@@ -182,6 +184,15 @@ class DockerRuntime(Runtime):
         self._remove(name)
         host_net = self.network == "host"
         inner = host_port if host_net else spec.port
+        # Behind a bridge the container's own loopback is unreachable from the published port:
+        # the service listens on every address of its namespace, published on the host's loopback.
+        listen = "127.0.0.1" if host_net else "0.0.0.0"
+
+        def fill(text: str) -> str:
+            return expand(
+                text, port=inner, data_dir=Path("/data"), gpu_share=spec.gpu_share, host=listen
+            )
+
         kwargs: dict[str, Any] = {
             "name": name,
             "detach": True,
@@ -191,16 +202,10 @@ class DockerRuntime(Runtime):
                 LABEL_SERVICE: spec.name,
                 "rma.port": str(host_port),
             },
-            "environment": {
-                k: expand(v, port=inner, data_dir=Path("/data"), gpu_share=spec.gpu_share)
-                for k, v in spec.env.items()
-            },
+            "environment": {k: fill(v) for k, v in spec.env.items()},
         }
         if spec.args:
-            kwargs["command"] = [
-                expand(a, port=inner, data_dir=Path("/data"), gpu_share=spec.gpu_share)
-                for a in spec.args
-            ]
+            kwargs["command"] = [fill(a) for a in spec.args]
         if host_net:
             kwargs["network_mode"] = "host"
         else:
