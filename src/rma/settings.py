@@ -528,6 +528,14 @@ class WorkerSettings(_Base):
         "`owner` label).",
     )
     runtime: Literal["auto", "docker", "process"] = Field("auto", description="How services run.")
+    image_prefix: str = Field(
+        "",
+        max_length=200,
+        pattern=r"^[A-Za-z0-9._/:-]*$",
+        description="Where the built-in services' images come from: replaces the catalog's "
+        "`rma/` (`ghcr.io/acme/rma-` runs ghcr.io/acme/rma-llm:latest); unset: images built "
+        "here with `rma service build NAME`.",
+    )
     transport: Literal["auto", "tunnel", "direct"] = Field(
         "auto", description="How requests reach this worker."
     )

@@ -303,3 +303,30 @@ async def test_host_networking_listens_on_loopback_only(
             c.remove(force=True)
         runtime.client.close()
         await http.aclose()
+
+
+async def test_builtin_images_come_from_the_operators_prefix(
+    engine: Any, catalog_file: Path, tmp_path: Path
+) -> None:
+    """`RMA_IMAGE_PREFIX` replaces the catalog's `rma/`: rma/web:latest runs PREFIX + web:latest."""
+    from rma.agent.runtimes.docker import DockerRuntime
+
+    engine.images.get(TEST_IMAGE).tag("rma-prefix-test/web", "latest")
+    runtime = DockerRuntime.connect(
+        tmp_path, agent_key=agent_key(tmp_path), image_prefix="rma-prefix-test/"
+    )
+    spec = web(catalog_file).model_copy(update={"image": "rma/web:latest"})
+    lines: list[str] = []
+    port = free_port()
+    try:
+        await runtime.prepare(spec, lines.append)  # found locally under the prefix: no pull
+        assert lines == []
+        handle = await runtime.start(spec, port, tmp_path / "services" / "web")
+        (c,) = ours(engine, runtime.agent_key)
+        assert "rma-prefix-test/web:latest" in c.image.tags
+        await runtime.stop("web", handle, grace=2)
+    finally:
+        for c in ours(engine, runtime.agent_key):
+            c.remove(force=True)
+        runtime.client.close()
+        engine.images.remove("rma-prefix-test/web:latest")

@@ -1,4 +1,4 @@
-"""``rma service list`` and ``rma service run NAME``."""
+"""``rma service list``, ``rma service run NAME`` and ``rma service build NAME``."""
 
 from __future__ import annotations
 
@@ -75,3 +75,50 @@ def run(
         run_service(name, host, port)
     except (ImportError, ValueError, FileNotFoundError) as exc:
         fail(f"{name}: {exc}")
+
+
+@app.command("build")
+def build(
+    name: Annotated[
+        str, typer.Argument(help="A built-in service: llm, embeddings, ocr, ner, doc, rag, notes.")
+    ],
+    tag: Annotated[
+        str | None, typer.Option(help="Image tag; default the catalog's rma/NAME:latest.")
+    ] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Build a built-in service's image on this machine's Docker engine (the agent runs it)."""
+    from rma.services import BUILTIN
+
+    if name not in BUILTIN:
+        fail(
+            f"no built-in service {name!r}; choose one of: {', '.join(sorted(BUILTIN))}",
+            exit_code=2,
+            json_mode=json,
+        )
+    try:
+        import docker
+        from docker.errors import DockerException
+    except ImportError:
+        from rma import install_hint
+
+        fail(f"the docker SDK is not installed ({install_hint('docker')})", json_mode=json)
+    from rma.images import BuildFailed, build_image
+
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except (DockerException, OSError) as exc:
+        fail(f"no Docker engine answers: {exc}", json_mode=json)
+    try:
+        built = build_image(client, name, tag=tag, quiet=json)
+    except BuildFailed as exc:
+        fail(f"cannot build {tag or f'rma/{name}:latest'}: {exc}", json_mode=json)
+    except (DockerException, OSError) as exc:
+        fail(f"cannot build {tag or f'rma/{name}:latest'}: {exc}", json_mode=json)
+    finally:
+        client.close()
+    if json:
+        print_json({"service": name, "image": built})
+    else:
+        typer.echo(f"built {built}")

@@ -342,6 +342,7 @@ def join(
             bind_host=bind,
             gpus=bool(caps.gpus),
             limits=policy.limits,
+            image_prefix=settings.image_prefix,
         )
     except RuntimeFailure as exc:
         fail(str(exc))

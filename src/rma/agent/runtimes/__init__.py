@@ -24,6 +24,7 @@ def select_runtime(
     bind_host: str = "127.0.0.1",
     gpus: bool = False,
     limits: Limits | None = None,
+    image_prefix: str = "",
 ) -> Runtime:
     """``docker``, ``process``, or ``auto`` (docker when an engine answers, else process).
 
@@ -52,6 +53,7 @@ def select_runtime(
             bind_host=bind_host,
             gpus=gpus,
             limits=limits,
+            image_prefix=image_prefix,
         )
     except EngineUnavailable as exc:
         if kind == "docker":

@@ -34,6 +34,7 @@ from rma.agent.runtimes.base import (
     expand,
     image_unavailable,
 )
+from rma.images import resolve
 from rma.schemas.api import ServiceSpec
 
 LABEL_MANAGED = "rma.managed"
@@ -79,8 +80,10 @@ class DockerRuntime(Runtime):
         gpus: bool = False,
         stop_timeout: float = 10.0,
         limits: Limits | None = None,
+        image_prefix: str = "",
     ) -> None:
         self.client = client
+        self.image_prefix = image_prefix
         self.limits = limits or Limits()
         self.data_dir = data_dir
         self.agent_key = agent_key
@@ -103,6 +106,7 @@ class DockerRuntime(Runtime):
         gpus: bool = False,
         timeout: float = 5.0,
         limits: Limits | None = None,
+        image_prefix: str = "",
     ) -> DockerRuntime:
         """A runtime on the engine from the environment (``DOCKER_HOST`` or the local socket)."""
         try:
@@ -118,6 +122,7 @@ class DockerRuntime(Runtime):
                 bind_host=bind_host,
                 gpus=gpus,
                 limits=limits,
+                image_prefix=image_prefix,
             )
         except (DockerException, OSError) as exc:
             client.close()
@@ -133,10 +138,14 @@ class DockerRuntime(Runtime):
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    async def prepare(self, spec: ServiceSpec, progress: Progress) -> None:
-        image = spec.image
-        if not image:
+    def image(self, spec: ServiceSpec) -> str:
+        """The image that runs ``spec``: a built-in ``rma/*`` one under the operator's prefix."""
+        if not spec.image:
             raise RuntimeFailure("no image for the docker runtime")
+        return resolve(spec.image, self.image_prefix)
+
+    async def prepare(self, spec: ServiceSpec, progress: Progress) -> None:
+        image = self.image(spec)
         try:
             await asyncio.to_thread(self.client.images.get, image)
             return
@@ -227,9 +236,9 @@ class DockerRuntime(Runtime):
             volumes[str(data_dir.absolute())] = {"bind": "/data", "mode": "rw"}
         kwargs["volumes"] = volumes
         try:
-            container = self.client.containers.run(spec.image, **kwargs)
+            container = self.client.containers.run(self.image(spec), **kwargs)
         except ImageNotFound as exc:
-            raise RuntimeFailure(f"image {spec.image} is missing: {_explain(exc)}") from None
+            raise RuntimeFailure(f"image {self.image(spec)} is missing: {_explain(exc)}") from None
         except APIError as exc:
             if exc.is_client_error():
                 raise RuntimeFailure(f"cannot create the container: {_explain(exc)}") from None
