@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -214,3 +215,73 @@ def _alive(pid: int) -> bool:
     # a zombie still "exists" until reaped; the runtime reaps its children
     with open(f"/proc/{pid}/stat") as fh:
         return fh.read().split(")")[-1].split()[0] != "Z"
+
+
+STANDIN = str(Path(__file__).with_name("ollama_standin.py"))
+
+
+async def test_models_are_pulled_with_progress_before_the_service_is_healthy(
+    tmp_path: Path,
+) -> None:
+    """`model_pull = "ollama"`: each model is pulled through the service's own API (a stand-in
+    for Ollama, which cannot run here), the progress shows in its status, and only then is it
+    healthy."""
+    messages: list[tuple[S, str | None]] = []
+    r = Reconciler(ProcessRuntime(tmp_path), tmp_path, health_timeout=20, probe_interval=0.2,
+                   stop_timeout=5, restart_base=0.2, restart_cap=1.0,
+                   on_change=lambda u: messages.append((u.state, u.message)))  # fmt: skip
+    pulling = ServiceSpec.model_validate({
+        "name": "ollama", "command": ["{python}", STANDIN, "{port}"], "health": "/api/version",
+        "kind": "openai", "models": ["tiny:1", "tiny:2"], "model_pull": "ollama",
+    })  # fmt: skip
+    seen: list[str] = []
+
+    async def watch() -> None:  # status messages change without a state change: sample them
+        while True:
+            unit = r.units.get("ollama")
+            if unit and unit.message and (not seen or seen[-1] != unit.message):
+                seen.append(unit.message)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        r.set_desired([pulling])
+        await r.run_once()
+        unit = r.units["ollama"]
+        await until(lambda: unit.healthy)
+        pulled = (tmp_path / "services" / "ollama" / "pulled.txt").read_text().split()
+        assert pulled == ["tiny:1", "tiny:2"]
+        assert "pulling tiny:1: 50% of 4.0 GB" in seen, seen
+        assert "pulling tiny:2: 100% of 4.0 GB" in seen, seen
+        states = [s for s, _ in messages]
+        assert S.PULLING in states
+        assert S.PULLING not in states[states.index(S.RUNNING) :]
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await r.stop_all(grace=0)
+        await r.aclose()
+
+
+async def test_a_model_that_cannot_be_pulled_fails_the_service_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    messages: list[tuple[S, str | None]] = []
+    r = Reconciler(ProcessRuntime(tmp_path), tmp_path, health_timeout=20, probe_interval=0.2,
+                   stop_timeout=5, restart_base=5, restart_cap=5,
+                   on_change=lambda u: messages.append((u.state, u.message)))  # fmt: skip
+    broken = ServiceSpec.model_validate({
+        "name": "ollama", "command": ["{python}", STANDIN, "{port}"], "health": "/api/version",
+        "kind": "openai", "models": ["broken:1"], "model_pull": "ollama",
+    })  # fmt: skip
+    try:
+        r.set_desired([broken])
+        await r.run_once()
+        await until(lambda: any(s is S.CRASHED for s, _ in messages))
+        crashed = next(m for s, m in messages if s is S.CRASHED)
+        assert crashed and "pulling broken:1: pull model manifest: file does not exist" in crashed
+        assert not r.units["ollama"].healthy
+    finally:
+        await r.stop_all(grace=0)
+        await r.aclose()

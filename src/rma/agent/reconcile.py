@@ -23,6 +23,7 @@ import httpx
 
 from rma.agent.backoff import Backoff, jittered
 from rma.agent.health import probe, probe_client
+from rma.agent.model_pull import PullFailed, pull_ollama
 from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure, free_port
 from rma.schemas.api import ServiceSpec, ServiceStatus
 from rma.schemas.enums import ServiceState
@@ -233,6 +234,13 @@ class Reconciler:
         self._set(unit, ServiceState.STARTING, f"port {port}")
         unit.handle = await self.runtime.start(spec, port, self.data_dir / "services" / spec.name)
         await self._wait_ready(unit)
+        if spec.model_pull == "ollama":
+            for model in spec.models:
+                self._set(unit, ServiceState.PULLING, f"pulling {model}")
+                try:
+                    await pull_ollama(self.http, port, model, progress)
+                except PullFailed as exc:
+                    raise _Crashed(str(exc)) from None
         self._set(unit, ServiceState.RUNNING, None, healthy=True)
         bad_since: float | None = None
         while True:

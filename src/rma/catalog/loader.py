@@ -45,6 +45,10 @@ class Catalog(Mapping[str, ServiceSpec]):
         """Every service answering to an OpenAI ``model`` name, by name (several may list it)."""
         return list(self._by_model.get(model, ()))
 
+    def vision_models(self) -> list[str]:
+        """Every model that some service declares takes image input, sorted."""
+        return sorted({m for spec in self._services.values() for m in spec.vision})
+
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)

@@ -188,6 +188,25 @@ class ServiceSpec(BaseModel):
     credit_weight: float = Field(
         1.0, ge=0, description="Credits per service-second (a GPU second is worth more)."
     )
+    vision: list[str] = Field(
+        default_factory=list,
+        description="Of its `models`, those that take image input (chat messages with "
+        "`image_url` parts); a request with images for any other model is refused.",
+    )
+    model_pull: Literal["ollama"] | None = Field(
+        None,
+        description="How the agent fetches the entry's `models` once the service answers, "
+        'before it is healthy: "ollama" (POST /api/pull, with progress); unset: nothing.',
+    )
+
+    @field_validator("vision")
+    @classmethod
+    def _check_vision(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        models = info.data.get("models") or []
+        unknown = [m for m in value if m not in models]
+        if unknown:
+            raise ValueError(f"vision lists models that are not in models: {', '.join(unknown)}")
+        return value
 
     @field_validator("verify")
     @classmethod

@@ -33,6 +33,7 @@ from rma.coordinator.gateway.upstream import (
     UpstreamResponse,
 )
 from rma.coordinator.gateway.usage import UsageRecord, UsageRecorder, tokens_in
+from rma.coordinator.gateway.vision import has_image_input
 from rma.coordinator.metrics import Metrics
 from rma.coordinator.pool import Pool
 from rma.coordinator.registry import WorkerState
@@ -367,6 +368,16 @@ class Gateway:
                 f"no service serves the model {model!r}; GET /v1/models lists the models",
                 "model_not_found",
             )
+        if isinstance(data, dict) and has_image_input(data):
+            # images go only to a service that says this model sees them (the catalog's vision)
+            services = [s for s in services if model in self.pool.catalog[s].vision]
+            if not services:
+                sighted = ", ".join(self.pool.catalog.vision_models()) or "none in this pool"
+                raise APIError(
+                    400,
+                    f"the model {model!r} takes no image input; models that do: {sighted}",
+                    "model_lacks_vision",
+                )
         return self.balancer.least_loaded(services)
 
     async def _rate_limit(self, call: _Call) -> None:
