@@ -28,8 +28,10 @@ def describe() -> None:
     except OSError:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    print(f"llama-cpp-python {llama_cpp.__version__} on {platform.machine()}, "
-          f"cpu_count={os.cpu_count()} usable={usable}")
+    print(
+        f"llama-cpp-python {llama_cpp.__version__} on {platform.machine()}, "
+        f"cpu_count={os.cpu_count()} usable={usable}"
+    )
     print(f"    {llama_cpp.llama_print_system_info().decode().strip()}")
     print(flags, end="")
 
