@@ -67,6 +67,10 @@ LATENCY = "rma_gateway_request_duration_seconds"
 FIRST_BYTE = "rma_gateway_first_byte_seconds"
 RETRIES = "rma_gateway_retries_total"
 BROKEN = "rma_gateway_broken_streams_total"
+ERRORS = "rma_gateway_errors_total"
+QUEUE_WAIT = "rma_gateway_queue_wait_seconds"
+#: ``rma_gateway_errors_total``'s code for an error status that a worker answered itself.
+WORKER_ERROR = "worker_error"
 
 
 def _wish(scope: Scope, affinity: str | None) -> Wish | None:
@@ -113,6 +117,8 @@ class _Call:
     affinity: str | None = None
     worker: WorkerState | None = None
     status: int = 0
+    #: The error code the client got (``model_not_found``, ``stream_broken``...), if any.
+    error: str = ""
     attempts: int = 0
     tail: bytes = b""
 
@@ -311,10 +317,12 @@ class Gateway:
             path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
             await self._forward(call, scope, receive, send, path, body)
         except APIError as exc:
-            call.status = exc.status
+            call.status, call.error = exc.status, exc.code
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
         except ClientGone:
-            call.status = 413 if scope.get("rma.body_too_large") else 499
+            too_large = scope.get("rma.body_too_large")
+            call.status = 413 if too_large else 499
+            call.error = "body_too_large" if too_large else "client_gone"
         finally:
             self._done(call)
 
@@ -337,10 +345,12 @@ class Gateway:
             path = rest.decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
             await self._forward(call, scope, receive, send, path, body)
         except APIError as exc:
-            call.status = exc.status
+            call.status, call.error = exc.status, exc.code
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
         except ClientGone:
-            call.status = 413 if scope.get("rma.body_too_large") else 499
+            too_large = scope.get("rma.body_too_large")
+            call.status = 413 if too_large else 499
+            call.error = "body_too_large" if too_large else "client_gone"
         finally:
             self._done(call)
 
@@ -412,6 +422,7 @@ class Gateway:
         timed_out = False
         last_status: int | None = None
         while call.attempts < s.max_attempts:
+            asked = time.perf_counter()
             try:
                 rank = self.ledger.priority_of(call.key.owner) if call.key else 0.0
                 lease = await self.balancer.acquire(call.service, tried, trusted_only, wish, rank)
@@ -419,6 +430,10 @@ class Gateway:
                 if exc.status == 503 and failures:
                     break  # the ones that failed left routing: say why they failed
                 raise
+            finally:  # the wait for a free slot (about 0 when a worker had one), also a refusal
+                self.metrics.observe(
+                    QUEUE_WAIT, time.perf_counter() - asked, (("service", call.service),)
+                )
             if lease is None:
                 break
             worker = lease.worker
@@ -631,6 +646,7 @@ class Gateway:
             return
         self.metrics.inc(BROKEN, (("service", call.service),))
         call.status = 502 if code != "stream_timeout" else 504
+        call.error = code
         log.warning("gateway: stream from %s broke: %s", worker.name if worker else "?", error)
         if sse:  # one error event, then the end of a properly finished response
             await send(
@@ -694,6 +710,9 @@ class Gateway:
         labels = (("service", service), ("status", str(status)))
         self.metrics.inc(REQUESTS, labels)
         self.metrics.observe(LATENCY, elapsed, (("service", service),))
+        if status >= 400:
+            code = call.error or (WORKER_ERROR if call.worker is not None else "internal_error")
+            self.metrics.inc(ERRORS, (("service", service), ("code", code)))
         if not call.service:
             return  # rejected before routing (auth, bad body): nothing to account to a service
         if status < 400 and call.worker is not None and call.service in self.pool.catalog:
