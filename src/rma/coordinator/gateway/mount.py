@@ -14,6 +14,7 @@ from rma.coordinator.gateway.proxy import (
     ERRORS,
     FIRST_BYTE,
     LATENCY,
+    OPENAI_PATHS,
     QUEUE_WAIT,
     REQUESTS,
     RETRIES,
@@ -21,8 +22,6 @@ from rma.coordinator.gateway.proxy import (
 )
 from rma.coordinator.metrics import Labels
 from rma.schemas.enums import WorkerStatus
-
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 
 def mount(app: FastAPI) -> Gateway:
@@ -39,6 +38,7 @@ def mount(app: FastAPI) -> Gateway:
     models = Endpoint(gateway.models)
     openai = Endpoint(gateway.openai)
     service = Endpoint(gateway.service)
+    endpoint = Endpoint(gateway.endpoint)
     routes = [
         Route("/v1/models", models, methods=["GET"], name="gateway_models"),
         Route("/v1/models/{model:path}", models, methods=["GET"], name="gateway_model"),
@@ -52,6 +52,8 @@ def mount(app: FastAPI) -> Gateway:
             methods=SERVICE_METHODS,
             name="gateway_service",
         ),
+        # Last of the gateway's: the paths above match first (POST /v1/chat/completions...).
+        Route("/v1/{path:path}", endpoint, methods=SERVICE_METHODS, name="gateway_endpoint"),
     ]
     app.router.routes[0:0] = routes  # first: the hot path matches at once
 

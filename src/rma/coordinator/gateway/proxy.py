@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
 from rma.coordinator.gateway.balancer import Balancer, Wish
 from rma.coordinator.gateway.direct import DirectUpstream
+from rma.coordinator.gateway.forms import body_model
 from rma.coordinator.gateway.headers import request_headers, response_header_allowed
 from rma.coordinator.gateway.ratelimit import RateLimiter
 from rma.coordinator.gateway.upstream import (
@@ -38,6 +39,7 @@ from rma.coordinator.pool import Pool
 from rma.coordinator.registry import WorkerState
 from rma.coordinator.trust.credits import Ledger
 from rma.coordinator.trust.verifier import Verifier
+from rma.schemas.api import ServiceSpec
 from rma.settings import CoordinatorSettings
 
 log = logging.getLogger("rma.gateway")
@@ -61,6 +63,9 @@ _RETRY_STATUSES = (502, 503)
 #: Content types that are streams by nature: never held back, relayed as they come.
 _STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 _TAIL = 1024
+
+#: The OpenAI paths every ``kind = "openai"`` service answers (routed by model).
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 REQUESTS = "rma_gateway_requests_total"
 LATENCY = "rma_gateway_request_duration_seconds"
@@ -105,6 +110,15 @@ def _affinity_key(scope: Scope, data: dict[str, object], model: str) -> str | No
     except (TypeError, ValueError):
         return None
     return f"{model}\0m:{lead}"
+
+
+def _services(catalog: Mapping[str, ServiceSpec], names: list[str]) -> str:
+    """``rerank (models: bge-reranker)``: services named with their models, for messages."""
+    parts = []
+    for name in names:
+        models = catalog[name].models
+        parts.append(f"{name} (models: {', '.join(models)})" if models else name)
+    return ", ".join(parts)
 
 
 @dataclass(slots=True)
@@ -191,14 +205,20 @@ class Gateway:
         """The gateway's operations for ``/openapi.json``, naming what the pool serves now."""
         from rma.coordinator.gateway.openapi import paths
 
-        served = [name for name in self.pool.catalog if self.balancer.workers_for(name)]
+        catalog = self.pool.catalog
+        served = [name for name in catalog if self.balancer.workers_for(name)]
         models = [
             m
             for name in served
-            if (spec := self.pool.catalog[name]).kind == "openai"
+            if (spec := catalog[name]).kind == "openai" or spec.endpoints
             for m in spec.models
         ]
-        return paths(models, served)
+        endpoints = {
+            path: sorted({m for name in names if name in served for m in catalog[name].models})
+            for path, names in catalog.endpoints().items()
+            if path not in OPENAI_PATHS  # documented already (and routed by model anyway)
+        }
+        return paths(models, served, endpoints)
 
     async def aclose(self) -> None:
         await self.verifier.aclose()
@@ -279,7 +299,9 @@ class Gateway:
         data: list[dict[str, object]] = []
         seen: set[str] = set()
         for name, spec in self.pool.catalog.items():
-            if spec.kind != "openai" or not self.balancer.workers_for(name):
+            if (spec.kind != "openai" and not spec.endpoints) or not self.balancer.workers_for(
+                name
+            ):
                 continue
             for m in spec.models:
                 if m in seen:  # several services list it: one entry, under the first healthy one
@@ -353,6 +375,85 @@ class Gateway:
             call.error = "body_too_large" if too_large else "client_gone"
         finally:
             self._done(call)
+
+    async def endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/{path}``: an endpoint that catalog entries declare (``endpoints``), routed
+        by the body's ``model`` (a JSON field or a form field) to a service declaring it."""
+        call = _Call(time.perf_counter())
+        try:
+            path = scope["path"]
+            call.key = await self.authenticate(scope)  # first: no role learns the routes
+            self._check_method(path, scope["method"])
+            declared = self.pool.catalog.services_for_endpoint(path)
+            await self._rate_limit(call)
+            body = await read_body(receive)
+            ctype = header(scope, b"content-type")
+            model, data = body_model(
+                ctype.decode("latin-1") if ctype else None, body, strict=bool(declared)
+            )
+            call.service = self._service_for_endpoint(path, declared, model)
+            if isinstance(data, dict) and model is not None:
+                call.affinity = _affinity_key(scope, data, model)
+            qs = scope.get("query_string", b"")
+            target = path + ("?" + qs.decode("latin-1") if qs else "")
+            await self._forward(call, scope, receive, send, target, body)
+        except APIError as exc:
+            call.status, call.error = exc.status, exc.code
+            await send_error(send, exc.status, exc.code, exc.message, exc.headers)
+        except ClientGone:
+            too_large = scope.get("rma.body_too_large")
+            call.status = 413 if too_large else 499
+            call.error = "body_too_large" if too_large else "client_gone"
+        finally:
+            self._done(call)
+
+    def _check_method(self, path: str, method: str) -> None:
+        """405 on a path the gateway serves with other methods; 404 for a method other than
+        POST on any other path (POST goes on to routing)."""
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            allow = "GET, HEAD, OPTIONS"
+        elif method == "POST":
+            return
+        elif path in OPENAI_PATHS or self.pool.catalog.services_for_endpoint(path):
+            allow = "POST, OPTIONS"
+        else:
+            raise APIError(404, f"no endpoint {method} {path}", "endpoint_not_found")
+        raise APIError(
+            405, f"{method} is not allowed on {path}", "method_not_allowed", {"Allow": allow}
+        )
+
+    def _service_for_endpoint(self, path: str, declared: list[str], model: str | None) -> str:
+        """Of the services declaring ``path``, the least loaded one serving ``model``."""
+        catalog = self.pool.catalog
+        serving = catalog.services_for_model(model) if model else []
+        if not declared:
+            message = f"no service in the catalog serves POST {path}"
+            if serving:
+                message += f"; the model {model!r} is served by {_services(catalog, serving)}"
+            raise APIError(404, message, "endpoint_not_found")
+        if model is None:
+            raise APIError(
+                400,
+                f"POST {path} needs a 'model' (a JSON field or a form field); it is served by "
+                f"{_services(catalog, declared)}",
+                "no_model",
+            )
+        candidates = [name for name in serving if name in declared]
+        if candidates:
+            return self.balancer.least_loaded(candidates)
+        if not serving:
+            raise APIError(
+                404,
+                f"no service serves the model {model!r}; POST {path} is served by "
+                f"{_services(catalog, declared)} (GET /v1/models lists the models)",
+                "model_not_found",
+            )
+        raise APIError(
+            404,
+            f"the model {model!r} is served by {_services(catalog, serving)}, which do not "
+            f"declare POST {path}; it is served by {_services(catalog, declared)}",
+            "endpoint_not_found",
+        )
 
     def _route_body(self, scope: Scope, body: bytes) -> tuple[str, str | None]:
         """The service for the body's ``model``, and the conversation's affinity key."""
