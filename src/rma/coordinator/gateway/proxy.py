@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -330,73 +330,25 @@ class Gateway:
     async def openai(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /v1/chat/completions | /v1/completions | /v1/embeddings``: routed by model."""
         call = _Call(time.perf_counter())
-        try:
-            call.key = await self.authenticate(scope)
-            await self._rate_limit(call)
-            body = await read_body(receive)
-            call.service, call.affinity = self._route_body(scope, body)
-            qs = scope.get("query_string", b"")
-            path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
-            await self._forward(call, scope, receive, send, path, body)
-        except APIError as exc:
-            call.status, call.error = exc.status, exc.code
-            await send_error(send, exc.status, exc.code, exc.message, exc.headers)
-        except ClientGone:
-            too_large = scope.get("rma.body_too_large")
-            call.status = 413 if too_large else 499
-            call.error = "body_too_large" if too_large else "client_gone"
-        finally:
-            self._done(call)
+        await self._answer(call, scope, send, self._openai(call, scope, receive, send))
 
     async def service(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``ANY /api/services/{service}/{path}``: any other service, by name."""
         call = _Call(time.perf_counter())
-        try:
-            call.key = await self.authenticate(scope)
-            name = scope["path_params"]["service"]
-            if name not in self.pool.catalog:
-                raise APIError(404, f"no service {name!r} in the catalog", "unknown_service")
-            call.service = name
-            await self._rate_limit(call)
-            body = await read_body(receive)
-            prefix = f"/api/services/{name}".encode()
-            raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-            rest = raw_path[len(prefix) :] if raw_path.startswith(prefix) else b"/"
-            rest = rest.split(b"?", 1)[0] or b"/"
-            qs = scope.get("query_string", b"")
-            path = rest.decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
-            await self._forward(call, scope, receive, send, path, body)
-        except APIError as exc:
-            call.status, call.error = exc.status, exc.code
-            await send_error(send, exc.status, exc.code, exc.message, exc.headers)
-        except ClientGone:
-            too_large = scope.get("rma.body_too_large")
-            call.status = 413 if too_large else 499
-            call.error = "body_too_large" if too_large else "client_gone"
-        finally:
-            self._done(call)
+        await self._answer(call, scope, send, self._service(call, scope, receive, send))
 
     async def endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /v1/{path}``: an endpoint that catalog entries declare (``endpoints``), routed
         by the body's ``model`` (a JSON field or a form field) to a service declaring it."""
         call = _Call(time.perf_counter())
+        await self._answer(call, scope, send, self._endpoint(call, scope, receive, send))
+
+    async def _answer(
+        self, call: _Call, scope: Scope, send: Send, work: Coroutine[Any, Any, None]
+    ) -> None:
+        """Run one request's ``work``: its refusal as a JSON error, its accounting always."""
         try:
-            path = scope["path"]
-            call.key = await self.authenticate(scope)  # first: no role learns the routes
-            self._check_method(path, scope["method"])
-            declared = self.pool.catalog.services_for_endpoint(path)
-            await self._rate_limit(call)
-            body = await read_body(receive)
-            ctype = header(scope, b"content-type")
-            model, data = body_model(
-                ctype.decode("latin-1") if ctype else None, body, strict=bool(declared)
-            )
-            call.service = self._service_for_endpoint(path, declared, model)
-            if isinstance(data, dict) and model is not None:
-                call.affinity = _affinity_key(scope, data, model)
-            qs = scope.get("query_string", b"")
-            target = path + ("?" + qs.decode("latin-1") if qs else "")
-            await self._forward(call, scope, receive, send, target, body)
+            await work
         except APIError as exc:
             call.status, call.error = exc.status, exc.code
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
@@ -406,6 +358,48 @@ class Gateway:
             call.error = "body_too_large" if too_large else "client_gone"
         finally:
             self._done(call)
+
+    async def _openai(self, call: _Call, scope: Scope, receive: Receive, send: Send) -> None:
+        call.key = await self.authenticate(scope)
+        await self._rate_limit(call)
+        body = await read_body(receive)
+        call.service, call.affinity = self._route_body(scope, body)
+        qs = scope.get("query_string", b"")
+        path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
+        await self._forward(call, scope, receive, send, path, body)
+
+    async def _service(self, call: _Call, scope: Scope, receive: Receive, send: Send) -> None:
+        call.key = await self.authenticate(scope)
+        name = scope["path_params"]["service"]
+        if name not in self.pool.catalog:
+            raise APIError(404, f"no service {name!r} in the catalog", "unknown_service")
+        call.service = name
+        await self._rate_limit(call)
+        body = await read_body(receive)
+        prefix = f"/api/services/{name}".encode()
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        rest = raw_path[len(prefix) :] if raw_path.startswith(prefix) else b"/"
+        rest = rest.split(b"?", 1)[0] or b"/"
+        qs = scope.get("query_string", b"")
+        path = rest.decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
+        await self._forward(call, scope, receive, send, path, body)
+
+    async def _endpoint(self, call: _Call, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        call.key = await self.authenticate(scope)  # first: no role learns the routes
+        self._check_method(path, scope["method"])
+        declared = self.pool.catalog.services_for_endpoint(path)
+        await self._rate_limit(call)
+        body = await read_body(receive)
+        ctype = header(scope, b"content-type")
+        content_type = ctype.decode("latin-1") if ctype else None
+        model, data = body_model(content_type, body, strict=bool(declared))
+        call.service = self._service_for_endpoint(path, declared, model)
+        if isinstance(data, dict) and model is not None:
+            call.affinity = _affinity_key(scope, data, model)
+        qs = scope.get("query_string", b"")
+        target = path + ("?" + qs.decode("latin-1") if qs else "")
+        await self._forward(call, scope, receive, send, target, body)
 
     def _check_method(self, path: str, method: str) -> None:
         """405 on a path the gateway serves with other methods; 404 for a method other than
