@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,47 @@ def test_grafana_provisioning_points_at_the_dashboard() -> None:
     mounts = compose["services"]["grafana"]["volumes"]
     assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
     assert re.fullmatch(r"[a-z0-9-]+", dashboard["uid"])
+
+
+def _samples(text: str) -> dict[str, float]:
+    """``/metrics`` text -> ``{'name{labels}': value}``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            out[series] = float(value)
+    return out
+
+
+def test_the_metrics_the_dashboard_reads(pool: Any, backends) -> None:
+    """Without Prometheus too: the same traffic, read straight from ``/metrics``."""
+    _traffic(pool, backends)
+    m = _samples(httpx.get(pool.url + "/metrics", timeout=10).text)
+    assert m['rma_gateway_errors_total{service="-",code="model_not_found"}'] == 1
+    assert m['rma_gateway_errors_total{service="-",code="missing_api_key"}'] == 1
+    assert m['rma_gateway_errors_total{service="fake",code="upstream_unavailable"}'] == 1
+    assert m['rma_gateway_errors_total{service="fake",code="stream_broken"}'] == 1
+    # one wait per attempt: 5 chats, 1 embedding, 2 for the retried 503, 1 for the stream
+    assert m['rma_gateway_queue_wait_seconds_count{service="fake"}'] == 9
+    assert m['rma_gateway_queue_wait_seconds_bucket{service="fake",le="+Inf"}'] == 9
+    assert m['rma_service_replicas{service="fake",state="healthy"}'] == 2
+    assert m['rma_service_replicas{service="fake",state="assigned"}'] == 2
+    assert m['rma_service_replicas{service="fake",state="wanted"}'] >= 2
+    assert m['rma_worker_inflight{worker="wa",status="online"}'] == 0
+    assert m['rma_worker_inflight{worker="wb",status="online"}'] == 0
+    assert m["rma_tunnels_connected"] == 0
+
+
+def test_a_request_that_queues_shows_its_wait(pool_factory: Any, backends) -> None:
+    """One slot, two requests at once for a backend that takes 1 s: the second waits about 1 s
+    for the slot (at least until the first answer, however loaded the machine is)."""
+    pool = pool_factory(env={"RMA_WORKER_CAPACITY": "1"})
+    pool.add_worker("wa", {"fake": backends("a").url})
+    slow = {"model": "fake-model", "messages": [{"role": "user", "content": "[slow:1]"}]}
+    with pool.client() as c, ThreadPoolExecutor(2) as ex:
+        answers = list(ex.map(lambda _: c.post("/v1/chat/completions", json=slow), range(2)))
+    assert [r.status_code for r in answers] == [200, 200]
+    m = _samples(httpx.get(pool.url + "/metrics", timeout=10).text)
+    assert m['rma_gateway_queue_wait_seconds_count{service="fake"}'] == 2
+    assert m['rma_gateway_queue_wait_seconds_bucket{service="fake",le="0.5"}'] <= 1
+    assert m['rma_gateway_queue_wait_seconds_sum{service="fake"}'] >= 0.5

@@ -522,15 +522,14 @@ class Gateway:
                 rank = self.ledger.priority_of(call.key.owner) if call.key else 0.0
                 lease = await self.balancer.acquire(call.service, tried, trusted_only, wish, rank)
             except APIError as exc:
+                if exc.status == 429:  # waited in vain: the queue was full or the wait too long
+                    self._waited(call, asked)
                 if exc.status == 503 and failures:
                     break  # the ones that failed left routing: say why they failed
                 raise
-            finally:  # the wait for a free slot (about 0 when a worker had one), also a refusal
-                self.metrics.observe(
-                    QUEUE_WAIT, time.perf_counter() - asked, (("service", call.service),)
-                )
             if lease is None:
                 break
+            self._waited(call, asked)
             worker = lease.worker
             tried.add(worker.id)
             call.attempts += 1
@@ -596,6 +595,10 @@ class Gateway:
             finally:
                 lease.release()
         self._give_up(call, failures, timed_out, last_status)
+
+    def _waited(self, call: _Call, since: float) -> None:
+        """Count the wait for a free slot (about 0 when a worker had one)."""
+        self.metrics.observe(QUEUE_WAIT, time.perf_counter() - since, (("service", call.service),))
 
     def _holds(self, resp: UpstreamResponse) -> bool:
         """Whether to read the answer before sending it: not a stream, not over the limit."""
