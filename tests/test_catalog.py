@@ -4,6 +4,7 @@ Placement is the scheduler's: tests/coordinator/scheduler/."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,50 @@ def test_several_services_may_list_one_model(tmp_path: Path) -> None:
     assert cat.services_for_model("smollm2-135m") == ["llm", "llm2"]
     assert cat.service_for_model("smollm2-135m") == "llm"
     assert cat.services_for_model("nope") == []
+
+
+def test_endpoints_route_a_path_to_the_services_declaring_it(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[services.rerank]\nkind = "openai"\nmodels = ["bge"]\ncommand = ["true"]\n'
+        'endpoints = ["/v1/rerank/", "/v1/rerank", "/v1/responses/*"]\n'
+        '[services.whisper]\nkind = "http"\nmodels = ["whisper-1"]\ncommand = ["true"]\n'
+        'endpoints = ["/v1/audio/transcriptions"]\n'
+    )
+    cat = load_catalog(f)
+    assert cat["rerank"].endpoints == ["/v1/rerank", "/v1/responses/*"]  # normalized, deduped
+    assert cat.services_for_endpoint("/v1/rerank") == ["rerank"]
+    assert cat.services_for_endpoint("/v1/rerank/") == ["rerank"]
+    assert cat.services_for_endpoint("/v1/responses") == ["rerank"]
+    assert cat.services_for_endpoint("/v1/responses/r_1/cancel") == ["rerank"]
+    assert cat.services_for_endpoint("/v1/responsesX") == []
+    assert cat.services_for_endpoint("/v1/rerank/more") == []
+    assert cat.services_for_endpoint("/v1/audio/transcriptions") == ["whisper"]
+    assert cat.services_for_endpoint("/v1/chat/completions") == []
+    assert cat.endpoints() == {
+        "/v1/audio/transcriptions": ["whisper"],
+        "/v1/rerank": ["rerank"],
+        "/v1/responses/*": ["rerank"],
+    }
+    assert load_catalog().endpoints() == {}  # the built-in services declare none
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('models = ["m"]\nendpoints = ["rerank"]', "a path under /v1/"),
+        ('models = ["m"]\nendpoints = ["/api/rerank"]', "a path under /v1/"),
+        ('models = ["m"]\nendpoints = ["/v1/../admin"]', "a path under /v1/"),
+        ('models = ["m"]\nendpoints = ["/v1/a b"]', "a path under /v1/"),
+        ('models = ["m"]\nendpoints = ["/v1/*"]', "a path under /v1/"),
+        ('models = ["m"]\nendpoints = ["/v1/models"]', "the gateway's own route"),
+        ('models = ["m"]\nendpoints = ["/v1/models/*"]', "the gateway's own route"),
+        ('endpoints = ["/v1/rerank"]', "endpoints need models"),
+        ('kind = "tcp"\nmodels = ["m"]\nendpoints = ["/v1/rerank"]', 'kind = "tcp"'),
+    ],
+)
+def test_bad_endpoints_are_clear_errors(tmp_path: Path, entry: str, message: str) -> None:
+    f = tmp_path / "catalog.toml"
+    f.write_text(f'[services.x]\ncommand = ["true"]\n{entry}\n')
+    with pytest.raises(CatalogError, match=f"service 'x': endpoints: .*{re.escape(message)}"):
+        load_catalog(f)

@@ -26,6 +26,7 @@ class Catalog(Mapping[str, ServiceSpec]):
         for spec in self._services.values():
             for model in spec.models:
                 self._by_model.setdefault(model, []).append(spec.name)
+        self._with_endpoints = [spec for spec in self._services.values() if spec.endpoints]
 
     def __getitem__(self, name: str) -> ServiceSpec:
         return self._services[name]
@@ -48,6 +49,18 @@ class Catalog(Mapping[str, ServiceSpec]):
     def vision_models(self) -> list[str]:
         """Every model that some service declares takes image input, sorted."""
         return sorted({m for spec in self._services.values() for m in spec.vision})
+
+    def services_for_endpoint(self, path: str) -> list[str]:
+        """Every service whose ``endpoints`` cover the request path ``path``, by name."""
+        return [spec.name for spec in self._with_endpoints if spec.serves_endpoint(path)]
+
+    def endpoints(self) -> dict[str, list[str]]:
+        """Every declared endpoint -> the services declaring it, by name."""
+        out: dict[str, list[str]] = {}
+        for spec in self._with_endpoints:
+            for endpoint in spec.endpoints:
+                out.setdefault(endpoint, []).append(spec.name)
+        return dict(sorted(out.items()))
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, Literal, get_args
@@ -134,6 +135,12 @@ class ServiceSpec(BaseModel):
     task: Literal["chat", "embeddings"] | None = Field(
         None, description="What its models do (kind openai): chat/completions or embeddings."
     )
+    endpoints: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description='More /v1 paths it answers, routed by the request\'s model (e.g. "/v1/rerank", '
+        '"/v1/audio/transcriptions"; "/v1/responses/*": that path and every path below it).',
+    )
     image: str | None = None
     command: list[str] | None = None
     args: list[str] = Field(
@@ -208,6 +215,24 @@ class ServiceSpec(BaseModel):
             raise ValueError(f"vision lists models that are not in models: {', '.join(unknown)}")
         return value
 
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if value and info.data.get("kind") == "tcp":
+            raise ValueError('a kind = "tcp" service has no HTTP endpoints')
+        if value and not info.data.get("models"):
+            raise ValueError("endpoints need models: a /v1 request is routed by its model")
+        out: list[str] = []
+        for raw in value:
+            path = normalize_endpoint(raw)
+            if path not in out:
+                out.append(path)
+        return out
+
+    def serves_endpoint(self, path: str) -> bool:
+        """Whether ``path`` (e.g. ``/v1/rerank``) is one of its declared ``endpoints``."""
+        return any(endpoint_matches(e, path) for e in self.endpoints)
+
     @field_validator("verify")
     @classmethod
     def _check_verify(cls, value: str | None) -> str | None:
@@ -219,6 +244,38 @@ class ServiceSpec(BaseModel):
     @property
     def tier_name(self) -> str:
         return {1: "gpu", 2: "service", 3: "data"}[self.tier]
+
+
+_ENDPOINT = re.compile(r"^/v1(?:/[A-Za-z0-9._~:-]+)+(?:/\*)?$")
+#: Paths the gateway answers itself: no catalog entry can take them over.
+RESERVED_ENDPOINTS = ("/v1/models",)
+
+
+def normalize_endpoint(raw: str) -> str:
+    """``"/v1/rerank/"`` -> ``"/v1/rerank"``; ``ValueError`` with a clear message when ``raw``
+    is not a path under ``/v1/`` (a trailing ``/*`` takes every path below)."""
+    path = raw.strip()
+    if path.endswith("/") and len(path) > 1:
+        path = path.rstrip("/")
+    segments = path.split("/")
+    if not _ENDPOINT.fullmatch(path) or any(s in (".", "..") for s in segments):
+        raise ValueError(
+            f'an endpoint is a path under /v1/ such as "/v1/rerank" or "/v1/responses/*", '
+            f"not {raw!r}"
+        )
+    base = path.removesuffix("/*")
+    if any(base == r or base.startswith(r + "/") for r in RESERVED_ENDPOINTS):
+        raise ValueError(f"{raw!r} is the gateway's own route, not a service's endpoint")
+    return path
+
+
+def endpoint_matches(endpoint: str, path: str) -> bool:
+    """Whether a declared ``endpoint`` (``/v1/x`` or ``/v1/x/*``) covers a request's ``path``."""
+    path = path.rstrip("/") or "/"
+    if endpoint.endswith("/*"):
+        base = endpoint[:-2]
+        return path == base or path.startswith(base + "/")
+    return path == endpoint
 
 
 #: ``verify`` kinds -> their default threshold (``None``: the kind takes none).

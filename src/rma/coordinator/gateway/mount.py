@@ -9,10 +9,19 @@ from starlette.routing import Route
 
 from rma.coordinator.gateway.asgi import Endpoint
 from rma.coordinator.gateway.openapi import SERVICE_METHODS
-from rma.coordinator.gateway.proxy import BROKEN, FIRST_BYTE, LATENCY, REQUESTS, RETRIES, Gateway
+from rma.coordinator.gateway.proxy import (
+    BROKEN,
+    ERRORS,
+    FIRST_BYTE,
+    LATENCY,
+    OPENAI_PATHS,
+    QUEUE_WAIT,
+    REQUESTS,
+    RETRIES,
+    Gateway,
+)
 from rma.coordinator.metrics import Labels
-
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+from rma.schemas.enums import WorkerStatus
 
 
 def mount(app: FastAPI) -> Gateway:
@@ -29,6 +38,7 @@ def mount(app: FastAPI) -> Gateway:
     models = Endpoint(gateway.models)
     openai = Endpoint(gateway.openai)
     service = Endpoint(gateway.service)
+    endpoint = Endpoint(gateway.endpoint)
     routes = [
         Route("/v1/models", models, methods=["GET"], name="gateway_models"),
         Route("/v1/models/{model:path}", models, methods=["GET"], name="gateway_model"),
@@ -42,6 +52,8 @@ def mount(app: FastAPI) -> Gateway:
             methods=SERVICE_METHODS,
             name="gateway_service",
         ),
+        # Last of the gateway's: the paths above match first (POST /v1/chat/completions...).
+        Route("/v1/{path:path}", endpoint, methods=SERVICE_METHODS, name="gateway_endpoint"),
     ]
     app.router.routes[0:0] = routes  # first: the hot path matches at once
 
@@ -73,6 +85,8 @@ def _register_metrics(gateway: Gateway) -> None:
     m.describe(FIRST_BYTE, "Seconds until the worker's response headers, by service.")
     m.describe(RETRIES, "Requests retried on another worker, by service.")
     m.describe(BROKEN, "Streams broken after their first byte (worker failed or stalled).")
+    m.describe(ERRORS, "Gateway answers with status >= 400, by service and error code.")
+    m.describe(QUEUE_WAIT, "Seconds a request waited for a worker's free slot, by service.")
 
     def inflight() -> list[tuple[Labels, float]]:
         counts = gateway.balancer.inflight_by_service()
@@ -83,5 +97,34 @@ def _register_metrics(gateway: Gateway) -> None:
         total = [((), float(gateway.balancer.queued))]
         return total + [((("service", s),), float(n)) for s, n in sorted(counts.items())]
 
+    def replicas() -> list[tuple[Labels, float]]:
+        balancer = gateway.balancer
+        rows = gateway.pool.services(balancer.inflight_by_service(), balancer.queued_by_service())
+        return [
+            ((("service", row["name"]), ("state", state)), float(row[state]))
+            for row in rows
+            for state in ("wanted", "assigned", "healthy")
+        ]
+
+    def per_worker() -> list[tuple[Labels, float]]:
+        counts: dict[str, int] = {}
+        for (worker_id, _), n in gateway.balancer.inflight.items():
+            counts[worker_id] = counts.get(worker_id, 0) + n
+        return [
+            ((("worker", w.name), ("status", w.status.value)), float(counts.get(w.id, 0)))
+            for w in sorted(gateway.pool.registry.all(), key=lambda w: w.name)
+            if w.status not in (WorkerStatus.LEFT, WorkerStatus.REMOVED)
+        ]
+
     m.gauge("rma_gateway_inflight", "Requests in flight to workers, by service.", inflight)
     m.gauge("rma_gateway_queue_depth", "Requests waiting for worker capacity.", queued)
+    m.gauge(
+        "rma_service_replicas",
+        "Replicas per catalog service: wanted (by the scheduler), assigned, healthy.",
+        replicas,
+    )
+    m.gauge(
+        "rma_worker_inflight",
+        "Requests in flight from this coordinator, per worker (every worker not left/removed).",
+        per_worker,
+    )

@@ -37,8 +37,11 @@ def _name(values: list[str], what: str) -> dict[str, Any]:
     return {"type": "string", "pattern": _NAME, "description": what}
 
 
-def paths(models: list[str], services: list[str]) -> dict[str, Any]:
-    """Path items for ``/v1/*`` and ``/api/services/*``."""
+def paths(
+    models: list[str], services: list[str], endpoints: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """Path items for ``/v1/*`` and ``/api/services/*``; ``endpoints``: the catalog's declared
+    ones (``/v1/rerank``, ``/v1/responses/*``) -> the models served there now."""
     model_list = {
         "description": "The models of healthy services",
         "content": {"application/json": {"schema": _ANY_JSON}},
@@ -95,6 +98,8 @@ def paths(models: list[str], services: list[str]) -> dict[str, Any]:
                 "responses": _responses(_ANSWER, *forwarded),
             }
         }
+    for endpoint, served in (endpoints or {}).items():
+        _add_endpoint(out, endpoint, served, forwarded)
     service = {
         "name": "service",
         "in": "path",
@@ -127,3 +132,37 @@ def paths(models: list[str], services: list[str]) -> dict[str, Any]:
         item[method] = op
     out["/api/services/{service}/{path}"] = item
     return out
+
+
+def _add_endpoint(
+    out: dict[str, Any], endpoint: str, models: list[str], forwarded: tuple[int, ...]
+) -> None:
+    """``POST`` on a declared endpoint: a JSON or form body with a ``model``."""
+    schema = {
+        "type": "object",
+        "required": ["model"],
+        "properties": {"model": _name(models, "A model whose service declares this endpoint.")},
+        "additionalProperties": True,
+    }
+    op: dict[str, Any] = {
+        "tags": ["gateway"],
+        "summary": f"{endpoint} (a catalog endpoint, routed by model)",
+        "operationId": "gateway" + endpoint.replace("/*", "_any").replace("/", "_"),
+        "security": _SECURITY,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema},
+                "multipart/form-data": {"schema": schema},
+            },
+        },
+        "responses": _responses(_ANSWER, *forwarded),
+    }
+    if endpoint.endswith("/*"):
+        rest = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}
+        out[endpoint[:-2]] = {"post": op}
+        out[endpoint[:-2] + "/{path}"] = {
+            "post": {**op, "operationId": op["operationId"] + "_path", "parameters": [rest]}
+        }
+    else:
+        out[endpoint] = {"post": op}

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
 from rma.coordinator.gateway.balancer import Balancer, Wish
 from rma.coordinator.gateway.direct import DirectUpstream
+from rma.coordinator.gateway.forms import body_model
 from rma.coordinator.gateway.headers import request_headers, response_header_allowed
 from rma.coordinator.gateway.ratelimit import RateLimiter
 from rma.coordinator.gateway.upstream import (
@@ -39,6 +40,7 @@ from rma.coordinator.pool import Pool
 from rma.coordinator.registry import WorkerState
 from rma.coordinator.trust.credits import Ledger
 from rma.coordinator.trust.verifier import Verifier
+from rma.schemas.api import ServiceSpec
 from rma.settings import CoordinatorSettings
 
 log = logging.getLogger("rma.gateway")
@@ -63,11 +65,18 @@ _RETRY_STATUSES = (502, 503)
 _STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/jsonl")
 _TAIL = 1024
 
+#: The OpenAI paths every ``kind = "openai"`` service answers (routed by model).
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
 REQUESTS = "rma_gateway_requests_total"
 LATENCY = "rma_gateway_request_duration_seconds"
 FIRST_BYTE = "rma_gateway_first_byte_seconds"
 RETRIES = "rma_gateway_retries_total"
 BROKEN = "rma_gateway_broken_streams_total"
+ERRORS = "rma_gateway_errors_total"
+QUEUE_WAIT = "rma_gateway_queue_wait_seconds"
+#: ``rma_gateway_errors_total``'s code for an error status that a worker answered itself.
+WORKER_ERROR = "worker_error"
 
 
 def _wish(scope: Scope, affinity: str | None) -> Wish | None:
@@ -104,6 +113,15 @@ def _affinity_key(scope: Scope, data: dict[str, object], model: str) -> str | No
     return f"{model}\0m:{lead}"
 
 
+def _services(catalog: Mapping[str, ServiceSpec], names: list[str]) -> str:
+    """``rerank (models: bge-reranker)``: services named with their models, for messages."""
+    parts = []
+    for name in names:
+        models = catalog[name].models
+        parts.append(f"{name} (models: {', '.join(models)})" if models else name)
+    return ", ".join(parts)
+
+
 @dataclass(slots=True)
 class _Call:
     """One client request's bookkeeping."""
@@ -114,6 +132,8 @@ class _Call:
     affinity: str | None = None
     worker: WorkerState | None = None
     status: int = 0
+    #: The error code the client got (``model_not_found``, ``stream_broken``...), if any.
+    error: str = ""
     attempts: int = 0
     tail: bytes = b""
 
@@ -186,14 +206,20 @@ class Gateway:
         """The gateway's operations for ``/openapi.json``, naming what the pool serves now."""
         from rma.coordinator.gateway.openapi import paths
 
-        served = [name for name in self.pool.catalog if self.balancer.workers_for(name)]
+        catalog = self.pool.catalog
+        served = [name for name in catalog if self.balancer.workers_for(name)]
         models = [
             m
             for name in served
-            if (spec := self.pool.catalog[name]).kind == "openai"
+            if (spec := catalog[name]).kind == "openai" or spec.endpoints
             for m in spec.models
         ]
-        return paths(models, served)
+        endpoints = {
+            path: sorted({m for name in names if name in served for m in catalog[name].models})
+            for path, names in catalog.endpoints().items()
+            if path not in OPENAI_PATHS  # documented already (and routed by model anyway)
+        }
+        return paths(models, served, endpoints)
 
     async def aclose(self) -> None:
         await self.verifier.aclose()
@@ -274,7 +300,9 @@ class Gateway:
         data: list[dict[str, object]] = []
         seen: set[str] = set()
         for name, spec in self.pool.catalog.items():
-            if spec.kind != "openai" or not self.balancer.workers_for(name):
+            if (spec.kind != "openai" and not spec.endpoints) or not self.balancer.workers_for(
+                name
+            ):
                 continue
             for m in spec.models:
                 if m in seen:  # several services list it: one entry, under the first healthy one
@@ -303,47 +331,124 @@ class Gateway:
     async def openai(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``POST /v1/chat/completions | /v1/completions | /v1/embeddings``: routed by model."""
         call = _Call(time.perf_counter())
-        try:
-            call.key = await self.authenticate(scope)
-            await self._rate_limit(call)
-            body = await read_body(receive)
-            call.service, call.affinity = self._route_body(scope, body)
-            qs = scope.get("query_string", b"")
-            path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
-            await self._forward(call, scope, receive, send, path, body)
-        except APIError as exc:
-            call.status = exc.status
-            await send_error(send, exc.status, exc.code, exc.message, exc.headers)
-        except ClientGone:
-            call.status = 413 if scope.get("rma.body_too_large") else 499
-        finally:
-            self._done(call)
+        await self._answer(call, scope, send, self._openai(call, scope, receive, send))
 
     async def service(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``ANY /api/services/{service}/{path}``: any other service, by name."""
         call = _Call(time.perf_counter())
+        await self._answer(call, scope, send, self._service(call, scope, receive, send))
+
+    async def endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/{path}``: an endpoint that catalog entries declare (``endpoints``), routed
+        by the body's ``model`` (a JSON field or a form field) to a service declaring it."""
+        call = _Call(time.perf_counter())
+        await self._answer(call, scope, send, self._endpoint(call, scope, receive, send))
+
+    async def _answer(
+        self, call: _Call, scope: Scope, send: Send, work: Coroutine[Any, Any, None]
+    ) -> None:
+        """Run one request's ``work``: its refusal as a JSON error, its accounting always."""
         try:
-            call.key = await self.authenticate(scope)
-            name = scope["path_params"]["service"]
-            if name not in self.pool.catalog:
-                raise APIError(404, f"no service {name!r} in the catalog", "unknown_service")
-            call.service = name
-            await self._rate_limit(call)
-            body = await read_body(receive)
-            prefix = f"/api/services/{name}".encode()
-            raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-            rest = raw_path[len(prefix) :] if raw_path.startswith(prefix) else b"/"
-            rest = rest.split(b"?", 1)[0] or b"/"
-            qs = scope.get("query_string", b"")
-            path = rest.decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
-            await self._forward(call, scope, receive, send, path, body)
+            await work
         except APIError as exc:
-            call.status = exc.status
+            call.status, call.error = exc.status, exc.code
             await send_error(send, exc.status, exc.code, exc.message, exc.headers)
         except ClientGone:
-            call.status = 413 if scope.get("rma.body_too_large") else 499
+            too_large = scope.get("rma.body_too_large")
+            call.status = 413 if too_large else 499
+            call.error = "body_too_large" if too_large else "client_gone"
         finally:
             self._done(call)
+
+    async def _openai(self, call: _Call, scope: Scope, receive: Receive, send: Send) -> None:
+        call.key = await self.authenticate(scope)
+        await self._rate_limit(call)
+        body = await read_body(receive)
+        call.service, call.affinity = self._route_body(scope, body)
+        qs = scope.get("query_string", b"")
+        path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
+        await self._forward(call, scope, receive, send, path, body)
+
+    async def _service(self, call: _Call, scope: Scope, receive: Receive, send: Send) -> None:
+        call.key = await self.authenticate(scope)
+        name = scope["path_params"]["service"]
+        if name not in self.pool.catalog:
+            raise APIError(404, f"no service {name!r} in the catalog", "unknown_service")
+        call.service = name
+        await self._rate_limit(call)
+        body = await read_body(receive)
+        prefix = f"/api/services/{name}".encode()
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        rest = raw_path[len(prefix) :] if raw_path.startswith(prefix) else b"/"
+        rest = rest.split(b"?", 1)[0] or b"/"
+        qs = scope.get("query_string", b"")
+        path = rest.decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
+        await self._forward(call, scope, receive, send, path, body)
+
+    async def _endpoint(self, call: _Call, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        call.key = await self.authenticate(scope)  # first: no role learns the routes
+        self._check_method(path, scope["method"])
+        declared = self.pool.catalog.services_for_endpoint(path)
+        await self._rate_limit(call)
+        body = await read_body(receive)
+        ctype = header(scope, b"content-type")
+        content_type = ctype.decode("latin-1") if ctype else None
+        model, data = body_model(content_type, body, strict=bool(declared))
+        call.service = self._service_for_endpoint(path, declared, model)
+        if isinstance(data, dict) and model is not None:
+            call.affinity = _affinity_key(scope, data, model)
+        qs = scope.get("query_string", b"")
+        target = path + ("?" + qs.decode("latin-1") if qs else "")
+        await self._forward(call, scope, receive, send, target, body)
+
+    def _check_method(self, path: str, method: str) -> None:
+        """405 on a path the gateway serves with other methods; 404 for a method other than
+        POST on any other path (POST goes on to routing)."""
+        if path == "/v1/models" or path.startswith("/v1/models/"):
+            allow = "GET, HEAD, OPTIONS"
+        elif method == "POST":
+            return
+        elif path in OPENAI_PATHS or self.pool.catalog.services_for_endpoint(path):
+            allow = "POST, OPTIONS"
+        else:
+            raise APIError(404, f"no endpoint {method} {path}", "endpoint_not_found")
+        raise APIError(
+            405, f"{method} is not allowed on {path}", "method_not_allowed", {"Allow": allow}
+        )
+
+    def _service_for_endpoint(self, path: str, declared: list[str], model: str | None) -> str:
+        """Of the services declaring ``path``, the least loaded one serving ``model``."""
+        catalog = self.pool.catalog
+        serving = catalog.services_for_model(model) if model else []
+        if not declared:
+            message = f"no service in the catalog serves POST {path}"
+            if serving:
+                message += f"; the model {model!r} is served by {_services(catalog, serving)}"
+            raise APIError(404, message, "endpoint_not_found")
+        if model is None:
+            raise APIError(
+                400,
+                f"POST {path} needs a 'model' (a JSON field or a form field); it is served by "
+                f"{_services(catalog, declared)}",
+                "no_model",
+            )
+        candidates = [name for name in serving if name in declared]
+        if candidates:
+            return self.balancer.least_loaded(candidates)
+        if not serving:
+            raise APIError(
+                404,
+                f"no service serves the model {model!r}; POST {path} is served by "
+                f"{_services(catalog, declared)} (GET /v1/models lists the models)",
+                "model_not_found",
+            )
+        raise APIError(
+            404,
+            f"the model {model!r} is served by {_services(catalog, serving)}, which do not "
+            f"declare POST {path}; it is served by {_services(catalog, declared)}",
+            "endpoint_not_found",
+        )
 
     def _route_body(self, scope: Scope, body: bytes) -> tuple[str, str | None]:
         """The service for the body's ``model``, and the conversation's affinity key."""
@@ -423,15 +528,19 @@ class Gateway:
         timed_out = False
         last_status: int | None = None
         while call.attempts < s.max_attempts:
+            asked = time.perf_counter()
             try:
                 rank = self.ledger.priority_of(call.key.owner) if call.key else 0.0
                 lease = await self.balancer.acquire(call.service, tried, trusted_only, wish, rank)
             except APIError as exc:
+                if exc.status == 429:  # waited in vain: the queue was full or the wait too long
+                    self._waited(call, asked)
                 if exc.status == 503 and failures:
                     break  # the ones that failed left routing: say why they failed
                 raise
             if lease is None:
                 break
+            self._waited(call, asked)
             worker = lease.worker
             tried.add(worker.id)
             call.attempts += 1
@@ -497,6 +606,10 @@ class Gateway:
             finally:
                 lease.release()
         self._give_up(call, failures, timed_out, last_status)
+
+    def _waited(self, call: _Call, since: float) -> None:
+        """Count the wait for a free slot (about 0 when a worker had one)."""
+        self.metrics.observe(QUEUE_WAIT, time.perf_counter() - since, (("service", call.service),))
 
     def _holds(self, resp: UpstreamResponse) -> bool:
         """Whether to read the answer before sending it: not a stream, not over the limit."""
@@ -642,6 +755,7 @@ class Gateway:
             return
         self.metrics.inc(BROKEN, (("service", call.service),))
         call.status = 502 if code != "stream_timeout" else 504
+        call.error = code
         log.warning("gateway: stream from %s broke: %s", worker.name if worker else "?", error)
         if sse:  # one error event, then the end of a properly finished response
             await send(
@@ -705,6 +819,9 @@ class Gateway:
         labels = (("service", service), ("status", str(status)))
         self.metrics.inc(REQUESTS, labels)
         self.metrics.observe(LATENCY, elapsed, (("service", service),))
+        if status >= 400:
+            code = call.error or (WORKER_ERROR if call.worker is not None else "internal_error")
+            self.metrics.inc(ERRORS, (("service", service), ("code", code)))
         if not call.service:
             return  # rejected before routing (auth, bad body): nothing to account to a service
         if status < 400 and call.worker is not None and call.service in self.pool.catalog:
