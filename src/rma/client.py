@@ -333,8 +333,9 @@ class CoordinatorClient:
         data = await self.request("POST", f"/api/admin/workers/{_seg(worker_id)}/untrust")
         return WorkerPublic.model_validate(data)
 
-    async def credits(self, by: str = "worker") -> list[CreditBalance]:
-        data = await self.request("GET", "/api/admin/credits", params={"by": by})
+    async def credits(self, by: str = "worker", since: str | None = None) -> list[CreditBalance]:
+        params = {"by": by} if since is None else {"by": by, "since": since}
+        data = await self.request("GET", "/api/admin/credits", params=params)
         return [CreditBalance.model_validate(x) for x in data]
 
     async def quarantine(self, worker_id: str) -> WorkerPublic:

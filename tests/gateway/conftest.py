@@ -135,7 +135,7 @@ class Pool:
             r.raise_for_status()
             return str(r.json()["key"])
 
-    def add_worker(self, name: str, endpoints: dict[str, str]) -> str:
+    def add_worker(self, name: str, endpoints: dict[str, str], owner: str = "") -> str:
         """Register a direct worker and report ``endpoints`` (service -> URL) healthy."""
         token = self.coord.token()
         body = {
@@ -144,6 +144,7 @@ class Pool:
             "capabilities": CAPS,
             "transport": "direct",
             "runnable": list(endpoints),
+            "owner": owner,
         }
         r = httpx.post(self.url + "/api/worker/register", json=body, timeout=10)
         assert r.status_code == 201, r.text

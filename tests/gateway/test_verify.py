@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,9 @@ verify = "json"
 """
 
 DIM = "16"
+#: The quorum's promise: not one wrong answer over this many requests, from this many clients.
+QUORUM_REQUESTS = 500
+QUORUM_CLIENTS = 8
 HONEST_VECTOR = [(i % 17) / 17 for i in range(int(DIM))]
 TEXT = "Alice met Bob at Acme in Paris"
 
@@ -79,24 +84,38 @@ class Kind:
     def __init__(self, service: str) -> None:
         self.service = service
 
-    def call(self, pool: Pool, headers: dict[str, str] | None = None) -> tuple[int, str, bool]:
-        """(status, worker name, answer right)."""
+    @contextmanager
+    def client(self, pool: Pool) -> Iterator[Any]:
+        """The client a caller keeps for many calls (its connections are reused)."""
         if self.service == "emb":
-            client = openai.OpenAI(
+            sdk = openai.OpenAI(
                 base_url=pool.url + "/v1", api_key=pool.api_key, max_retries=0, timeout=30
             )
+            try:
+                yield sdk
+            finally:
+                sdk.close()
+        else:
+            with pool.client() as http:
+                yield http
+
+    def call(
+        self, pool: Pool, headers: dict[str, str] | None = None, client: Any = None
+    ) -> tuple[int, str, bool]:
+        """(status, worker name, answer right); a fresh client for this call unless given."""
+        if client is None:
+            with self.client(pool) as fresh:
+                return self.call(pool, headers, fresh)
+        if self.service == "emb":
             try:
                 raw = client.embeddings.with_raw_response.create(
                     model="fake-embed", input="hello", extra_headers=headers or {}
                 )
             except openai.APIStatusError as exc:
                 return exc.status_code, "", False
-            finally:
-                client.close()
             vec = raw.parse().data[0].embedding
             return raw.status_code, raw.headers["x-rma-worker"], _cos(vec, HONEST_VECTOR) > 0.999
-        with pool.client() as c:
-            r = c.post("/api/services/entities/ner", json={"text": TEXT}, headers=headers or {})
+        r = client.post("/api/services/entities/ner", json={"text": TEXT}, headers=headers or {})
         if r.status_code != 200:
             return r.status_code, "", False
         labels = {e["label"] for e in r.json()["entities"]}
@@ -185,10 +204,19 @@ def test_quorum_lets_no_wrong_answer_through(
         "RMA_QUARANTINE_THRESHOLD": "0",
     }
     pool, started = _pool_of_five(pool_factory, backends, env)
-    for _ in range(100):
-        status, worker, right = kind.call(pool, {"x-rma-verify": "quorum"})
-        assert (status, right) == (200, True)
-        assert worker != "liar"
+
+    def client_calls(n: int) -> list[tuple[int, str, bool]]:
+        with kind.client(pool) as client:  # one SDK client (connection pool) per caller
+            return [kind.call(pool, {"x-rma-verify": "quorum"}, client) for _ in range(n)]
+
+    # QUORUM_REQUESTS requests from QUORUM_CLIENTS concurrent clients
+    share, rest = divmod(QUORUM_REQUESTS, QUORUM_CLIENTS)
+    batches = [share + (i < rest) for i in range(QUORUM_CLIENTS)]
+    with ThreadPoolExecutor(QUORUM_CLIENTS) as clients:
+        answers = [a for batch in clients.map(client_calls, batches) for a in batch]
+    assert len(answers) == QUORUM_REQUESTS
+    wrong = [a for a in answers if a[:1] != (200,) or not a[2] or a[1] == "liar"]
+    assert wrong == []  # not one wrong answer, nor one from the liar, reached a client
     assert _posts(started["liar"]) > 0  # the liar was asked, and outvoted
     ws = _workers(pool)
     assert ws["liar"]["disagreements"] > 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tui_stub import make_app, settle  # noqa: E402
+from tui_stub import make_app, settle, settle_credits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 IMG = ROOT / "docs" / "img"
@@ -27,7 +27,9 @@ SHOTS: list[tuple[str, list[str], tuple[int, int]]] = [
     ("top-load-80x24.svg", ["3"], (80, 24)),
     ("top-events-80x24.svg", ["4"], (80, 24)),
     ("top-services-160x48.svg", ["6"], (160, 48)),
+    ("top-credits-160x48.svg", ["7"], (160, 48)),
     ("top-confirm-80x24.svg", ["down", "d"], (80, 24)),
+    ("top-unquarantine-80x24.svg", ["k"], (80, 24)),
     ("top-help-80x24.svg", ["question_mark"], (80, 24)),
 ]
 
@@ -35,8 +37,11 @@ SHOTS: list[tuple[str, list[str], tuple[int, int]]] = [
 async def shoot(name: str, keys: list[str], size: tuple[int, int]) -> None:
     app = make_app()
     async with app.run_test(size=size) as pilot:
-        await settle(pilot)
-        await pilot.press(*keys)
+        if keys == ["7"]:  # the ledger is read once its tab is shown
+            await settle_credits(pilot)
+        else:
+            await settle(pilot)
+            await pilot.press(*keys)
         await pilot.pause(0.3)
         app.save_screenshot(name, str(IMG))
 

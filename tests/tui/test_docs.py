@@ -31,7 +31,7 @@ def test_every_key_is_documented():
         for key in binding.key.split(","):  # type: ignore[union-attr]
             shown = KEY_NAMES.get(key, key)
             if shown.isdigit():
-                assert "`1`-`6`" in text
+                assert "`1`-`7`" in text
                 continue
             assert f"`{shown}`" in text, f"key {shown!r} ({binding.description}) is not documented"
 

@@ -336,3 +336,60 @@ async def test_services_tab_shows_the_schedulers_view(fast_coordinator: Coordina
         assert row[3:5] == ["1", "1"], row
         assert row[5] == "2", row
         assert row[7] == "-", row
+
+
+async def test_credits_tab_and_quarantine_key(tmp_path: Path, database_url: str) -> None:
+    """A donor's worker serves real requests through the gateway: the Credits tab shows its
+    owner's credits; ``k`` quarantines it (REP says QUAR) and ``k`` again lets it back."""
+    from tests.gateway.conftest import make_pool, start_backend
+
+    pool = make_pool(tmp_path / "pool", database_url, env={"RMA_CREDIT_ESCROW_RESULTS": "0"})
+    backend = start_backend("donor")
+    try:
+        wid = pool.add_worker("donor-box", {"fake": backend.url}, owner="alice")
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+        with pool.client() as c:
+            for _ in range(3):
+                r = c.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+        path = f"/api/admin/workers/{wid}"
+        app = app_for(pool.coord)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: wid in table_rows(app, "#workers-table"), "the worker")
+            assert app.selected_id == wid
+            # NAME STATUS TIER SERVICES CPU MEM GPU INF REP BEAT
+            assert table_rows(app, "#workers-table")[wid][8] == "0.50"
+            await pilot.press("k")
+            assert app.screen.__class__.__name__ == "ConfirmScreen"
+            await pilot.press("y")
+            await wait_for(
+                pilot, lambda: admin_get(pool.coord, path)["quarantined"], "the quarantine"
+            )
+            await wait_for(
+                pilot, lambda: table_rows(app, "#workers-table")[wid][8] == "QUAR", "QUAR"
+            )
+            assert "QUARANTINED" in plain(app, "#detail-body")
+
+            await pilot.press("7")
+
+            def alice() -> list[str]:
+                return table_rows(app, "#credits-table").get("owner:alice", [])
+
+            # OWNER WORKERS QUAR CREDITS SHARE ESCROW REQUESTS
+            await wait_for(pilot, lambda: alice()[6:] == ["3"], "alice's 3 requests")
+            assert alice()[:3] == ["alice", "1", " 1 "]
+            assert float(alice()[3]) > 0
+            assert alice()[4].endswith("100%")
+
+            await pilot.press("1", "k", "y")
+            await wait_for(
+                pilot, lambda: not admin_get(pool.coord, path)["quarantined"], "unquarantine"
+            )
+            await wait_for(
+                pilot, lambda: table_rows(app, "#workers-table")[wid][8] != "QUAR", "REP again"
+            )
+            events = [e["kind"] for e in admin_get(pool.coord, "/api/admin/events")]
+            assert "quarantined" in events and "unquarantined" in events
+    finally:
+        backend.kill()
+        pool.coord.stop()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from .tui_stub import make_app, settle
+from .tui_stub import make_app, settle, settle_credits
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +69,17 @@ def test_tokens(snap_compare):
 def test_services(snap_compare, size):
     """The scheduler's services: wanted / assigned / healthy, in flight, queued, last scaling."""
     assert snap_compare(make_app(), press=["6"], terminal_size=size, run_before=settle)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_credits(snap_compare, size):
+    """The ledger per owner: workers, quarantined ones, credits and their share, escrow."""
+    assert snap_compare(make_app(), terminal_size=size, run_before=settle_credits)
+
+
+def test_confirm_unquarantine(snap_compare):
+    """``k`` on a quarantined worker (the REP column says QUAR) asks to let it back."""
+    assert snap_compare(make_app(), press=["k"], terminal_size=(80, 24), run_before=settle)
 
 
 def test_confirm_drain(snap_compare):

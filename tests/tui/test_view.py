@@ -27,6 +27,8 @@ def names(workers):
         ("zone=eu online", ["gpu-box-01"]),
         ("transport:direct", ["laptop-ana"]),
         ("GPU-BOX", ["gpu-box-01"]),
+        ("trust:quarantined", ["gamer-pc"]),
+        ("quarantined", ["gamer-pc"]),
         ("nothing-like-this", []),
     ],
 )
@@ -43,6 +45,9 @@ def test_sort_by_each_column_and_reverse():
     assert [w.status.value for w in by_status][-1] == "removed"
     freshest = view.sort_workers(WORKERS, "heartbeat")
     assert freshest[0].name == "laptop-ana"  # 2 s ago
+    by_rep = view.sort_workers(WORKERS, "rep")
+    assert by_rep[0].name == "gamer-pc"  # quarantined first, then the lowest reputation
+    assert names(by_rep)[-1] == "gpu-box-01"  # 0.97
     for key in view.SORT_KEYS:
         assert len(view.sort_workers(WORKERS, key)) == len(WORKERS)
     with pytest.raises(ValueError, match="cannot sort by"):
@@ -154,3 +159,14 @@ async def test_ctrl_c_quits_as_the_help_says():
         await pilot.press("ctrl+c")
         await pilot.pause()
         assert app.return_code == 0
+
+
+def test_reputation_cell_marks_quarantine_in_text_and_colour():
+    by_name = {w.name: w for w in WORKERS}
+    liar, honest, new = by_name["gamer-pc"], by_name["gpu-box-01"], by_name["laptop-ana"]
+    assert view.reputation_text(liar) == "0.21 Q"
+    assert view.reputation_text(liar, narrow=True) == "QUAR"
+    assert "red" in view.reputation_style(liar)
+    assert view.reputation_text(honest) == "0.97"
+    assert view.reputation_style(honest) == "green"
+    assert view.reputation_style(new) == "bright_black"  # nothing verified yet

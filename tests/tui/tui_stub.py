@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from rma.schemas.api import EventPublic, TokenPublic, WorkerPublic
+from rma.schemas.api import CreditBalance, EventPublic, TokenPublic, WorkerPublic
 from rma.tui.history import History
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -46,7 +46,11 @@ def _worker(
     gpus: list[dict] | None = None,
     labels: dict[str, str] | None = None,
     joined: float = 86400,
+    owner: str = "",
+    trust: tuple[float, int, int] = (0.5, 0, 0),
+    quarantined: bool = False,
 ) -> WorkerPublic:
+    reputation, verified, disagreements = trust
     return WorkerPublic.model_validate(
         {
             "id": wid,
@@ -64,6 +68,11 @@ def _worker(
                 "arch": "x86_64",
             },
             "labels": labels or {},
+            "owner": owner,
+            "reputation": reputation,
+            "verified": verified,
+            "disagreements": disagreements,
+            "quarantined": quarantined,
             "services": services,
             "assignments": [s["name"] for s in services],
             "load": load,
@@ -91,6 +100,7 @@ WORKERS = [
         gpus=[{"name": "RTX 4090", "memory_mb": 24576}],
         labels={"zone": "eu", "owner": "alice"},
         joined=3 * 86400,
+        trust=(0.97, 310, 8),
     ),
     _worker(
         "b2c3d4e5f6071829",
@@ -104,6 +114,9 @@ WORKERS = [
         mem_gb=32,
         gpus=[{"name": "RTX 3080", "memory_mb": 10240}],
         labels={"zone": "us"},
+        owner="bob",
+        trust=(0.21, 12, 9),
+        quarantined=True,
     ),
     _worker(
         "c3d4e5f60718293a",
@@ -114,6 +127,8 @@ WORKERS = [
         load={"cpu_percent": 18, "memory_percent": 47},
         beat=2,
         transport="direct",
+        owner="ana",
+        trust=(0.5, 0, 0),
     ),
     _worker(
         "d4e5f60718293a4b",
@@ -124,6 +139,8 @@ WORKERS = [
         load={"cpu_percent": 71, "memory_percent": 83},
         beat=9,
         labels={"zone": "eu"},
+        owner="alice",
+        trust=(0.62, 24, 9),
     ),
     _worker(
         "e5f60718293a4b5c",
@@ -362,6 +379,22 @@ TOKENS = [
 ]
 
 
+#: ``GET /api/admin/credits?by=owner``: bob's quarantined worker forfeited its escrow.
+CREDITS = [
+    CreditBalance.model_validate(c)
+    for c in [
+        {"id": "alice", "name": "alice", "owner": "alice", "credits": 1843.25, "escrow": 0.0,
+         "requests": 21873},
+        {"id": "ana", "name": "ana", "owner": "ana", "credits": 0.0, "escrow": 12.4,
+         "requests": 310},
+        {"id": "bob", "name": "bob", "owner": "bob", "credits": 0.0, "escrow": 0.0,
+         "requests": 41},
+        {"id": "", "name": "(no owner)", "owner": "", "credits": 96.5, "escrow": 0.0,
+         "requests": 4507},
+    ]
+]  # fmt: skip
+
+
 def make_history() -> History:
     """Five minutes of made-up but fixed load, as if the app had been polling every 5 s."""
     h = History()
@@ -441,6 +474,18 @@ class StubClient:
         self.calls.append(f"remove {worker_id}")
         return (await self.worker(worker_id)).model_copy(update={"status": "removed"})
 
+    async def credits(self, by: str = "worker", since: str | None = None) -> list[CreditBalance]:
+        self.calls.append(f"credits {by}")
+        return list(CREDITS)
+
+    async def quarantine(self, worker_id: str) -> WorkerPublic:
+        self.calls.append(f"quarantine {worker_id}")
+        return (await self.worker(worker_id)).model_copy(update={"quarantined": True})
+
+    async def unquarantine(self, worker_id: str) -> WorkerPublic:
+        self.calls.append(f"unquarantine {worker_id}")
+        return (await self.worker(worker_id)).model_copy(update={"quarantined": False})
+
     async def revoke_token(self, token_id: str) -> TokenPublic:
         self.calls.append(f"revoke {token_id}")
         token = next(t for t in TOKENS if t.id == token_id)
@@ -456,6 +501,18 @@ def make_app(refresh: float = 3600.0) -> Any:
 
     stub = StubClient()
     return TopApp(lambda: stub, refresh=refresh, clock=frozen_clock, history=make_history())  # type: ignore[arg-type, return-value]
+
+
+async def settle_credits(pilot: Any) -> None:
+    """Settle, then open the Credits tab and wait until the ledger is drawn."""
+    await settle(pilot)
+    await pilot.press("7")
+    app = pilot.app
+    for _ in range(200):
+        if app.credits_loaded:
+            break
+        await pilot.pause(0.01)
+    await pilot.pause()
 
 
 async def settle(pilot: Any) -> None:

@@ -132,6 +132,16 @@ def credits(
     by: Annotated[
         str, typer.Option("--by", help="Sum per worker, owner (the `owner` label) or client key.")
     ] = "worker",
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="Only what was earned and used since then: an ISO-8601 timestamp "
+            "(2026-12-01T12:00:00Z; UTC without a zone) or a duration back from now "
+            "(30m, 24h, 7d).",
+            show_default=False,
+        ),
+    ] = None,
     json: JsonOpt = False,
     coordinator: CoordinatorOpt = None,
     admin_key: AdminKeyOpt = None,
@@ -140,10 +150,19 @@ def credits(
     """The credits ledger: what each worker (or owner) gave and each key used."""
     if by not in ("worker", "owner", "key"):
         raise typer.BadParameter("must be one of key, owner, worker", param_hint="--by")
+    if since is not None:
+        import time
+
+        from rma.schemas.since import parse_since
+
+        try:  # checked here for a quick answer; the coordinator reads it with its own clock
+            parse_since(since, time.time())
+        except ValueError as exc:
+            fail(f"--since: {exc}", json_mode=json, code="invalid_since", exit_code=2)
 
     async def go() -> list[Any]:
         async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
-            return await c.credits(by)
+            return await c.credits(by, since)
 
     rows = run_async(go, json_mode=json)
     if json:

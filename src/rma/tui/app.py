@@ -25,9 +25,10 @@ from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, Tab
 from textual.widgets.data_table import ColumnKey
 
 from rma.client import CoordinatorClient, RmaError
-from rma.schemas.api import EventPublic, TokenPublic, WorkerPublic
+from rma.schemas.api import CreditBalance, EventPublic, TokenPublic, WorkerPublic
 from rma.tui import view
 from rma.tui.history import History
+from rma.tui.panes.credits import CreditsPane
 from rma.tui.panes.services import ServicesPane
 from rma.tui.screens import ConfirmScreen, HelpScreen
 from rma.tui.widgets import MetricPlot, pool_summary, status_line, worker_detail
@@ -48,6 +49,8 @@ _WORKER_EVENTS = frozenset(
         "draining",
         "service",
         "failover",
+        "quarantined",
+        "unquarantined",
     }
 )
 EVENT_STYLE = {
@@ -64,6 +67,9 @@ EVENT_STYLE = {
     "draining": "yellow",
     "service": "cyan",
     "token_revoked": "yellow",
+    "quarantined": "bold red",
+    "unquarantined": "green",
+    "verification_failed": "red",
 }
 MAX_EVENTS = 500
 #: From this many columns on, the detail sits beside the table and every column shows.
@@ -73,14 +79,15 @@ WIDE_WORKER_COLUMNS: list[tuple[str, str, int | None]] = [
     (key, label, None) for key, label in view.COLUMNS
 ]
 NARROW_WORKER_COLUMNS: list[tuple[str, str, int | None]] = [
-    ("name", "NAME", 12),
+    ("name", "NAME", 11),
     ("status", "STATUS", 8),
     ("tier", "TIER", 4),
-    ("services", "SERVICES", 15),
+    ("services", "SERVICES", 12),
     ("cpu", "CPU", 4),
     ("mem", "MEM", 4),
     ("gpu", "GPU", 4),
     ("inflight", "INF", 3),
+    ("rep", "REP", 4),
     ("heartbeat", "BEAT", 4),
 ]
 WIDE_SERVICE_COLUMNS: list[tuple[str, str, int | None]] = [
@@ -106,7 +113,7 @@ NARROW_SERVICE_COLUMNS: list[tuple[str, str, int | None]] = [
     ("eps", "ERR/S", 5),
     ("trend", "TREND", 8),
 ]
-TABS = ("workers", "pool", "load", "events", "tokens", "services")
+TABS = ("workers", "pool", "load", "events", "tokens", "services", "credits")
 
 
 def _local_now() -> datetime:
@@ -130,6 +137,7 @@ class TopApp(App[None]):
         Binding("4", "tab('events')", "Events", show=False),
         Binding("5", "tab('tokens')", "Tokens", show=False),
         Binding("6", "tab('services')", "Services", show=False),
+        Binding("7", "tab('credits')", "Credits", show=False),
         Binding("slash", "filter", "Filter", key_display="/"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
         Binding("s", "sort", "Sort"),
@@ -138,12 +146,13 @@ class TopApp(App[None]):
         Binding("d", "drain", "Drain"),
         Binding("u", "undrain", "Undrain"),
         Binding("x", "remove", "Remove"),
+        Binding("k", "quarantine", "Quarantine", show=False),
         Binding("v", "revoke", "Revoke"),
         Binding("r", "refresh", "Refresh", show=False),
     ]
     #: For the help screen: (keys, what they do).
     KEYS: ClassVar[list[tuple[str, str]]] = [
-        ("1-6", "switch tab: workers, pool, load, events, tokens, services"),
+        ("1-7", "switch tab: workers, pool, load, events, tokens, services, credits"),
         ("tab / shift+tab", "move focus"),
         ("↑ ↓ / click", "select a worker (its detail shows beside or below)"),
         ("/", "filter workers; esc clears"),
@@ -151,6 +160,7 @@ class TopApp(App[None]):
         ("a", "show left and removed workers too"),
         ("d / u", "drain / undrain the selected worker (asks first)"),
         ("x", "remove the selected worker (asks first)"),
+        ("k", "quarantine the selected worker, or let a quarantined one back (asks first)"),
         ("v", "revoke the selected join token (tokens tab, asks first)"),
         ("r", "refresh now"),
         ("?", "this help"),
@@ -181,6 +191,10 @@ class TopApp(App[None]):
         self.tokens: list[TokenPublic] = []
         #: ``GET /api/admin/services`` (None: the coordinator has no such route).
         self.services: list[dict[str, Any]] | None = None
+        #: ``GET /api/admin/credits?by=owner``, read while the Credits tab is shown (None: not
+        #: read yet, or the coordinator keeps no ledger; ``credits_loaded`` tells which).
+        self.credits: list[CreditBalance] | None = None
+        self.credits_loaded = False
         self.events: list[EventPublic] = []
         self._event_ids: set[int] = set()
         self.connection = "connecting"
@@ -245,6 +259,8 @@ class TopApp(App[None]):
                 yield DataTable(id="tokens-table", cursor_type="row", zebra_stripes=True)
             with TabPane("Services", id="services"):
                 yield ServicesPane(id="scheduler-pane")
+            with TabPane("Credits", id="credits"):
+                yield CreditsPane(id="credits-pane")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -304,6 +320,8 @@ class TopApp(App[None]):
                 client.workers(), client.stats(), client.tokens(), _services(client)
             )
             events = None if self.stream_attached else await client.events(200)
+            want_credits = self._active_tab() == "credits"
+            credits = await _credits(client) if want_credits else None
         except RmaError as exc:
             self._lost(exc)
             return False
@@ -313,6 +331,8 @@ class TopApp(App[None]):
         was_lost = self.connection == "lost"
         self.pool_workers, self.stats, self.tokens = workers, stats, tokens
         self.services = services
+        if want_credits:
+            self.credits, self.credits_loaded = credits, True
         self.polls += 1
         self.failures = 0
         self.error = None
@@ -399,6 +419,7 @@ class TopApp(App[None]):
         self._draw_load()
         self._draw_tokens()
         self._draw_services()
+        self._draw_credits()
 
     @property
     def drawable(self) -> bool:
@@ -467,6 +488,7 @@ class TopApp(App[None]):
                 ),
                 "gpu": Text(view.percent(load.gpu_percent), view.load_style(load.gpu_percent)),
                 "inflight": Text(str(view.inflight(w)), justify="right"),
+                "rep": Text(view.reputation_text(w, narrow=narrow), view.reputation_style(w)),
                 "heartbeat": Text(view.age(w.last_heartbeat_at, now), _beat_style(w, now)),
                 "transport": Text(w.transport.value, "dim"),
             }
@@ -556,6 +578,15 @@ class TopApp(App[None]):
         pane = self.main.query_one("#scheduler-pane", ServicesPane)
         pane.show(self.services, narrow=self.narrow)
 
+    def _draw_credits(self) -> None:
+        pane = self.main.query_one("#credits-pane", CreditsPane)
+        pane.show(self.credits, self.pool_workers, loaded=self.credits_loaded, narrow=self.narrow)
+
+    def _active_tab(self) -> str:
+        if not self.drawable:
+            return ""
+        return str(self.main.query_one(TabbedContent).active)
+
     def _draw_load(self) -> None:
         now_t = self.clock().timestamp()
         h = self.history
@@ -625,6 +656,7 @@ class TopApp(App[None]):
             self._draw_workers()
             self._draw_pool()
             self._draw_services()
+            self._draw_credits()
             self._draw_detail()
 
     @on(DataTable.RowHighlighted, "#workers-table")
@@ -662,6 +694,7 @@ class TopApp(App[None]):
             "events": "#events-table",
             "tokens": "#tokens-table",
             "services": "#scheduler-table",
+            "credits": "#credits-table",
         }.get(tab)
         # Focus moves with the tab, or Textual would switch back to the pane holding the focus.
         if target is None:
@@ -698,15 +731,25 @@ class TopApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         tab = self.main.query_one(TabbedContent).active if self._top_ready else "workers"
-        if action in ("drain", "undrain", "remove", "sort", "sort_reverse", "toggle_all"):
+        if action in (
+            "drain",
+            "undrain",
+            "remove",
+            "quarantine",
+            "sort",
+            "sort_reverse",
+            "toggle_all",
+        ):
             return tab == "workers"
         if action == "revoke":
             return tab == "tokens"
         return True
 
     @on(TabbedContent.TabActivated)
-    def _tab_changed(self) -> None:
+    def _tab_changed(self, event: TabbedContent.TabActivated) -> None:
         self.refresh_bindings()
+        if event.pane.id == "credits":  # the ledger is read only while it is shown
+            self._wake.set()
 
     # --- actions that change the pool ---------------------------------------------------------
 
@@ -722,6 +765,22 @@ class TopApp(App[None]):
             "Remove {name} from the pool? Its credential stops working.",
             danger=True,
         )
+
+    def action_quarantine(self) -> None:
+        """Quarantine the selected worker, or let a quarantined one take client traffic again."""
+        w = self.selected_worker()
+        if w is not None and w.quarantined:
+            self._confirm_worker_action(
+                "unquarantine",
+                "Unquarantine {name}? It takes client traffic again; its verification record "
+                "starts afresh.",
+            )
+        else:
+            self._confirm_worker_action(
+                "quarantine",
+                "Quarantine {name}? It gets no client traffic (it keeps heartbeating).",
+                danger=True,
+            )
 
     def _confirm_worker_action(self, action: str, question: str, *, danger: bool = False) -> None:
         w = self.selected_worker()
@@ -748,7 +807,11 @@ class TopApp(App[None]):
         except RmaError as exc:
             self.notify(exc.message, title=f"{action} failed", severity="error")
             return
-        self.notify(f"{result.name} is now {result.status.value}", title=action)
+        if action in ("quarantine", "unquarantine"):
+            state = "quarantined" if result.quarantined else "out of quarantine"
+            self.notify(f"{result.name} is {state}", title=action)
+        else:
+            self.notify(f"{result.name} is now {result.status.value}", title=action)
         self._wake.set()
 
     def action_revoke(self) -> None:
@@ -799,6 +862,16 @@ def _arrow(key: str, sort_key: str, reverse: bool) -> str:
     if key != sort_key:
         return ""
     return " ▼" if reverse else " ▲"
+
+
+async def _credits(client: CoordinatorClient) -> list[CreditBalance] | None:
+    """The owners' credits; None from a coordinator without a ledger (404)."""
+    try:
+        return await client.credits("owner")
+    except RmaError as exc:
+        if exc.status == 404:
+            return None
+        raise
 
 
 async def _services(client: CoordinatorClient) -> list[dict[str, Any]] | None:

@@ -12,7 +12,8 @@ from textual.widgets import Button, Label, Static
 
 FILTER_HELP = (
     "Filter: words that must all match. A bare word matches any field; "
-    "status:offline, tier:gpu, service:llm, label:zone=eu, transport:tunnel, id:3f2a."
+    "status:offline, tier:gpu, service:llm, label:zone=eu, transport:tunnel, id:3f2a, "
+    "trust:quarantined."
 )
 
 

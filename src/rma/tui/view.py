@@ -40,6 +40,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("mem", "MEM"),
     ("gpu", "GPU"),
     ("inflight", "INFL"),
+    ("rep", "REP"),
     ("heartbeat", "BEAT"),
     ("transport", "TRANSPORT"),
 )
@@ -98,6 +99,32 @@ def services_text(w: WorkerPublic) -> str:
     return " ".join(parts) or "-"
 
 
+def reputation_text(w: WorkerPublic, *, narrow: bool = False) -> str:
+    """``0.97``; a quarantined worker's is marked: ``0.12 Q`` (``QUAR`` in 80 columns)."""
+    if w.quarantined:
+        return "QUAR" if narrow else f"{w.reputation:.2f} Q"
+    return f"{w.reputation:.2f}"
+
+
+def reputation_style(w: WorkerPublic) -> str:
+    """Quarantined: white on red; no verified result yet: dim; then green, plain, yellow."""
+    if w.quarantined:
+        return "bold white on red"
+    if w.verified == 0:
+        return "bright_black"
+    if w.reputation >= 0.8:
+        return "green"
+    return "" if w.reputation >= 0.5 else "yellow"
+
+
+def trust_words(w: WorkerPublic) -> str:
+    """What the filter's ``trust:`` field matches: ``quarantined`` and/or ``trusted``."""
+    words = ["quarantined"] if w.quarantined else []
+    if w.trusted:
+        words.append("trusted")
+    return " ".join(words)
+
+
 def load_style(value: float | None) -> str:
     if value is None:
         return "bright_black"
@@ -119,6 +146,7 @@ def _sort_value(w: WorkerPublic, key: str) -> Any:
         "mem": load.memory_percent,
         "gpu": -1.0 if load.gpu_percent is None else load.gpu_percent,
         "inflight": inflight(w),
+        "rep": (not w.quarantined, w.reputation),
         "heartbeat": -(w.last_heartbeat_at.timestamp()) if w.last_heartbeat_at else float("inf"),
         "transport": w.transport.value,
     }[key]
@@ -143,13 +171,15 @@ def _haystack(w: WorkerPublic) -> dict[str, str]:
         "service": " ".join([*(s.name for s in w.services), *w.assignments]).lower(),
         "transport": w.transport.value,
         "label": " ".join(f"{k}={v}" for k, v in w.labels.items()).lower(),
+        "trust": trust_words(w),
     }
 
 
 def filter_workers(workers: Iterable[WorkerPublic], query: str) -> list[WorkerPublic]:
-    """Every word must match: ``gpu``, ``status:offline``, ``service:llm``, ``label:zone=eu``.
+    """Every word must match: ``gpu``, ``status:offline``, ``service:llm``, ``label:zone=eu``,
+    ``trust:quarantined``.
 
-    A bare word matches any field (name, id, status, tier, services, transport, labels).
+    A bare word matches any field (name, id, status, tier, services, transport, labels, trust).
     """
     terms = query.lower().split()
     result = []

@@ -122,6 +122,25 @@ def worker_detail(
         view.age(w.last_heartbeat_at, now),
     )
 
+    trust = Text.assemble(
+        ("reputation ", "dim"),
+        (f"{w.reputation:.2f}", view.reputation_style(w)),
+        sep,
+        f"{w.verified} verified",
+        sep,
+        (f"{w.disagreements} disagreements", "yellow" if w.disagreements else ""),
+    )
+    if w.owner or w.labels.get("owner"):
+        trust.append_text(Text.assemble(sep, ("owner ", "dim"), w.owner or w.labels["owner"]))
+    if w.quarantined:
+        trust.append_text(
+            Text.assemble(
+                "\n",
+                ("QUARANTINED", "bold white on red"),
+                (" no client traffic; k lets it back", "red"),
+            )
+        )
+
     services = Table.grid(padding=(0, 1))
     services.add_column()
     services.add_column()
@@ -167,7 +186,7 @@ def worker_detail(
     for e in reversed(mine):
         log.add_row(view.clock_time(e.ts, now), Text(e.message, overflow="ellipsis"))
 
-    parts: list[RenderableType] = [head, machine, meta, Text("services", "bold dim")]
+    parts: list[RenderableType] = [head, machine, meta, trust, Text("services", "bold dim")]
     parts.append(services if w.assignments or w.services else Text("  none assigned", "dim"))
     parts += [Text("load", "bold dim"), load, Text("recent events", "bold dim")]
     parts.append(log if mine else Text("  none", "dim"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ from rma.schemas.api import (
     WorkerPublic,
 )
 from rma.schemas.enums import WorkerStatus
+from rma.schemas.since import parse_since
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
 
@@ -130,10 +132,23 @@ def credits(
     pool: PoolDep,
     request: Request,
     by: Annotated[Literal["worker", "owner", "key"], Query()] = "worker",
+    since: Annotated[
+        str | None,
+        Query(
+            description="Only ledger rows written since then: an ISO-8601 timestamp (UTC "
+            "without a zone) or a duration back from now (30m, 24h, 7d)."
+        ),
+    ] = None,
 ) -> list[CreditBalance]:
     """The credits ledger summed per worker, owner (the ``owner`` label) or client key."""
+    start = None
+    if since is not None:
+        try:
+            start = parse_since(since, time.time())
+        except ValueError as exc:
+            raise APIError(422, f"since: {exc}", "invalid_since") from None
     ledger = request.app.state.gateway.ledger
-    rows = ledger.balances(by, pool.registry.all())
+    rows = ledger.balances(by, pool.registry.all(), start)
     return [CreditBalance.model_validate(r) for r in rows]
 
 

@@ -180,12 +180,14 @@ class Ledger:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def _sums(self, column: str) -> list[dict[str, Any]]:
+    def _sums(self, column: str, since: float | None = None) -> list[dict[str, Any]]:
         t = _TABLE.c
         kinds = ("earn", "escrow", "release", "forfeit")
         stmt = select(t[column], t.kind, func.sum(t.amount), func.count()).group_by(
             t[column], t.kind
         )
+        if since is not None:
+            stmt = stmt.where(t.ts >= since)
         out: dict[Any, dict[str, Any]] = {}
         with self.engine.connect() as conn:
             for ident, kind, total, n in conn.execute(stmt):
@@ -219,8 +221,15 @@ class Ledger:
                 out[owner] = out.get(owner, 0.0) + r["earn"] + r["release"]
         return out
 
-    def balances(self, by: By, workers: list[WorkerState]) -> list[dict[str, Any]]:
-        """``[{id, name, owner, credits, escrow, requests}]`` (flushes first)."""
+    def balances(
+        self, by: By, workers: list[WorkerState], since: float | None = None
+    ) -> list[dict[str, Any]]:
+        """``[{id, name, owner, credits, escrow, requests}]`` (flushes first).
+
+        ``since`` (a Unix time): only the rows written since then, so ``credits`` is what was
+        earned or released in that window, ``escrow`` what went into escrow in it and was not
+        released or forfeited in it (never below 0), ``requests`` the requests served in it.
+        """
         self.flush()
         if by == "key":
             names = self._key_names()
@@ -233,12 +242,12 @@ class Ledger:
                     "escrow": 0.0,
                     "requests": r["requests"],
                 }
-                for r in self._sums("key_id")
+                for r in self._sums("key_id", since)
                 if r["requests"]  # release and forfeit rows name no key
             ]
         known = {w.id: w for w in workers}
         rows = []
-        for r in self._sums("worker_id"):
+        for r in self._sums("worker_id", since):
             w = known.get(r["id"])
             rows.append(
                 {
