@@ -42,6 +42,7 @@ def create_app(
         import anyio
 
         await anyio.to_thread.run_sync(pool.bootstrap)
+        await anyio.to_thread.run_sync(pool.cluster.start)
         tasks = [asyncio.create_task(sweeper.run())] if run_sweeper else []
         tasks += [asyncio.create_task(start()) for start in app.state.background]
         try:
@@ -54,6 +55,7 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await anyio.to_thread.run_sync(pool.cluster.stop)
             for closer in app.state.on_shutdown:
                 await closer()
 
