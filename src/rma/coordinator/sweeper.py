@@ -80,6 +80,7 @@ class Sweeper:
                     WorkerStatus.OFFLINE,
                     "offline",
                     f"worker {w.name} is offline: no heartbeat for {quiet:.0f} s",
+                    {"coordinator": pool.cluster.name},
                 )
                 done["offline"].append(w.id)
         pool.check_gpu_claims()
@@ -94,6 +95,7 @@ class Sweeper:
                     WorkerStatus.REMOVED,
                     "removed",
                     f"worker {w.name} was removed: no heartbeat for {quiet:.0f} s",
+                    {"coordinator": pool.cluster.name},
                 )
                 done["removed"].append(w.id)
         self._reconcile(now)
