@@ -201,3 +201,23 @@ def test_a_key_revoked_on_one_is_refused_by_the_other_at_once(apps: Apps) -> Non
     r = a.client.delete(f"/api/admin/keys/{created['id']}", headers=a.admin)
     assert r.status_code == 200, r.text
     wait_for("B to drop the key", lambda: b.pool.credentials.check_key(created["key"]) is None)
+
+
+def test_a_write_on_the_leader_does_not_turn_back_a_heartbeat_heard_elsewhere(
+    apps: Apps,
+) -> None:
+    a = apps.start("coord-a")
+    b = apps.start("coord-b")
+    cfg = a.pool.settings
+    apps.clock.advance(cfg.grace + 1)
+    w = b.register("w1")
+    wait_for("A to know w1", lambda: a.pool.registry.get(w.id) is not None)
+    apps.clock.advance(cfg.offline_after - 5)
+    b.heartbeat(w, load={"cpu": 0.1})  # the row has it; A's memory does not
+    # A writes the worker's row from its memory (the operator trusts it there) ...
+    r = a.client.post(f"/api/admin/workers/{w.id}/trust", headers=a.admin)
+    assert r.status_code == 200, r.text
+    apps.clock.advance(10)
+    # ... without writing back its older heartbeat time: the leader does not judge w1 silent.
+    assert a.app.state.sweeper.run_once() == {"offline": [], "removed": []}
+    assert a.worker(w.id)["status"] == "online"

@@ -737,6 +737,9 @@ class Pool:
             row.services = [v.model_dump(mode="json") for v in state.services.values()]
             row.assignments = list(state.assignments)
             row.load = state.load.model_dump(mode="json")
+            if (row.last_heartbeat_at or 0.0) > (state.last_heartbeat_at or 0.0):
+                # heard by another coordinator since this one did: never moved back
+                state.last_heartbeat_at = row.last_heartbeat_at
             row.last_heartbeat_at = state.last_heartbeat_at
             row.status_changed_at = state.status_changed_at
             row.drained = state.drained

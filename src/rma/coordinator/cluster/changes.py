@@ -82,6 +82,7 @@ def reload_worker(pool: Pool, worker_id: str) -> WorkerState | None:
         if state is None:
             state = WorkerState.from_row(row)
             pool.registry.put(state)
+            pool._watch_gpu(state, pool.clock.time())  # its GPU claim, judged by the leader
         else:
             state.refresh_from(row)
     pool._notify(state)  # the gateway's hooks: a removed worker's tunnel is closed, ...
