@@ -162,6 +162,7 @@ def test_three_coordinators_share_the_pool_and_survive_the_leader(
     roles = {readyz(x)["coordinator"]: readyz(x)["role"] for x in cluster}
     assert roles == {"coord-a": "leader", "coord-b": "follower", "coord-c": "follower"}
     assert {readyz(x)["leader"] for x in cluster} == {"coord-a"}
+    assert [metric(x, "rma_leader") for x in cluster] == [1.0, 0.0, 0.0]
 
     # A registration on A appears on B and C (the notice, not a reload: seconds, not minutes).
     tunnelled = agents(f"{a.url},{b.url}", a.token(), "tunnelled", "tunnel", catalog)

@@ -69,6 +69,11 @@ def create_app(
     app.state.pool = pool
     app.state.sweeper = sweeper
     app.state.metrics = Metrics()
+    app.state.metrics.gauge(
+        "rma_leader",
+        "1 while this coordinator is the pool's leader (it sweeps and schedules), else 0.",
+        lambda: [((), float(pool.cluster.is_leader))],
+    )
     app.state.auth_limiter = FailureLimiter(
         settings.auth_fail_limit, settings.auth_fail_window, settings.auth_fail_address_limit
     )

@@ -211,12 +211,12 @@ class Node(Solo):
                 self._elect(conn)
                 self._tried.set()
                 next_elect = time.monotonic() + self.retry_interval
+            # never left early: notices that came in one packet with the one being applied
+            # would be dropped with the generator; it ends by itself after POLL seconds
             for note in conn.notifies(timeout=POLL):
                 notice = changes.decode(note.payload)
                 if notice is not None and notice.origin != self.origin:
                     self._apply(notice)
-                if self._stop.is_set() or time.monotonic() >= next_elect:
-                    break
 
     def _apply(self, notice: changes.Notice) -> None:
         try:
