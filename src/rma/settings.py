@@ -188,6 +188,12 @@ class CoordinatorSettings(_Base):
         description="This coordinator's name among several on one PostgreSQL database (in "
         "/readyz and the leader election); default: the public URL, else host:port.",
     )
+    internal_url: str | None = Field(
+        None,
+        description="Several coordinators (PostgreSQL): the URL the other coordinators reach "
+        "this one at, to relay requests to the worker tunnels it holds; default "
+        "http(s)://<host>:<port> (127.0.0.1 when listening on every address).",
+    )
     leader_retry_interval: float = Field(
         2.0,
         gt=0,

@@ -100,11 +100,13 @@ def catalog(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, database_url: str, catalog: Path) -> Iterator[list[Coordinator]]:
+def start_cluster(tmp_path: Path, database_url: str) -> Iterator[Callable[..., list[Coordinator]]]:
+    """Start coordinators on one database (A first, so A leads); all stop at the end."""
     started: list[Coordinator] = []
-    admin_key: str | None = None
-    try:
-        for name in ("coord-a", "coord-b", "coord-c"):
+
+    def start(names: tuple[str, ...], catalog: Path) -> list[Coordinator]:
+        admin_key: str | None = None
+        for name in names:
             data_dir = tmp_path / name
             if admin_key is not None:  # the others find A's admin key in the database
                 write_secret_file(data_dir / "admin.key", admin_key)
@@ -116,10 +118,18 @@ def cluster(tmp_path: Path, database_url: str, catalog: Path) -> Iterator[list[C
             )
             started.append(coord)
             admin_key = coord.admin_key
-        yield started
+        return list(started)
+
+    try:
+        yield start
     finally:
         for coord in started:
             coord.stop()
+
+
+@pytest.fixture
+def cluster(start_cluster: Callable[..., list[Coordinator]], catalog: Path) -> list[Coordinator]:
+    return start_cluster(("coord-a", "coord-b", "coord-c"), catalog)
 
 
 @pytest.fixture
@@ -231,6 +241,74 @@ def test_three_coordinators_share_the_pool_and_survive_the_leader(
         f"\nspread {spread * 1000:.0f} ms, failover {failover * 1000:.0f} ms, "
         f"tunnel moved after {moved * 1000:.0f} ms"
     )
+
+
+ROOT = Path(__file__).resolve().parents[2]
+ECHO = f"""
+[services.echo]
+description = "a plain HTTP service (the fake backend's /echo)"
+tier = 3
+kind = "http"
+command = ["{{python}}", "{ROOT / "bench" / "fake_backend.py"}", "--port", "{{port}}"]
+health = "/health"
+"""
+
+
+def test_a_request_reaches_a_tunnel_held_by_another_coordinator(
+    start_cluster: Callable[..., list[Coordinator]],
+    agents: Callable[..., subprocess.Popen[bytes]],
+    catalog: Path,
+    tmp_path: Path,
+) -> None:
+    echo_catalog = tmp_path / "echo.toml"
+    echo_catalog.write_text(
+        ECHO
+        + "\n".join(
+            part for part in catalog.read_text().split("\n\n") if "[services.echo]" not in part
+        )
+    )
+    a, b = start_cluster(("coord-a", "coord-b"), echo_catalog)
+    agents(f"{a.url},{b.url}", a.token(), "tunnelled", "tunnel", echo_catalog)
+
+    def echo_healthy(coord: Coordinator) -> bool:
+        return any(
+            w["name"] == "tunnelled"
+            and any(s["name"] == "echo" and s["healthy"] for s in w["services"])
+            for w in get(coord, "/api/admin/workers")
+        )
+
+    wait_for("echo healthy, seen from B", lambda: echo_healthy(b), 90)
+    assert metric(a, "rma_tunnels_connected") == 1
+    assert metric(b, "rma_tunnels_connected") == 0
+    with a.admin() as c:
+        key = c.post("/api/admin/keys", json={"name": "client"}).json()["key"]
+    auth = {"authorization": f"Bearer {key}"}
+
+    def ask(coord: Coordinator) -> httpx.Response:
+        return httpx.post(
+            f"{coord.url}/api/services/echo/echo/a%2Fb?x=1", content=b"hello", headers=auth,
+            timeout=30,
+        )  # fmt: skip
+
+    # B holds no tunnel to the worker: it relays through A once A announced the tunnel.
+    r = wait_for("B to relay", lambda: (resp := ask(b)).status_code == 200 and resp, 15)
+    assert r.headers["x-rma-worker"] == "tunnelled"
+    body = r.json()
+    assert (body["method"], body["path"], body["body"]) == ("POST", "/echo/a%2Fb?x=1", "hello")
+    assert metric(b, "rma_tunnels_connected") == 0
+
+    # Nobody else may use the relay route.
+    target = "/api/internal/relay/x/echo/echo"
+    for headers in ({}, {"x-rma-relay": "1700000000.00"}, auth):
+        refused = httpx.get(a.url + target, headers=headers, timeout=10)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["code"] == "invalid_relay"
+
+    # A dies: the tunnel moves to B, which now serves the worker directly.
+    a.stop(signal.SIGKILL)
+    wait_for("the tunnel on B", lambda: metric(b, "rma_tunnels_connected") == 1, 15)
+    r = wait_for("B to answer", lambda: (resp := ask(b)).status_code == 200 and resp, 15)
+    assert r.headers["x-rma-worker"] == "tunnelled"
 
 
 def _id(coord: Coordinator, name: str) -> str:

@@ -22,7 +22,7 @@ from rma.coordinator.sweeper import Sweeper
 from rma.settings import CoordinatorSettings
 
 #: Route prefixes that carry client payloads (bigger bodies allowed).
-GATEWAY_PREFIXES = ("/v1/", "/api/services/")
+GATEWAY_PREFIXES = ("/v1/", "/api/services/", "/api/internal/relay/")
 
 
 def create_app(

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlmodel import Session, col, select
@@ -44,18 +44,26 @@ class Notice:
     origin: str
     kind: str
     ident: str
+    #: Anything else the kind carries (``tunnels``: the holder's address and the worker ids).
+    data: dict[str, Any] = field(default_factory=dict)
 
 
-def encode(origin: str, kind: str, ident: str) -> str:
-    return json.dumps({"o": origin, "k": kind, "id": ident}, separators=(",", ":"))
+def encode(origin: str, kind: str, ident: str, data: dict[str, Any] | None = None) -> str:
+    doc: dict[str, Any] = {"o": origin, "k": kind, "id": ident}
+    if data:
+        doc["d"] = data
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def decode(payload: str) -> Notice | None:
     """The notice in a payload, or ``None`` for one this version does not understand."""
     try:
         doc = json.loads(payload)
-        return Notice(str(doc["o"]), str(doc["k"]), str(doc.get("id") or ""))
-    except (ValueError, KeyError, TypeError):
+        data = doc.get("d") or {}
+        if not isinstance(data, dict):
+            return None
+        return Notice(str(doc["o"]), str(doc["k"]), str(doc.get("id") or ""), data)
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

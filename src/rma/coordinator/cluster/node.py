@@ -26,6 +26,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session
@@ -115,6 +116,8 @@ class Node(Solo):
         #: Notices applied, and full reloads done (for tests and metrics).
         self.applied = 0
         self.resyncs = 0
+        #: Other notice kinds -> who applies them (the relay's ``tunnels``); on this thread.
+        self.handlers: dict[str, Callable[[changes.Notice], None]] = {}
         self._leading = False
         self._leader_name: str | None = None
         self._stop = threading.Event()
@@ -132,6 +135,19 @@ class Node(Solo):
 
     def announce(self, s: Session, kind: str, ident: str = "") -> None:
         changes.send(s, self.origin, kind, ident)
+
+    def publish(self, kind: str, ident: str = "", data: dict[str, Any] | None = None) -> None:
+        """Send a notice outside any write (blocking: call it from a thread)."""
+        from sqlalchemy import text
+
+        with self.pool.engine.begin() as conn:
+            conn.execute(
+                text("SELECT pg_notify(:channel, :payload)"),
+                {
+                    "channel": changes.CHANNEL,
+                    "payload": changes.encode(self.origin, kind, ident, data),
+                },
+            )
 
     def start(self, wait: float = 5.0) -> None:
         """Start the thread; wait (at most ``wait`` s) for its first try at the leadership, so a
@@ -224,6 +240,8 @@ class Node(Solo):
                 changes.reload_worker(self.pool, notice.ident)
             elif notice.kind == changes.KEYS:
                 self.pool.credentials.refresh()
+            elif notice.kind in self.handlers:
+                self.handlers[notice.kind](notice)
             self.applied += 1
         except Exception:  # a failed read is repaired by the next resync, never fatal here
             log.exception("could not apply a change notice (%s %s)", notice.kind, notice.ident)
