@@ -36,8 +36,8 @@ pytestmark = [
     ),
 ]
 
-#: Fast liveness: heartbeats every second, offline after 8 s of silence.
-OFFLINE_AFTER = 8.0
+#: Fast liveness: heartbeats every second, offline after 12 s of silence.
+OFFLINE_AFTER = 12.0
 ENV = {
     "RMA_HEARTBEAT_INTERVAL": "1",
     "RMA_OFFLINE_AFTER": str(OFFLINE_AFTER),
@@ -178,7 +178,8 @@ def test_three_coordinators_share_the_pool_and_survive_the_leader(
     tunnelled = agents(f"{a.url},{b.url}", a.token(), "tunnelled", "tunnel", catalog)
     wait_for("A to list the tunnelled agent", lambda: names(a).get("tunnelled") == "online")
     seen_at = time.monotonic()
-    wait_for("B and C to list it", lambda: "tunnelled" in names(b) and "tunnelled" in names(c), 5)
+    # measured (printed at the end): well under a second on an idle machine
+    wait_for("B and C to list it", lambda: "tunnelled" in names(b) and "tunnelled" in names(c), 15)
     spread = time.monotonic() - seen_at
     direct = agents(f"{b.url},{c.url}", b.token(), "direct", "direct", catalog)
     wait_for("A and C to list the direct agent", lambda: all(
@@ -210,7 +211,7 @@ def test_three_coordinators_share_the_pool_and_survive_the_leader(
     failover = time.monotonic() - killed_at
     leader = readyz(b)["leader"]
     assert leader in ("coord-b", "coord-c")
-    wait_for("B and C to agree on it", lambda: readyz(c).get("leader") == leader, 5)
+    wait_for("B and C to agree on it", lambda: readyz(c).get("leader") == leader, 10)
 
     # The tunnelled agent moves to B (heartbeats and tunnel) and nobody is judged for it.
     wait_for("the tunnel on B", lambda: metric(b, "rma_tunnels_connected") == 1, 15)
