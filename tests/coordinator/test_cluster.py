@@ -221,3 +221,24 @@ def test_a_write_on_the_leader_does_not_turn_back_a_heartbeat_heard_elsewhere(
     # ... without writing back its older heartbeat time: the leader does not judge w1 silent.
     assert a.app.state.sweeper.run_once() == {"offline": [], "removed": []}
     assert a.worker(w.id)["status"] == "online"
+
+
+def test_the_live_event_stream_shows_the_other_coordinators_events(apps: Apps) -> None:
+    import asyncio
+
+    a = apps.start("coord-a")
+    b = apps.start("coord-b")
+
+    async def follow_b_while_a_registers() -> list[str]:
+        queue = b.pool.events.subscribe()
+        try:
+            await asyncio.to_thread(a.register, "w1")  # on A: B's followers see it too
+            seen: list[str] = []
+            async with asyncio.timeout(10):
+                while "joined" not in seen:
+                    seen.append((await queue.get()).kind)
+            return seen
+        finally:
+            b.pool.events.unsubscribe(queue)
+
+    assert "joined" in asyncio.run(follow_b_while_a_registers())

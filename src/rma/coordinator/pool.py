@@ -21,7 +21,7 @@ from rma import __version__
 from rma.catalog import Catalog, TierPolicy, TierRefused, load_catalog
 from rma.coordinator import security
 from rma.coordinator.clock import Clock
-from rma.coordinator.cluster.changes import KEYS, WORKER, reload_worker
+from rma.coordinator.cluster.changes import EVENT, KEYS, WORKER, reload_worker
 from rma.coordinator.cluster.node import make_cluster
 from rma.coordinator.credentials import Credentials
 from rma.coordinator.db import make_engine, migrate, session, sqlite_path
@@ -121,6 +121,7 @@ class Pool:
         self.cluster = make_cluster(self)
         if self.cluster.shared:
             self.credentials.announce = lambda s: self.cluster.announce(s, KEYS)
+            self.events.announce = lambda s, ident: self.cluster.announce(s, EVENT, str(ident))
         self._ready = False
 
     @property

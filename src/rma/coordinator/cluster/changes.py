@@ -37,6 +37,8 @@ CHANNEL = "rma_changes"
 #: Notice kinds: a worker's row changed; the API keys (or the admin key) changed.
 WORKER = "worker"
 KEYS = "keys"
+#: An event was recorded (the others show it to their live followers).
+EVENT = "event"
 
 
 @dataclass(frozen=True, slots=True)

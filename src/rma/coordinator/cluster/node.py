@@ -240,6 +240,8 @@ class Node(Solo):
                 changes.reload_worker(self.pool, notice.ident)
             elif notice.kind == changes.KEYS:
                 self.pool.credentials.refresh()
+            elif notice.kind == changes.EVENT and notice.ident.isdigit():
+                self.pool.events.relay(int(notice.ident))
             elif notice.kind in self.handlers:
                 self.handlers[notice.kind](notice)
             self.applied += 1
