@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -191,12 +191,49 @@ def transport_error(exc: httpx.HTTPError, base_url: str) -> RmaError:
     return RmaError("transport", f"{type(exc).__name__}: {exc}")
 
 
+def split_urls(value: str) -> list[str]:
+    """``URL1,URL2`` -> its URLs, without trailing slashes (one URL is a list of one)."""
+    urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+    return urls or [value.strip().rstrip("/")]
+
+
+class Coordinators:
+    """The coordinators a client may talk to (``--coordinator URL1,URL2``): the one in use, and
+    the move to the next when it cannot be reached.  Shared by the agent's client and tunnel,
+    so heartbeats and the tunnel move together."""
+
+    def __init__(self, urls: str | Sequence[str]) -> None:
+        self.all = split_urls(urls) if isinstance(urls, str) else [u.rstrip("/") for u in urls]
+        self._index = 0
+        #: How many times a failure moved this client to another coordinator.
+        self.failovers = 0
+
+    @property
+    def current(self) -> str:
+        return self.all[self._index]
+
+    def failed(self, url: str) -> bool:
+        """``url`` could not be reached: move on to the next coordinator if ``url`` is still the
+        one in use (two failures of the same one move once).  Whether there was another."""
+        if len(self.all) < 2:
+            return False
+        if url == self.current:
+            self._index = (self._index + 1) % len(self.all)
+            self.failovers += 1
+        return True
+
+
 class CoordinatorClient:
-    """``async with CoordinatorClient(url, admin_key=...) as c: await c.workers()``."""
+    """``async with CoordinatorClient(url, admin_key=...) as c: await c.workers()``.
+
+    ``url`` may name several coordinators (``URL1,URL2``, or a :class:`Coordinators`): a call
+    that cannot reach one is sent to the next (always when the connection could not be made, so
+    nothing was sent; otherwise only for idempotent calls).
+    """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Coordinators,
         *,
         admin_key: str | None = None,
         api_key: str | None = None,
@@ -205,17 +242,22 @@ class CoordinatorClient:
         verify: ssl.SSLContext | bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.urls = base_url if isinstance(base_url, Coordinators) else Coordinators(base_url)
         self.admin_key = admin_key
         self.api_key = api_key
         self.credential = credential
         self._http = httpx.AsyncClient(
-            base_url=self.base_url,
+            base_url=self.urls.current,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             verify=verify,
             transport=transport,
             headers={"user-agent": f"rma/{__version__}"},
         )
+
+    @property
+    def base_url(self) -> str:
+        """The coordinator in use now."""
+        return self.urls.current
 
     async def __aenter__(self) -> Self:
         return self
@@ -257,17 +299,20 @@ class CoordinatorClient:
         connection, instead of failing (a heartbeat sent late would otherwise wait for a retry).
         """
         again = method == "GET" if idempotent is None else idempotent
-        for attempt in (1, 2):
+        tried = 0
+        while True:
+            url = self.base_url
             try:
-                resp = await self._http.request(
-                    method, path, json=json_body, params=params, headers=self._auth(role)
-                )
+                resp = await self._send(method, url + path, json_body, params, role, again)
                 break
-            except httpx.RemoteProtocolError as exc:
-                if not again or attempt == 2:
-                    raise transport_error(exc, self.base_url) from None
             except httpx.HTTPError as exc:
-                raise transport_error(exc, self.base_url) from None
+                error = transport_error(exc, url)
+                if error.code == "coordinator_mismatch" or tried + 1 >= len(self.urls.all):
+                    raise error from None
+                self.urls.failed(url)
+                tried += 1
+                if not (again or isinstance(exc, httpx.ConnectError)):
+                    raise error from None  # it may have been done: not sent twice
         if resp.status_code >= 400:
             raise error_from_response(resp)
         if resp.status_code == 204 or not resp.content:
@@ -278,6 +323,27 @@ class CoordinatorClient:
             raise RmaError(
                 "bad_response", f"the coordinator sent non-JSON: {resp.text[:200]}"
             ) from None
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        json_body: Any,
+        params: Mapping[str, Any] | None,
+        role: str,
+        again: bool,
+    ) -> httpx.Response:
+        """One call to one coordinator; an idempotent one meeting a kept-alive connection
+        closed just before is sent again at once on a new one."""
+        for attempt in (1, 2):
+            try:
+                return await self._http.request(
+                    method, url, json=json_body, params=params, headers=self._auth(role)
+                )
+            except httpx.RemoteProtocolError:
+                if not again or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     # --- workers (the agent) ----------------------------------------------------------------------
 
@@ -410,7 +476,7 @@ class CoordinatorClient:
         try:
             async with self._http.stream(
                 "GET",
-                "/api/admin/events",
+                self.base_url + "/api/admin/events",
                 params=params,
                 headers=self._auth("admin"),
                 timeout=httpx.Timeout(None, connect=10.0),
@@ -441,7 +507,7 @@ class CoordinatorClient:
         try:
             async with self._http.stream(
                 "POST",
-                "/v1/chat/completions",
+                self.base_url + "/v1/chat/completions",
                 json={**body, "stream": True},
                 headers=self._auth("client"),
                 timeout=httpx.Timeout(None, connect=10.0),

@@ -182,6 +182,24 @@ class CoordinatorSettings(_Base):
         description="Seconds after start before anyone is judged; default offline_after.",
     )
     sweep_interval: float = Field(5.0, gt=0, description="Seconds between liveness sweeps.")
+    coordinator_name: str | None = Field(
+        None,
+        max_length=59,
+        description="This coordinator's name among several on one PostgreSQL database (in "
+        "/readyz and the leader election); default: the public URL, else host:port.",
+    )
+    internal_url: str | None = Field(
+        None,
+        description="Several coordinators (PostgreSQL): the URL the other coordinators reach "
+        "this one at, to relay requests to the worker tunnels it holds; default "
+        "http(s)://<host>:<port> (127.0.0.1 when listening on every address).",
+    )
+    leader_retry_interval: float = Field(
+        2.0,
+        gt=0,
+        description="Several coordinators (PostgreSQL): seconds between a follower's attempts "
+        "to take the leadership, and between the leader's checks that it still holds it.",
+    )
     event_retention: float = Field(
         2_592_000, gt=0, description="Seconds events are kept in the database (30 days)."
     )
@@ -515,7 +533,10 @@ class WorkerSettings(_Base):
 
     toml_section: ClassVar[str | None] = "worker"
 
-    coordinator_url: str = Field(DEFAULT_COORDINATOR_URL, description="Coordinator to join.")
+    coordinator_url: str = Field(
+        DEFAULT_COORDINATOR_URL,
+        description="Coordinator to join; several as URL1,URL2 (failover between them).",
+    )
     token: str | None = Field(None, description="Join token (only needed for the first join).")
     name: str | None = Field(None, description="Worker name; default the host name.")
     labels: dict[str, str] = Field(

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import time
+
 from .conftest import Api
 
 
 def test_health_and_readiness(api: Api) -> None:
     assert api.client.get("/healthz").json() == {"status": "ok"}
-    assert api.client.get("/readyz").json() == {"status": "ready"}
+    name = api.pool.cluster.name
+    deadline = time.monotonic() + 30  # on PostgreSQL it takes the leadership in a moment
+    while True:
+        body = api.client.get("/readyz").json()
+        if body.get("role") == "leader" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    # the only coordinator leads, and /readyz names it
+    assert body == {"status": "ready", "coordinator": name, "leader": name, "role": "leader"}
 
 
 def test_readyz_is_503_when_the_database_is_gone(api: Api) -> None:

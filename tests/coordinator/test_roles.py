@@ -42,6 +42,8 @@ POLICY: list[tuple[str, frozenset[str]]] = [
     ("/api/admin/", frozenset({"admin"})),
     ("/v1/", frozenset({"client"})),
     ("/api/services/", frozenset({"client"})),
+    # coordinators relaying to each other's tunnels (an HMAC header, no role's credential)
+    ("/api/internal/", frozenset()),
 ]
 
 

@@ -63,7 +63,7 @@ from rma.agent.state import (
     write_private,
 )
 from rma.catalog import Catalog
-from rma.client import CoordinatorClient, RmaError, tls_verify
+from rma.client import CoordinatorClient, Coordinators, RmaError, split_urls, tls_verify
 from rma.schemas.api import (
     Capabilities,
     HeartbeatRequest,
@@ -149,7 +149,7 @@ class Agent:
         self.refused: dict[str, str] = {}
         self.verify = tls_verify(settings.ca_file, settings.insecure, settings.ca_hash)
         self.client = client or CoordinatorClient(
-            settings.coordinator_url, timeout=15.0, verify=self.verify
+            Coordinators(settings.coordinator_url), timeout=15.0, verify=self.verify
         )
         self.nvml = nvml
         self.reconcile_interval = reconcile_interval
@@ -281,8 +281,10 @@ class Agent:
 
     def register_request(self) -> RegisterRequest:
         ident = self.identity
-        if ident is not None and ident.coordinator_url != self.settings.coordinator_url:
-            ident = None  # joined another coordinator before: a new worker here
+        if ident is not None and not set(split_urls(ident.coordinator_url)) & set(
+            split_urls(self.settings.coordinator_url)
+        ):
+            ident = None  # joined another pool before: a new worker here
         return RegisterRequest(
             token=self.settings.token,
             name=self.name,
@@ -324,7 +326,7 @@ class Agent:
             self._wake_reconcile.set()
         log.info(
             "joined %s as worker %s (tier %s) with %s",
-            self.settings.coordinator_url,
+            self.client.base_url,
             resp.worker_id,
             resp.tier_name,
             ", ".join(self.reconciler.desired) or "no services",
@@ -353,7 +355,7 @@ class Agent:
     def with_pool_env(self, specs: list[ServiceSpec]) -> list[ServiceSpec]:
         """Services that call the pool (rag, notes, doc) reach it through its gateway, with
         this worker's own service key (its file) when the pool requires API keys."""
-        pool_env = {"RMA_GATEWAY_URL": self.settings.coordinator_url}
+        pool_env = {"RMA_GATEWAY_URL": self.client.base_url}
         if self.service_key:
             pool_env["RMA_API_KEY_FILE"] = str(self.service_key_file)
         return [s.model_copy(update={"env": {**pool_env, **s.env}}) for s in specs]
@@ -659,12 +661,18 @@ class Agent:
             log.debug("no tunnel client in this build")
             return None
         self.tunnel = TunnelClient(
-            self.settings.coordinator_url,
+            getattr(self.client, "urls", self.settings.coordinator_url),
             credential=lambda: self.client.credential or "",
             endpoints=self.reconciler.local_endpoint,
             verify=self.verify,
+            on_failover=self._failed_over,
         )
         return self.tunnel
+
+    def _failed_over(self, url: str) -> None:
+        """The tunnel moved to another coordinator: heartbeat there now, not in 30 s."""
+        log.warning("failing over to the coordinator at %s", url)
+        self._wake_heartbeat.set()
 
     def inflight(self) -> int:
         """Requests the tunnel is carrying to this agent's services right now (0 without one)."""

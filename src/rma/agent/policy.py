@@ -91,12 +91,22 @@ def differences(mine: ServiceSpec, theirs: ServiceSpec) -> list[str]:
 
 
 def coordinator_problem(url: str, insecure: bool, pinned: bool = False) -> str | None:
-    """Why the agent must not talk to ``url``, or ``None``.
+    """Why the agent must not talk to ``url`` (or to one of ``URL1,URL2``), or ``None``.
 
     Plain ``http://`` is only for a coordinator on this machine (a loopback address,
     ``localhost``): elsewhere anyone on the path could read the credentials and, worse, send this
     machine assignments.  ``--insecure`` allows it anyway.
     """
+    from rma.client import split_urls
+
+    for one in split_urls(url):
+        problem = _one_problem(one, insecure, pinned)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _one_problem(url: str, insecure: bool, pinned: bool) -> str | None:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:

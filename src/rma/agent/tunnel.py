@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from rma import __version__
 from rma._http1 import H1Client, H1Error
 from rma.agent.backoff import Backoff
+from rma.client import Coordinators
 from rma.tunnel.frames import (
     MAX_DATA,
     MAX_FRAME,
@@ -55,7 +56,7 @@ class TunnelClient:
 
     def __init__(
         self,
-        coordinator_url: str,
+        coordinator_url: str | Coordinators,
         credential: Callable[[], str],
         endpoints: Callable[[str], str | None],
         verify: ssl.SSLContext | bool,
@@ -66,8 +67,19 @@ class TunnelClient:
         service_connect_timeout: float = 5.0,
         backoff: Backoff | None = None,
         refresh_interval: float | None = 5.0,
+        on_failover: Callable[[str], None] | None = None,
     ) -> None:
-        self.url = tunnel_url(coordinator_url)
+        #: The coordinators (one, or several to fail over between, shared with the agent's
+        #: client); a connection that cannot be made moves the tunnel to the next at once.
+        self.urls = (
+            coordinator_url
+            if isinstance(coordinator_url, Coordinators)
+            else Coordinators(coordinator_url)
+        )
+        for url in self.urls.all:
+            tunnel_url(url)  # a bad URL is an error now, not at the first connection
+        #: Called with the new coordinator's URL after a failover (the agent heartbeats there).
+        self.on_failover = on_failover
         self._credential = credential
         self._endpoints = endpoints
         self._ssl = _ssl_context(verify) if self.url.startswith("wss:") else None
@@ -93,6 +105,11 @@ class TunnelClient:
         self._connected_event = asyncio.Event()
 
     @property
+    def url(self) -> str:
+        """The tunnel's WebSocket URL at the coordinator in use."""
+        return tunnel_url(self.urls.current)
+
+    @property
     def inflight(self) -> int:
         """Requests being served through the tunnel right now."""
         return len(self._handlers)
@@ -109,10 +126,16 @@ class TunnelClient:
         http = H1Client(self.service_connect_timeout, max_idle_per_origin=64)
         try:
             while True:
+                base = self.urls.current
                 try:
                     problem = await self._session(http)
                 except Exception as exc:
                     problem = _describe(exc)
+                    if _unreachable(exc) and self.urls.failed(base):
+                        self.backoff.reset()  # a live coordinator is likely: try it soon
+                        log.warning("tunnel: %s; moving to %s", problem, self.urls.current)
+                        if self.on_failover is not None:
+                            self.on_failover(self.urls.current)
                 self.last_error = problem
                 delay = self.backoff.next()
                 log.warning("tunnel: %s; reconnecting in %.1f s", problem, delay)
@@ -288,6 +311,20 @@ def _ssl_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether the coordinator seems gone (another may serve): no connection, no answer, or a
+    proxy's 502/503/504; not a refusal, nor a certificate that fails its pin."""
+    from websockets.exceptions import InvalidStatus
+
+    from rma.client import pin_problem
+
+    if isinstance(exc, InvalidStatus):
+        return exc.response.status_code in (502, 503, 504)
+    if isinstance(exc, ssl.SSLError) or pin_problem(exc) is not None:
+        return False
+    return isinstance(exc, OSError | TimeoutError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ CoordinatorOpt = Annotated[
     typer.Option(
         "--coordinator",
         envvar="RMA_COORDINATOR_URL",
-        help="Coordinator URL (default: http://127.0.0.1:8420).",
+        help="Coordinator URL (default: http://127.0.0.1:8420); several as URL1,URL2: failover.",
     ),
 ]
 AdminKeyOpt = Annotated[

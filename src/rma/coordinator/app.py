@@ -22,7 +22,7 @@ from rma.coordinator.sweeper import Sweeper
 from rma.settings import CoordinatorSettings
 
 #: Route prefixes that carry client payloads (bigger bodies allowed).
-GATEWAY_PREFIXES = ("/v1/", "/api/services/")
+GATEWAY_PREFIXES = ("/v1/", "/api/services/", "/api/internal/relay/")
 
 
 def create_app(
@@ -42,6 +42,7 @@ def create_app(
         import anyio
 
         await anyio.to_thread.run_sync(pool.bootstrap)
+        await anyio.to_thread.run_sync(pool.cluster.start)
         tasks = [asyncio.create_task(sweeper.run())] if run_sweeper else []
         tasks += [asyncio.create_task(start()) for start in app.state.background]
         try:
@@ -54,6 +55,7 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await anyio.to_thread.run_sync(pool.cluster.stop)
             for closer in app.state.on_shutdown:
                 await closer()
 
@@ -67,6 +69,11 @@ def create_app(
     app.state.pool = pool
     app.state.sweeper = sweeper
     app.state.metrics = Metrics()
+    app.state.metrics.gauge(
+        "rma_leader",
+        "1 while this coordinator is the pool's leader (it sweeps and schedules), else 0.",
+        lambda: [((), float(pool.cluster.is_leader))],
+    )
     app.state.auth_limiter = FailureLimiter(
         settings.auth_fail_limit, settings.auth_fail_window, settings.auth_fail_address_limit
     )

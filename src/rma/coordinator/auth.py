@@ -203,8 +203,8 @@ def require_worker(request: Request) -> tuple[WorkerState, float]:
     ):
         role = "admin" if pool.credentials.is_admin(secret) else "client"
         raise APIError(403, f"an {role} key cannot act as a worker", "forbidden")
-    try:
-        return pool.authenticate_worker(secret)
+    try:  # a worker that registered on another coordinator is looked up (we are in a thread)
+        return pool.authenticate_worker(secret, lookup=True)
     except APIError as exc:
         if exc.status == 401:
             limiter: FailureLimiter = request.app.state.auth_limiter

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine, update
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from rma.coordinator import security
 from rma.coordinator.clock import Clock
@@ -157,6 +157,9 @@ class Credentials:
         self._keys: dict[str, KeyInfo] = {}  # id -> key; replaced whole by refresh()
         self._misses: dict[str, float] = {}  # SHA-256 of an unknown secret -> forget at (monotonic)
         self._revoked: set[str] = set()  # ids known revoked: never cached again
+        #: Several coordinators: called in the transaction that changes a key or the admin key,
+        #: so the others reload theirs when it commits (``cluster``).
+        self.announce: Callable[[Session], None] | None = None
         self._lock = threading.Lock()
         #: Called with a key's id after this coordinator revoked it (Redis tells the others).
         self.on_revoke: list[Callable[[str], None]] = []
@@ -209,6 +212,8 @@ class Credentials:
             row = s.get(Setting, ADMIN_HASH) or Setting(key=ADMIN_HASH, value="")
             row.value = security.hash_secret(new)
             s.add(row)
+            if self.announce is not None:
+                self.announce(s)
         self._admin_hash = security.hash_secret(new)
         if admin_key_file is not None:
             write_secret_file(admin_key_file, new)
@@ -293,6 +298,8 @@ class Credentials:
         )
         with session(self.engine) as s:
             s.add(row)
+            if self.announce is not None:
+                self.announce(s)
         with self._lock:
             self._keys[ident] = KeyInfo(ident, row.secret_hash, row.rpm, row.owner)
         return ApiKeyCreated(**key_public(row).model_dump(), key=secret)
@@ -309,6 +316,8 @@ class Credentials:
             row.revoked = True
             s.add(row)
             public = key_public(row)
+            if self.announce is not None:
+                self.announce(s)
         self.forget_key(key_id)
         for hook in self.on_revoke:
             hook(key_id)

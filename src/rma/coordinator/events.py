@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from rma.coordinator.clock import Clock
 from rma.coordinator.db import session
@@ -36,6 +37,9 @@ class EventBus:
         self.clock = clock
         self._subs: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[EventPublic]]] = set()
         self._lock = threading.Lock()
+        #: Several coordinators: called with the event's id in the transaction that writes it,
+        #: so the others show it to their followers too (``cluster``).
+        self.announce: Callable[[Session, int], None] | None = None
 
     def emit(
         self,
@@ -51,8 +55,18 @@ class EventBus:
             s.add(row)
             s.flush()
             event = to_public(row)
+            if self.announce is not None:
+                self.announce(s, event.id)
         self.publish(event)
         return event
+
+    def relay(self, event_id: int) -> None:
+        """Another coordinator wrote this event: show it to this one's followers (blocking)."""
+        with session(self.engine) as s:
+            row = s.get(Event, event_id)
+            event = to_public(row) if row is not None else None
+        if event is not None:
+            self.publish(event)
 
     def publish(self, event: EventPublic) -> None:
         with self._lock:

@@ -21,6 +21,8 @@ from rma import __version__
 from rma.catalog import Catalog, TierPolicy, TierRefused, load_catalog
 from rma.coordinator import security
 from rma.coordinator.clock import Clock
+from rma.coordinator.cluster.changes import EVENT, KEYS, WORKER, reload_worker
+from rma.coordinator.cluster.node import make_cluster
 from rma.coordinator.credentials import Credentials
 from rma.coordinator.db import make_engine, migrate, session, sqlite_path
 from rma.coordinator.endpoints import endpoint_problem
@@ -77,6 +79,11 @@ def removed_error(state: WorkerState) -> APIError:
     )
 
 
+def _shown(services: dict[str, ServiceStatus]) -> dict[str, tuple[str, bool, str | None]]:
+    """What routing reads of a worker's services (not their in-flight counts)."""
+    return {n: (s.state.value, s.healthy, s.endpoint) for n, s in services.items()}
+
+
 #: API keys made for workers' own services are named this, then the worker id.
 SERVICE_KEY_PREFIX = "worker services "
 
@@ -110,6 +117,11 @@ class Pool:
         self.credits_of: Callable[[str], tuple[float, float]] | None = None
         #: The reconciliation loop: the one owner of assignments.
         self.scheduler = Scheduler(self)
+        #: Leadership and change notices among coordinators sharing the database.
+        self.cluster = make_cluster(self)
+        if self.cluster.shared:
+            self.credentials.announce = lambda s: self.cluster.announce(s, KEYS)
+            self.events.announce = lambda s, ident: self.cluster.announce(s, EVENT, str(ident))
         self._ready = False
 
     @property
@@ -248,6 +260,7 @@ class Pool:
             row.revoked = False
             with session(self.engine) as s:
                 s.merge(row)
+                self.cluster.announce(s, WORKER, worker_id)
             state = WorkerState.from_row(row)
             self.registry.put(state)
             changes = self.scheduler.run(f"worker {req.name} joined", emit=False)
@@ -293,10 +306,14 @@ class Pool:
 
     # --- worker credentials -----------------------------------------------------------------------
 
-    def authenticate_worker(self, credential: str) -> tuple[WorkerState, float]:
+    def authenticate_worker(
+        self, credential: str, *, lookup: bool = False
+    ) -> tuple[WorkerState, float]:
         """The worker a credential belongs to and the credential's expiry.
 
-        401 when it is invalid or expired, or the worker was removed.
+        401 when it is invalid or expired, or the worker was removed.  With ``lookup`` (off the
+        event loop only) a worker this coordinator does not know is looked up in the database:
+        it may have registered on another coordinator a moment ago.
         """
         try:
             cred = security.verify_credential(
@@ -308,6 +325,8 @@ class Pool:
         except security.CredentialError as exc:
             raise APIError(401, str(exc), "invalid_credential") from None
         state = self.registry.get(cred.worker_id)
+        if state is None and lookup:
+            state = reload_worker(self, cred.worker_id)
         if state is None:
             raise APIError(
                 401, "this coordinator does not know the worker; register again", "unknown_worker"
@@ -412,7 +431,10 @@ class Pool:
                 state.gpu_deadline = None  # the GPU did real work: the claim holds
             state.load = req.load
             state.last_heartbeat_at = now
-            self._save(state)
+            # the other coordinators hear of changes, not of every heartbeat (changes.py)
+            self._save(
+                state, announce=bool(transitions) or _shown(old_services) != _shown(state.services)
+            )
         for kind, message, data in transitions:
             self.events.emit(kind, message, state.id, data)
         if transitions:
@@ -501,6 +523,8 @@ class Pool:
 
     def get(self, worker_id: str) -> WorkerState:
         state = self.registry.get(worker_id)
+        if state is None and self.cluster.shared:  # registered on another coordinator just now
+            state = reload_worker(self, worker_id)
         if state is None:
             raise APIError(404, f"no worker {worker_id!r}")
         return state
@@ -704,7 +728,7 @@ class Pool:
         self.scheduler.run(message)
         self._notify(state)
 
-    def _save(self, state: WorkerState) -> None:
+    def _save(self, state: WorkerState, *, announce: bool = True) -> None:
         with session(self.engine) as s:
             row = s.get(Worker, state.id)
             if row is None:
@@ -714,6 +738,9 @@ class Pool:
             row.services = [v.model_dump(mode="json") for v in state.services.values()]
             row.assignments = list(state.assignments)
             row.load = state.load.model_dump(mode="json")
+            if (row.last_heartbeat_at or 0.0) > (state.last_heartbeat_at or 0.0):
+                # heard by another coordinator since this one did: never moved back
+                state.last_heartbeat_at = row.last_heartbeat_at
             row.last_heartbeat_at = state.last_heartbeat_at
             row.status_changed_at = state.status_changed_at
             row.drained = state.drained
@@ -724,6 +751,8 @@ class Pool:
             row.verify_streak = state.verify_streak
             row.quarantined = state.quarantined
             s.add(row)
+            if announce and self.cluster.shared:
+                self.cluster.announce(s, WORKER, state.id)
 
     def _notify(self, state: WorkerState) -> None:
         for hook in list(self.on_status_change):

@@ -123,6 +123,14 @@ class WorkerState:
             owner=row.owner,
         )
 
+    def refresh_from(self, row: Worker) -> None:
+        """Take what ``row`` holds (another coordinator wrote it); keep what lives only in this
+        coordinator's memory: the placements of assignments still held, claims, GPU deadline."""
+        fresh = WorkerState._from_row(row)
+        for name in PERSISTED:
+            setattr(self, name, getattr(fresh, name))
+        self.placements = {n: p for n, p in self.placements.items() if n in self.assignments}
+
     def to_public(self) -> WorkerPublic:
         return WorkerPublic(
             id=self.id,
@@ -150,6 +158,15 @@ class WorkerState:
             registered_at=_dt(self.registered_at),
             last_heartbeat_at=_dt(self.last_heartbeat_at) if self.last_heartbeat_at else None,
         )
+
+
+#: The fields a worker's row holds (:meth:`WorkerState.refresh_from` copies them).
+PERSISTED = (
+    "name", "status", "tier", "transport", "capabilities", "labels", "assignments", "services",
+    "load", "endpoint", "trusted", "version", "registered_at", "last_heartbeat_at",
+    "status_changed_at", "drained", "runnable", "revoked", "verified", "disagreements",
+    "verify_streak", "quarantined", "owner",
+)  # fmt: skip
 
 
 def _dt(ts: float) -> datetime:

@@ -14,6 +14,10 @@ The rules (times are settings):
   end of the episode too: the workers that come back a little later than the majority (their
   next heartbeat is up to one interval away) are not removed for a silence that was ours.
 
+Several coordinators on one PostgreSQL database: only the leader sweeps (``coordinator/cluster``);
+before it judges a worker silent it reads that worker's last heartbeat from the database, since
+another coordinator may have heard it.
+
 Each sweep also checks claimed hardware: a GPU-tier worker whose GPU services did not become
 healthy within ``gpu_verify_window`` loses them and is re-tiered (``Pool.check_gpu_claims``).
 """
@@ -53,10 +57,21 @@ class Sweeper:
         pool, cfg = self.pool, self.pool.settings
         now = pool.clock.time()
         done: dict[str, list[str]] = {"offline": [], "removed": []}
+        if not pool.cluster.is_leader:
+            return done  # the leader judges (several coordinators)
         if now - pool.started_at < cfg.grace:
             return done  # just restarted: give every worker one window to reach us
         watched = [w for w in pool.registry.all() if w.status in WATCHED]
         silent = [w for w in watched if now - self._last_seen(w) >= cfg.offline_after]
+        if silent and pool.cluster.shared:  # heard by another coordinator since?
+            from rma.coordinator.cluster.changes import refresh_heartbeats
+
+            refresh_heartbeats(pool, silent)
+            silent = [
+                w
+                for w in silent
+                if w.status in WATCHED and now - self._last_seen(w) >= cfg.offline_after
+            ]
         for w in silent:
             if w.status in LIVE:
                 quiet = now - self._last_seen(w)
@@ -65,6 +80,7 @@ class Sweeper:
                     WorkerStatus.OFFLINE,
                     "offline",
                     f"worker {w.name} is offline: no heartbeat for {quiet:.0f} s",
+                    {"coordinator": pool.cluster.name},
                 )
                 done["offline"].append(w.id)
         pool.check_gpu_claims()
@@ -79,6 +95,7 @@ class Sweeper:
                     WorkerStatus.REMOVED,
                     "removed",
                     f"worker {w.name} was removed: no heartbeat for {quiet:.0f} s",
+                    {"coordinator": pool.cluster.name},
                 )
                 done["removed"].append(w.id)
         self._reconcile(now)
@@ -139,7 +156,7 @@ class Sweeper:
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
             try:
                 await anyio.to_thread.run_sync(self.run_once)
-                if time.monotonic() >= next_prune:
+                if time.monotonic() >= next_prune and self.pool.cluster.is_leader:
                     next_prune = time.monotonic() + 3600
                     await anyio.to_thread.run_sync(self.prune)
             except Exception:

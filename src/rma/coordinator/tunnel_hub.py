@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 
@@ -280,7 +282,14 @@ class TunnelHub:
             raise APIError(403, "an admin key cannot open a worker tunnel", "forbidden")
         if secret.startswith(KEY_PREFIX) and await creds.find_key(secret):
             raise APIError(403, "a client key cannot open a worker tunnel", "forbidden")
-        state, expires_at = self.pool.authenticate_worker(secret)
+        try:  # known here: no thread hop; else looked up (it joined another coordinator)
+            state, expires_at = self.pool.authenticate_worker(secret)
+        except APIError as exc:
+            if exc.code != "unknown_worker":
+                raise
+            state, expires_at = await anyio.to_thread.run_sync(
+                functools.partial(self.pool.authenticate_worker, secret, lookup=True)
+            )
         if state.status is WorkerStatus.LEFT:
             raise APIError(409, "this worker has left; register again", "left")
         offered = ws.scope.get("subprotocols") or []

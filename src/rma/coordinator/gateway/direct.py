@@ -54,11 +54,23 @@ class DirectUpstream:
         base = self.base_url(worker, request.service)
         if not base:
             raise UpstreamError(f"worker {worker.name} reported no endpoint for {request.service}")
+        return await self.send(
+            base, request.method, request.path, request.headers, request.body, first_byte_timeout
+        )
+
+    async def send(
+        self,
+        base: str,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        first_byte_timeout: float,
+    ) -> DirectResponse:
+        """One request to ``base`` + ``path``; the answer once its headers arrived."""
         try:
             async with asyncio.timeout(first_byte_timeout):
-                resp = await self._client.send(
-                    request.method, base, request.path, request.headers, request.body
-                )
+                resp = await self._client.send(method, base, path, headers, body)
         except TimeoutError:
             raise UpstreamError(
                 f"no response within {first_byte_timeout:g} s", timeout=True

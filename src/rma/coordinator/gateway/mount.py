@@ -33,7 +33,12 @@ def mount(app: FastAPI) -> Gateway:
     state.gateway = gateway
     from rma.coordinator.tunnel_hub import mount_tunnel  # GET /api/worker/tunnel
 
-    gateway.add_upstream(mount_tunnel(app))
+    hub = mount_tunnel(app)
+    gateway.add_upstream(hub)
+    if pool.cluster.shared:  # several coordinators: the others' tunnels, through them
+        from rma.coordinator.cluster.relay import mount_relay
+
+        gateway.add_upstream(mount_relay(app, hub))
 
     models = Endpoint(gateway.models)
     openai = Endpoint(gateway.openai)

@@ -19,14 +19,15 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(pool: PoolDep, request: Request) -> dict[str, str]:
+async def readyz(pool: PoolDep, request: Request) -> dict[str, str | None]:
+    """Ready when the database answers; names this coordinator, the leader and its role."""
     guard = getattr(request.app.state, "connections", None)  # set when served by uvicorn
     why = guard.saturated() if guard is not None else None
     if why:
         raise APIError(503, f"the coordinator is saturated: {why}", "saturated")
     if not await anyio.to_thread.run_sync(ping, pool.engine):
         raise APIError(503, "the database is not reachable", "db_unreachable")
-    body = {"status": "ready"}
+    body: dict[str, str | None] = {"status": "ready", **pool.cluster.describe()}
     for part in getattr(request.app.state, "readiness", []):  # e.g. {"redis": "ok"}: never fails
         body.update(await part())
     return body

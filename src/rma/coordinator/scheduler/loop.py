@@ -8,7 +8,8 @@ Workers learn their part from the next heartbeat answer.
 
 It runs on every event that can change a placement (join, leave, offline, removal, drain,
 undrain, a service's health changing, a catalog reload) and every ``reconcile_interval``
-seconds (from the sweeper).
+seconds (from the sweeper).  With several coordinators each runs the passes its own events
+trigger (a join answered at once), while the periodic and scaling passes are the leader's alone.
 """
 
 from __future__ import annotations
@@ -138,6 +139,8 @@ class Scheduler:
 
         while True:
             await asyncio.sleep(self.pool.settings.scale_interval * random.uniform(0.9, 1.1))
+            if not self.pool.cluster.is_leader:
+                continue  # one scaler per pool: the leader's
             try:
                 inflight, queued = counts()
                 await anyio.to_thread.run_sync(self.scale, inflight, queued)
