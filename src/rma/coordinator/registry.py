@@ -64,6 +64,15 @@ class WorkerState:
     quarantined: bool = False
     #: Who donates it (``rma worker join --owner``); see ``trust.credits.owner_of``.
     owner: str = ""
+    #: The registry that indexes it by assignment (set by :meth:`Registry.put`).
+    registry: Registry | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name == "assignments":
+            registry = getattr(self, "registry", None)  # unset while __init__ runs
+            if registry is not None:
+                registry.reindex(self)  # whoever changes the assignments, the index follows
 
     @property
     def reputation(self) -> float:
@@ -174,17 +183,54 @@ def _dt(ts: float) -> datetime:
 
 
 class Registry:
+    """Every worker by id, and an index of who holds each service (so that choosing a worker for
+    a request costs the same with 10 workers or 10,000: only the service's holders are looked at).
+
+    The index follows ``WorkerState.assignments`` on its own: assigning the attribute (the
+    scheduler, a refresh from the database) re-indexes that worker.
+    """
+
     def __init__(self) -> None:
         self._workers: dict[str, WorkerState] = {}
+        #: service -> {worker id: state} of the workers whose assignments include it
+        self._holders: dict[str, dict[str, WorkerState]] = {}
+        #: worker id -> the services it is indexed under
+        self._indexed: dict[str, frozenset[str]] = {}
         self.lock = threading.RLock()
 
     def load(self, rows: Iterable[Worker]) -> None:
         with self.lock:
-            self._workers = {r.id: WorkerState.from_row(r) for r in rows}
+            for state in self._workers.values():
+                state.registry = None
+            self._workers, self._holders, self._indexed = {}, {}, {}
+            for r in rows:
+                self.put(WorkerState.from_row(r))
 
     def put(self, state: WorkerState) -> None:
         with self.lock:
+            old = self._workers.get(state.id)
+            if old is not None and old is not state:
+                old.registry = None
             self._workers[state.id] = state
+            state.registry = self
+            self.reindex(state)
+
+    def reindex(self, state: WorkerState) -> None:
+        """File ``state`` under the services it is assigned now (and no others)."""
+        with self.lock:
+            if self._workers.get(state.id) is not state:
+                return
+            now = frozenset(state.assignments)
+            before = self._indexed.get(state.id, frozenset())
+            for name in before - now:
+                holders = self._holders.get(name)
+                if holders is not None:
+                    holders.pop(state.id, None)
+                    if not holders:
+                        del self._holders[name]
+            for name in now:
+                self._holders.setdefault(name, {})[state.id] = state
+            self._indexed[state.id] = now
 
     def get(self, worker_id: str) -> WorkerState | None:
         return self._workers.get(worker_id)
@@ -193,8 +239,11 @@ class Registry:
         return list(self._workers.values())
 
     def routable(self, service: str) -> list[WorkerState]:
-        """Workers that may take a new request for ``service`` right now."""
-        return [w for w in list(self._workers.values()) if w.serves(service)]
+        """Workers that may take a new request for ``service`` right now (its holders only)."""
+        holders = self._holders.get(service)
+        if not holders:
+            return []
+        return [w for w in list(holders.values()) if w.serves(service)]
 
     def replica_counts(self, exclude: str | None = None) -> dict[str, int]:
         counts: dict[str, int] = {}
