@@ -209,6 +209,7 @@ class CoordinatorClient:
         self.admin_key = admin_key
         self.api_key = api_key
         self.credential = credential
+        self.verify = verify
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),

@@ -307,6 +307,20 @@ class CoordinatorSettings(_Base):
         "must be on the IP address the worker connects from (no SSRF).",
     )
 
+    connect_max_per_key: int = Field(
+        16,
+        ge=1,
+        description="Data tier: most TCP connections (rma connect) one API key may hold open.",
+    )
+    connect_max_connections: int = Field(
+        1024, ge=1, description="Data tier: most TCP connections the coordinator carries."
+    )
+    connect_max_message_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Data tier: largest WebSocket message a client may send (then closed, 1009).",
+    )
     connect_timeout: float = Field(
         5.0, gt=0, description="Gateway: seconds to connect to a worker."
     )

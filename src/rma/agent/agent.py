@@ -663,6 +663,7 @@ class Agent:
             credential=lambda: self.client.credential or "",
             endpoints=self.reconciler.local_endpoint,
             verify=self.verify,
+            tcp_endpoints=self.reconciler.local_tcp_endpoint,
         )
         return self.tunnel
 

@@ -160,6 +160,13 @@ class Reconciler:
             return None
         return self.endpoint(unit, "127.0.0.1")
 
+    def local_tcp_endpoint(self, service: str) -> tuple[str, int] | None:
+        """``(host, port)`` of a healthy ``kind = "tcp"`` service (for ``rma connect``)."""
+        unit = self.units.get(service)
+        if unit is None or not unit.healthy or unit.port is None or unit.spec.kind != "tcp":
+            return None
+        return "127.0.0.1", unit.port
+
     def statuses(self, inflight: Mapping[str, int] | None = None) -> list[ServiceStatus]:
         """Every unit's state for the heartbeat; ``inflight``: requests each serves right now
         (what the tunnel counts; the direct transport does not pass through the agent)."""

@@ -146,7 +146,21 @@ class ServiceSpec(BaseModel):
         default_factory=list, description="Python modules the process command imports."
     )
     port: int = Field(8000, ge=1, le=65535)
-    health: str = Field("/health", description='GET path answering 200 when ready, or "tcp".')
+    programs: list[str] = Field(
+        default_factory=list,
+        description="Programs the process command needs (on PATH, or in the system's "
+        "PostgreSQL directories); the process runtime cannot run it without them.",
+    )
+    health: str = Field(
+        "/health",
+        description='GET path answering 200 when ready; "tcp" (accepts connections); '
+        '"postgres" or "redis" (answers its protocol).',
+    )
+    connect_url: str | None = Field(
+        None,
+        description="kind tcp: the connection string a client uses through `rma connect`, "
+        "with {host} and {port} (e.g. redis://{host}:{port}).",
+    )
     gpu: bool = False
     replicas: int = Field(
         0, ge=0, description="The fewest copies in the pool; 0: on every worker that fits."

@@ -23,6 +23,7 @@ from rma.coordinator.credentials import KeyInfo
 from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
 from rma.coordinator.gateway.balancer import Balancer, Wish
+from rma.coordinator.gateway.connect import DataConnections
 from rma.coordinator.gateway.direct import DirectUpstream
 from rma.coordinator.gateway.headers import request_headers, response_header_allowed
 from rma.coordinator.gateway.ratelimit import RateLimiter
@@ -158,6 +159,8 @@ class Gateway:
         self.usage = UsageRecorder(pool.engine)
         self.verifier = Verifier(self)  # coordinator/trust: re-runs and compares answers
         self.ledger = Ledger(pool.engine, settings, pool.registry.all)  # trust: the credits
+        #: ``/api/services/{name}/connect`` (data services); set by ``mount``.
+        self.data: DataConnections
 
     def _capacity(self, service: str) -> int | None:
         spec = self.pool.catalog.get(service)
@@ -326,6 +329,13 @@ class Gateway:
             name = scope["path_params"]["service"]
             if name not in self.pool.catalog:
                 raise APIError(404, f"no service {name!r} in the catalog", "unknown_service")
+            if self.pool.catalog[name].kind == "tcp":
+                raise APIError(
+                    400,
+                    f"service {name!r} speaks TCP, not HTTP: reach it with `rma connect {name}` "
+                    f"or a WebSocket to /api/services/{name}/connect",
+                    "tcp_service",
+                )
             call.service = name
             await self._rate_limit(call)
             body = await read_body(receive)
