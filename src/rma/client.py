@@ -367,10 +367,14 @@ class CoordinatorClient:
             await self.request("DELETE", f"/api/admin/tokens/{_seg(token_id)}")
         )
 
-    async def create_key(self, name: str, rpm: int | None, owner: str = "") -> ApiKeyCreated:
+    async def create_key(
+        self, name: str, rpm: int | None, owner: str = "", services: list[str] | None = None
+    ) -> ApiKeyCreated:
         body: dict[str, Any] = {"name": name, "rpm": rpm}
         if owner:
             body["owner"] = owner
+        if services:
+            body["services"] = services
         return ApiKeyCreated.model_validate(
             await self.request("POST", "/api/admin/keys", json_body=body)
         )

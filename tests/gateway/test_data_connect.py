@@ -49,6 +49,15 @@ connect_url = "ghost://{host}:{port}"
 """
 
 
+def data_key(pool: Any, *services: str) -> str:
+    """A client key that names ``services`` (a data service needs a key that names it)."""
+    with pool.coord.admin() as c:
+        r = c.post("/api/admin/keys", json={"name": "data", "services": list(services)})
+        assert r.status_code == 201, r.text
+        assert r.json()["services"] == sorted(services)
+        return str(r.json()["key"])
+
+
 def need(program: str) -> None:
     if find_program(program) is None:
         pytest.skip(f"{program} is not installed (apt-get install postgresql redis-server)")
@@ -173,7 +182,7 @@ def test_postgres_and_redis_through_rma_connect(pool_factory, tmp_path, transpor
     need("redis-server")
     env = {"RMA_HEARTBEAT_INTERVAL": "1", "RMA_CONNECT_MAX_PER_KEY": "6"}
     pool = pool_factory(env=env, catalog_text=data_catalog())
-    key = pool.create_key(name="data")
+    key = data_key(pool, "postgres", "redis")
     agent = start_agent(pool, tmp_path, "data-a", transport)
     connects: list[Connect] = []
     try:
@@ -248,11 +257,13 @@ def _refusal(url: str, service: str, key: str | None) -> tuple[int, dict[str, An
 
 def test_connect_refusals(pool_factory, tmp_path) -> None:
     pool = pool_factory(catalog_text=data_catalog(GHOST))
-    url, key = pool.url, pool.api_key
+    url, key = pool.url, data_key(pool, "ghostdb")
     cases = {
         ("nosuch", key): (404, "unknown_service"),
         ("ocr", key): (400, "not_tcp_service"),
         ("ghostdb", key): (503, "no_worker"),
+        ("ghostdb", pool.api_key): (403, "service_not_allowed"),  # names no data service
+        ("ghostdb", data_key(pool, "redis")): (403, "service_not_allowed"),
         ("ghostdb", "rma_sk_not-a-real-key"): (401, "invalid_api_key"),
         ("ghostdb", None): (401, "missing_api_key"),
         ("ghostdb", pool.coord.admin_key): (403, "forbidden"),
@@ -261,6 +272,16 @@ def test_connect_refusals(pool_factory, tmp_path) -> None:
         got_status, body = _refusal(url, service, secret)
         assert (got_status, body["error"]["code"]) == (status, code), (service, body)
         assert body["error"]["message"]
+
+    # the key's scope holds on HTTP services too, and a key cannot name an unknown service
+    with pool.client(data_key(pool, "ghostdb")) as c:
+        r = c.get("/api/services/ocr/health")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "service_not_allowed", r.text
+    with pool.coord.admin() as c:
+        before = c.get("/api/admin/keys").json()
+        r = c.post("/api/admin/keys", json={"services": ["redis", "nosuch"]})
+        assert r.status_code == 422 and "nosuch" in r.json()["error"]["message"], r.text
+        assert c.get("/api/admin/keys").json() == before  # nothing was created
 
     # the CLI: one error line, exit 1, nothing listening
     for service, words in (("ghostdb", "no worker is running"), ("nosuch", "no service")):

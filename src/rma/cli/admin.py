@@ -326,16 +326,24 @@ def keys_create(
             "workers earned more credits go first."
         ),
     ] = "",
+    services: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated services the key may use (default: every one except the data "
+            "tier's, which `rma connect` reaches only with a key that names them)."
+        ),
+    ] = "",
     json: JsonOpt = False,
     coordinator: CoordinatorOpt = None,
     admin_key: AdminKeyOpt = None,
     ca_file: CaFileOpt = None,
 ) -> None:
     """Create a client API key; its secret is printed once."""
+    allowed = [n.strip() for n in services.split(",") if n.strip()] or None
 
     async def go() -> Any:
         async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
-            return await c.create_key(name, rpm, owner)
+            return await c.create_key(name, rpm, owner, allowed)
 
     k = run_async(go, json_mode=json)
     if json:
@@ -343,6 +351,7 @@ def keys_create(
         return
     out.print(k.key)
     owned = f", owner {k.owner}" if k.owner else ""
+    owned += f", services {', '.join(k.services)}" if k.services else ""
     err.print(
         f"API key {k.id} ({k.rpm or 'unlimited'} requests/min{owned}). It is shown only now: "
         "export RMA_API_KEY=<key>, or pass it as the openai SDK's api_key."
@@ -368,13 +377,14 @@ def keys_list(
         return
     table(
         None,
-        ["ID", "NAME", "OWNER", "RPM", "STATUS", "LAST USED"],
+        ["ID", "NAME", "OWNER", "RPM", "SERVICES", "STATUS", "LAST USED"],
         [
             [
                 k.id,
                 k.name,
                 k.owner or "-",
                 k.rpm or "∞",
+                ",".join(k.services) if k.services else "all but data",
                 coloured("revoked" if k.revoked else "active"),
                 ago(k.last_used_at),
             ]

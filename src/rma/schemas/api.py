@@ -398,6 +398,12 @@ class ApiKeyCreate(_Strict):
         "", max_length=64, description="The donor it belongs to: queued requests of owners "
         "who contributed more go first.",
     )  # fmt: skip
+    services: list[Annotated[str, Field(pattern=_NAME)]] | None = Field(
+        None,
+        max_length=64,
+        description="The services it may use (catalog names); unset: every service except the "
+        "data tier's (kind tcp), which a key must name to reach with rma connect.",
+    )
 
 
 class ApiKeyPublic(BaseModel):
@@ -405,6 +411,7 @@ class ApiKeyPublic(BaseModel):
     name: str
     rpm: int
     owner: str = ""
+    services: list[str] | None = None
     created_at: datetime
     revoked: bool
     last_used_at: datetime | None = None

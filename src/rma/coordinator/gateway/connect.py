@@ -259,6 +259,13 @@ class DataConnections:
         try:
             key = await self._key(scope)
             spec = self._spec(name)
+            if not key.allows(name, data=True):
+                raise APIError(
+                    403,
+                    f"this API key may not connect to {name!r}: a data service needs a key "
+                    f"that names it (rma admin keys create --services {name})",
+                    "service_not_allowed",
+                )
             await self.gateway.limiter.acquire(key.id, key.rpm)
             worker = self.holder(name)
         except APIError as exc:

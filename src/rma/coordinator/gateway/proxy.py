@@ -310,6 +310,7 @@ class Gateway:
             await self._rate_limit(call)
             body = await read_body(receive)
             call.service, call.affinity = self._route_body(scope, body)
+            self._check_scope(call)
             qs = scope.get("query_string", b"")
             path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
             await self._forward(call, scope, receive, send, path, body)
@@ -337,6 +338,7 @@ class Gateway:
                     "tcp_service",
                 )
             call.service = name
+            self._check_scope(call)
             await self._rate_limit(call)
             body = await read_body(receive)
             prefix = f"/api/services/{name}".encode()
@@ -378,6 +380,17 @@ class Gateway:
                 "model_not_found",
             )
         return self.balancer.least_loaded(services)
+
+    @staticmethod
+    def _check_scope(call: _Call) -> None:
+        """403 unless the key may use the routed service (``rma admin keys create --services``)."""
+        if call.key is not None and not call.key.allows(call.service):
+            raise APIError(
+                403,
+                f"this API key may not use service {call.service!r} (its services: "
+                f"{', '.join(sorted(call.key.services or ()))})",
+                "service_not_allowed",
+            )
 
     async def _rate_limit(self, call: _Call) -> None:
         if call.key is not None:

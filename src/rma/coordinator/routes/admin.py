@@ -111,8 +111,12 @@ def list_keys(_: AdminDep, pool: PoolDep) -> list[ApiKeyPublic]:
 
 @router.post("/keys", status_code=201)
 def create_key(body: ApiKeyCreate, _: AdminDep, pool: PoolDep) -> ApiKeyCreated:
-    created = pool.credentials.create_key(body.name, body.rpm, body.owner)
-    data = {"name": body.name, "owner": body.owner}
+    unknown = sorted(set(body.services or ()) - set(pool.catalog))
+    if unknown:
+        raise APIError(422, f"no service {', '.join(unknown)} in the catalog", "unknown_service")
+    services = sorted(set(body.services)) if body.services else None
+    created = pool.credentials.create_key(body.name, body.rpm, body.owner, services)
+    data = {"name": body.name, "owner": body.owner, "services": services}
     pool.events.emit("key_created", f"API key {created.id} created", data=data)
     return created
 
