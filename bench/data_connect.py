@@ -199,7 +199,8 @@ def pgbench_figures(port: int, seconds: int) -> dict[str, float] | None:
     )
     tps = re.search(r"tps = ([\d.]+)", res.stdout)
     lat = re.search(r"latency average = ([\d.]+) ms", res.stdout)
-    assert tps and lat, res.stdout
+    if tps is None or lat is None:
+        raise RuntimeError(f"pgbench said: {res.stdout[-500:]}")
     return {"pgbench_S_c4_tps": float(tps.group(1)), "pgbench_S_c4_latency_ms": float(lat.group(1))}
 
 
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             stack.start()
             redis_direct, pg_direct = stack.endpoint("redis"), stack.endpoint("postgres")
-            assert redis_direct and pg_direct
+            if not (redis_direct and pg_direct):
+                raise RuntimeError("the services report no endpoint")
             redis_fwd = int(stack.connect("redis")["port"])
             pg_fwd = int(stack.connect("postgres")["port"])
             pgbench = shutil.which("pgbench") or find_program("pgbench")

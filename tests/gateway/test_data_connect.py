@@ -64,7 +64,11 @@ def need(program: str) -> None:
 
 
 def start_agent(
-    pool: Any, tmp_path: Path, name: str, transport: str = "tunnel"
+    pool: Any,
+    tmp_path: Path,
+    name: str,
+    transport: str = "tunnel",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     args = ["--coordinator", pool.url, "--token", pool.coord.token(), "--name", name]
     args += ["--transport", transport, "--runtime", "process", "--catalog", str(pool.catalog)]
@@ -74,7 +78,7 @@ def start_agent(
             [sys.executable, "-m", "rma", "worker", "join", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "RMA_HEARTBEAT_INTERVAL": "1"},
+            env={**os.environ, "RMA_HEARTBEAT_INTERVAL": "1", **(env or {})},
         )
 
 

@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from rma.agent import backup
 from rma.agent.backoff import Backoff, jittered
 from rma.agent.health import probe, probe_client
 from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure, free_port
@@ -50,6 +51,8 @@ class Unit:
     since: float = field(default_factory=time.time)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     backoff: Backoff = field(default_factory=lambda: Backoff(1.0, 60.0))
+    #: This copy started from the pool's latest backup (a data service on a new holder).
+    restored: bool = False
 
     @property
     def name(self) -> str:
@@ -73,8 +76,11 @@ class Reconciler:
         restart_base: float = 1.0,
         restart_cap: float = 60.0,
         on_change: Callable[[Unit], None] | None = None,
+        fetch_backup: Callable[[ServiceSpec, Path], Awaitable[bool]] | None = None,
     ) -> None:
         self.runtime = runtime
+        #: Downloads the newest backup of a data service into a file (``False``: none yet).
+        self.fetch_backup = fetch_backup
         self.data_dir = data_dir
         self.advertise_host = advertise_host
         self.health_timeout = health_timeout
@@ -236,10 +242,14 @@ class Reconciler:
             self._set(unit, ServiceState.PULLING, line)
 
         await self.runtime.prepare(spec, progress)
+        data_dir = self.service_dir(spec.name)
+        restore = await self._fetch_restore(unit, data_dir)
         port = free_port()
         self._set(unit, ServiceState.STARTING, f"port {port}")
-        unit.handle = await self.runtime.start(spec, port, self.data_dir / "services" / spec.name)
+        unit.handle = await self.runtime.start(spec, port, data_dir)
         await self._wait_ready(unit)
+        if restore is not None:
+            await self._finish_restore(unit, data_dir, restore, port)
         self._set(unit, ServiceState.RUNNING, None, healthy=True)
         bad_since: float | None = None
         while True:
@@ -256,6 +266,44 @@ class Reconciler:
             self._set(unit, ServiceState.UNHEALTHY, seen)
             if now - bad_since > self.health_timeout:
                 raise _Crashed(f"unhealthy for {self.health_timeout:.0f}s ({seen})")
+
+    def service_dir(self, service: str) -> Path:
+        return self.data_dir / "services" / service
+
+    async def _fetch_restore(self, unit: Unit, data_dir: Path) -> Path | None:
+        """A data service's first start here: fetch its newest backup (restored before it is
+        reported healthy).  Fails (a crash, retried) when the coordinator cannot say: a fresh
+        start would hide the backup behind an empty copy."""
+        spec = unit.spec
+        method = backup.method_of(spec)
+        if self.fetch_backup is None or method is None or not backup.needs_restore(data_dir):
+            return None
+        dest = self.data_dir / "restore" / f"{spec.name}{method.suffix}"
+        backup.begin_restore(data_dir, dest)
+        self._set(unit, ServiceState.STARTING, "fetching its latest backup")
+        try:
+            found = await self.fetch_backup(spec, dest)
+        except Exception as exc:
+            raise _Crashed(f"cannot fetch its latest backup: {exc}") from None
+        if not found:
+            backup.end_restore(data_dir, None)
+            return None
+        if method.before_start:
+            backup.restore_before_start(spec, data_dir, dest)
+        log.warning("%s: restoring the pool's latest backup", spec.name)
+        return dest
+
+    async def _finish_restore(self, unit: Unit, data_dir: Path, src: Path, port: int) -> None:
+        method = backup.method_of(unit.spec)
+        assert method is not None
+        if not method.before_start:
+            self._set(unit, ServiceState.STARTING, "restoring its latest backup")
+            try:
+                await backup.restore_after_start(unit.spec, port, src)
+            except backup.BackupError as exc:
+                raise _Crashed(str(exc)) from None
+        backup.end_restore(data_dir, src)
+        unit.restored = True
 
     async def _wait_ready(self, unit: Unit) -> None:
         assert unit.handle is not None

@@ -449,6 +449,39 @@ def services(
     )
 
 
+@app.command()
+def backups(
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """The data services' backups in the coordinator's store, newest first per service."""
+
+    async def go() -> list[Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.backups()
+
+    rows = run_async(go, json_mode=json)
+    if json:
+        print_json(rows)
+        return
+    table(
+        None,
+        ["SERVICE", "TAKEN", "SIZE", "FROM WORKER", "SHA-256"],
+        [[b.service, ago(b.created_at), _size(b.size), b.worker, b.sha256[:16]] for b in rows],
+    )
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
 @catalog_app.command("reload")
 def catalog_reload(
     json: JsonOpt = False,

@@ -14,6 +14,7 @@ __all__ = [
     "ApiKeyCreate",
     "ApiKeyCreated",
     "ApiKeyPublic",
+    "BackupPublic",
     "Capabilities",
     "CreditBalance",
     "ErrorBody",
@@ -155,6 +156,11 @@ class ServiceSpec(BaseModel):
         "/health",
         description='GET path answering 200 when ready; "tcp" (accepts connections); '
         '"postgres" or "redis" (answers its protocol).',
+    )
+    backup: Literal["pg_dumpall", "redis-rdb"] | None = Field(
+        None,
+        description="How the agent backs it up for the coordinator's store and restores it on a "
+        'new holder: "pg_dumpall" (SQL of every database), "redis-rdb" (Redis SAVE, dump.rdb).',
     )
     connect_url: str | None = Field(
         None,
@@ -419,6 +425,17 @@ class ApiKeyPublic(BaseModel):
 
 class ApiKeyCreated(ApiKeyPublic):
     key: str = Field(description="The secret; shown once.")
+
+
+class BackupPublic(BaseModel):
+    """One backup in the coordinator's store (``rma admin backups``)."""
+
+    service: str
+    worker_id: str
+    worker: str
+    created_at: datetime
+    size: int
+    sha256: str
 
 
 class CreditBalance(BaseModel):

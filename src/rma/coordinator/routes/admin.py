@@ -16,6 +16,7 @@ from rma.schemas.api import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPublic,
+    BackupPublic,
     CreditBalance,
     EventPublic,
     TokenCreate,
@@ -102,6 +103,12 @@ def revoke_token(token_id: str, _: AdminDep, pool: PoolDep) -> TokenPublic:
     revoked = pool.credentials.revoke_token(token_id)
     pool.events.emit("token_revoked", f"join token {token_id} revoked")
     return revoked
+
+
+@router.get("/backups")
+def list_backups(_: AdminDep, request: Request) -> list[BackupPublic]:
+    """Every data-service backup kept, by service, newest first (``rma admin backups``)."""
+    return list(request.app.state.backups.list())
 
 
 @router.get("/keys")
