@@ -126,6 +126,17 @@ def test_a_holder_dies_and_the_next_one_restores(pool_factory, tmp_path) -> None
         listed = json.loads(res.stdout)
         assert {b["service"] for b in listed} == {"postgres", "redis"}
         assert all(b["size"] > 0 and len(b["sha256"]) == 64 for b in listed)
+        with pool.coord.admin() as c:
+            rows = {x["name"]: x for x in c.get("/api/admin/services").json()}
+        assert rows["postgres"]["holder"] == "data-b"
+        assert rows["postgres"]["last_backup"]["size"] > 0
+        assert "holder" not in rows["ocr"]  # only data services carry these
+        res = subprocess.run(
+            [sys.executable, "-m", "rma", "admin", "services", "--coordinator", pool.url,
+             "--admin-key", pool.coord.admin_key],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert "on data-b, " in res.stdout and "backup " in res.stdout, res.stdout
         wait_for("data-b's status file to say so", lambda: _restored(tmp_path / "data-b"), 30, logs)
     finally:
         for conn_proc in connects:

@@ -433,7 +433,7 @@ def services(
         return
     table(
         None,
-        ["SERVICE", "WANTED", "ASSIGNED", "HEALTHY", "IN FLIGHT", "QUEUED", "LAST SCALING"],
+        ["SERVICE", "WANTED", "ASSIGNED", "HEALTHY", "IN FLIGHT", "QUEUED", "LAST SCALING", "DATA"],
         [
             [
                 x["name"],
@@ -443,10 +443,24 @@ def services(
                 x["inflight"],
                 x["queued"],
                 x.get("last_scaling_event") or "-",
+                _data_cell(x),
             ]
             for x in rows
         ],
     )
+
+
+def _data_cell(row: dict[str, Any]) -> str:
+    """A data service's holder, open connections and last backup (``-`` for other services)."""
+    if "holder" not in row:
+        return "-"
+    backup = row.get("last_backup")
+    from datetime import datetime
+
+    when = "no backup"
+    if backup:
+        when = f"backup {ago(datetime.fromisoformat(backup['at']))}, {_size(backup['size'])}"
+    return f"on {row['holder'] or 'nobody'}, {row.get('connections', 0)} conn, {when}"
 
 
 @app.command()

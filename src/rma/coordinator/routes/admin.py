@@ -164,7 +164,19 @@ async def list_services(_: AdminDep, pool: PoolDep, request: Request) -> list[di
     if gateway is None:
         return pool.services()
     balancer = gateway.balancer
-    return pool.services(balancer.inflight_by_service(), balancer.queued_by_service())
+    rows = pool.services(balancer.inflight_by_service(), balancer.queued_by_service())
+    backups = request.app.state.backups.summary()
+    for row in rows:  # data services: where they live, connections open, the last backup
+        spec = pool.catalog.get(row["name"])
+        if spec is None or spec.kind != "tcp":
+            continue
+        try:
+            row["holder"] = gateway.data.holder(spec.name).name
+        except APIError:
+            row["holder"] = None
+        row["connections"] = gateway.data.by_service.get(spec.name, 0)
+        row["last_backup"] = backups.get(spec.name)
+    return rows
 
 
 @router.post("/catalog/reload")
