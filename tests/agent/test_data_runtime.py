@@ -144,3 +144,17 @@ async def test_probes_say_what_they_saw() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_copies_no_longer_assigned_are_retired(tmp_path: Path) -> None:
+    services = tmp_path / "services"
+    for name in ("postgres", "redis", "ocr"):
+        (services / name).mkdir(parents=True)
+        (services / name / "data").write_text(name)
+    backup.mark(services / "postgres")
+    backup.mark(services / "redis")
+    assert backup.retire_stale(services, keep={"redis"}) == ["postgres"]
+    assert (services / ".retired" / "postgres" / "data").read_text() == "postgres"
+    assert (services / "redis" / "data").exists()  # still assigned here
+    assert (services / "ocr" / "data").exists()  # not a data service: never touched
+    assert backup.needs_restore(services / "postgres")  # reassigned later: restore the newest

@@ -146,6 +146,45 @@ def test_a_holder_dies_and_the_next_one_restores(pool_factory, tmp_path) -> None
                 kill_machine(proc)
 
 
+def test_a_holder_that_leaves_hands_over_everything(pool_factory, tmp_path) -> None:
+    """A graceful leave (SIGTERM) takes a last backup before the hand-over: nothing is lost,
+    though the periodic backups are an hour apart."""
+    need("initdb")
+    need("redis-server")
+    import psycopg
+
+    env = {"RMA_HEARTBEAT_INTERVAL": "1", "RMA_OFFLINE_AFTER": "4", "RMA_SWEEP_INTERVAL": "1"}
+    pool = pool_factory(env=env, catalog_text=data_catalog())
+    key = data_key(pool, "postgres")
+    agent_env = {"RMA_BACKUP_INTERVAL": "3600"}
+    agents = {"data-a": start_agent(pool, tmp_path, "data-a", env=agent_env)}
+    logs = [tmp_path / "data-a.log", tmp_path / "data-b.log"]
+    pg: Connect | None = None
+    try:
+        wait_for("postgres on data-a", lambda: holder(pool, "postgres") == "data-a", 120, logs)
+        pg = Connect(pool, "postgres", key, tmp_path)
+        with psycopg.connect(pg.url, connect_timeout=20) as conn:
+            conn.execute("CREATE TABLE notes (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO notes SELECT generate_series(0, 999)")
+        assert newest_backup(pool, "postgres") is None  # no periodic backup yet
+
+        agents["data-b"] = start_agent(pool, tmp_path, "data-b", env=agent_env)
+        wait_for("data-b online", lambda: _online(pool, "data-b"), 60, logs)
+        agents["data-a"].terminate()  # a graceful leave: drain, last backup, hand over
+        assert agents["data-a"].wait(90) == 0
+        wait_for("postgres on data-b", lambda: holder(pool, "postgres") == "data-b", 120, logs)
+
+        with psycopg.connect(pg.url, connect_timeout=20) as conn:
+            count = conn.execute("SELECT count(*) FROM notes").fetchone()
+        assert count == (1000,)  # every row: nothing lost
+    finally:
+        if pg is not None:
+            pg.stop()
+        for proc in agents.values():
+            if proc.poll() is None:
+                kill_machine(proc)
+
+
 def _restored(data_dir: Path) -> bool:
     """data-b's own status (``rma worker status``): both copies started from a backup."""
     from rma.agent.state import load_status

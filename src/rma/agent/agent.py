@@ -716,6 +716,9 @@ class Agent:
         if self.draining:
             return
         self.draining = True
+        if self.settings.backup_interval > 0:  # a last backup: what the next holder restores
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.backup_once(), self.settings.drain_timeout)
         held = True
         with contextlib.suppress(RmaError, TimeoutError):
             held = bool((await asyncio.wait_for(self.heartbeat_once(), 10)).assignments)

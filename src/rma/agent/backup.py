@@ -24,6 +24,10 @@ from rma.schemas.api import ServiceSpec
 
 #: Left in a service's folder while a restore runs: found at the next start, the folder is wiped.
 RESTORING = ".rma-restoring"
+#: Marks the folder of a data service with a backup (its authoritative copy may move away).
+MARK = ".rma-data-service"
+#: Where the folders of data services no longer assigned here go (the newest of each is kept).
+RETIRED = ".retired"
 
 
 class BackupError(Exception):
@@ -53,7 +57,7 @@ def needs_restore(data_dir: Path) -> bool:
     if (data_dir / RESTORING).exists():
         shutil.rmtree(data_dir, ignore_errors=True)
         return True
-    return not data_dir.is_dir() or not any(data_dir.iterdir())
+    return not data_dir.is_dir() or all(p.name == MARK for p in data_dir.iterdir())
 
 
 def begin_restore(data_dir: Path, dest: Path) -> None:
@@ -61,6 +65,32 @@ def begin_restore(data_dir: Path, dest: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / RESTORING).touch()
     dest.parent.mkdir(parents=True, exist_ok=True)
+
+
+def mark(data_dir: Path) -> None:
+    """This folder holds a data service's copy (retired when it is no longer assigned here)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / MARK).touch()
+
+
+def retire_stale(services_dir: Path, keep: set[str]) -> list[str]:
+    """Move aside the copies of data services not assigned here any more (``keep``: those
+    that are): their authoritative copy lives on another holder now, and a stale copy must
+    never start again as if it were current (a later assignment restores the newest backup).
+    Returns the services retired."""
+    retired: list[str] = []
+    if not services_dir.is_dir():
+        return retired
+    for folder in services_dir.iterdir():
+        name = folder.name
+        if name.startswith(".") or name in keep or not (folder / MARK).exists():
+            continue
+        dest = services_dir / RETIRED / name
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        folder.rename(dest)
+        retired.append(name)
+    return retired
 
 
 def end_restore(data_dir: Path, src: Path | None) -> None:

@@ -121,6 +121,8 @@ class Reconciler:
             ]
             if doomed:
                 await self._stop_units(doomed, self.stop_timeout)
+            if self.fetch_backup is not None:
+                self._retire_stale()
             for name, spec in self.desired.items():
                 if name not in self.units:
                     unit = Unit(spec, backoff=Backoff(self.restart_base, self.restart_cap))
@@ -267,6 +269,13 @@ class Reconciler:
             if now - bad_since > self.health_timeout:
                 raise _Crashed(f"unhealthy for {self.health_timeout:.0f}s ({seen})")
 
+    def _retire_stale(self) -> None:
+        """Data services no longer assigned here: their folders move aside (never restarted
+        stale: a new assignment restores the newest backup)."""
+        keep = set(self.desired) | set(self.units)
+        for name in backup.retire_stale(self.data_dir / "services", keep):
+            log.warning("%s: no longer held here; its copy moved to services/.retired", name)
+
     def service_dir(self, service: str) -> Path:
         return self.data_dir / "services" / service
 
@@ -276,10 +285,14 @@ class Reconciler:
         start would hide the backup behind an empty copy."""
         spec = unit.spec
         method = backup.method_of(spec)
-        if self.fetch_backup is None or method is None or not backup.needs_restore(data_dir):
+        if self.fetch_backup is None or method is None:
+            return None
+        if not backup.needs_restore(data_dir):
+            backup.mark(data_dir)
             return None
         dest = self.data_dir / "restore" / f"{spec.name}{method.suffix}"
         backup.begin_restore(data_dir, dest)
+        backup.mark(data_dir)
         self._set(unit, ServiceState.STARTING, "fetching its latest backup")
         try:
             found = await self.fetch_backup(spec, dest)
