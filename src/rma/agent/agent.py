@@ -461,6 +461,7 @@ class Agent:
         log.warning("pausing: %s", reason)
         self.paused, self.pause_reason, self.pause_source = True, reason, source
         self.paused_at = time.time()
+        await self._last_backup()  # before the coordinator hears: the next holder restores it
         with contextlib.suppress(RmaError, TimeoutError):
             await asyncio.wait_for(self.heartbeat_once(), 10)  # no new requests from now on
         await self._wait_idle(self.settings.drain_timeout)
@@ -646,6 +647,13 @@ class Agent:
             await asyncio.sleep(jittered(self.settings.backup_interval, 0.1))
             await self.backup_once()
 
+    async def _last_backup(self) -> None:
+        """Before this worker lets its data services go (drain, leave, pause): one more backup,
+        the one their next holder restores (bounded by ``drain_timeout``)."""
+        if self.settings.backup_interval > 0:  # (only healthy services are backed up)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.backup_once(), self.settings.drain_timeout)
+
     async def backup_once(self) -> None:
         """One backup of each healthy data service with a catalog ``backup``, uploaded."""
         for unit in list(self.reconciler.units.values()):
@@ -716,9 +724,7 @@ class Agent:
         if self.draining:
             return
         self.draining = True
-        if self.settings.backup_interval > 0:  # a last backup: what the next holder restores
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.backup_once(), self.settings.drain_timeout)
+        await self._last_backup()
         held = True
         with contextlib.suppress(RmaError, TimeoutError):
             held = bool((await asyncio.wait_for(self.heartbeat_once(), 10)).assignments)

@@ -52,6 +52,11 @@ def connect(
                 "rma connect needs a client API key: --api-key or RMA_API_KEY "
                 "(rma admin keys create)",
             )
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            err.print(
+                f"warning: listening on {host}: anyone who reaches that address reaches "
+                f"{service} with this API key's rights"
+            )
         fw = Forwarder(base, key, service, host=host, port=port, verify=verify)
         info = await fw.check()
         bound = await fw.start()
