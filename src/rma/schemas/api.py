@@ -50,13 +50,15 @@ def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
 
 class _JsonNumbers(BaseModel):
     """Numbers in request bodies are JSON numbers: ``false`` or ``"5"`` is refused, not cast
-    (``4.0`` is an integer in JSON and stays accepted)."""
+    (``4.0`` is an integer in JSON and stays accepted); strings hold no NUL character."""
 
     @field_validator("*", mode="before")
     @classmethod
     def _numbers_only(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, (bool, str, bytes)) and info.field_name in _numeric_fields(cls):
             raise ValueError(f"must be a number, not {type(value).__name__}")
+        if isinstance(value, str) and "\x00" in value:  # PostgreSQL cannot store it: a 422
+            raise ValueError("must not contain NUL characters")
         return value
 
 
