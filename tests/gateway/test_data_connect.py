@@ -185,6 +185,7 @@ def test_postgres_and_redis_through_rma_connect(pool_factory, tmp_path, transpor
     need("initdb")
     need("redis-server")
     env = {"RMA_HEARTBEAT_INTERVAL": "1", "RMA_CONNECT_MAX_PER_KEY": "6"}
+    env["RMA_CONNECT_MAX_MESSAGE_BYTES"] = "65536"  # what rma connect sends at most
     pool = pool_factory(env=env, catalog_text=data_catalog())
     key = data_key(pool, "postgres", "redis")
     agent = start_agent(pool, tmp_path, "data-a", transport)
@@ -205,8 +206,10 @@ def test_postgres_and_redis_through_rma_connect(pool_factory, tmp_path, transpor
         assert rd.url == f"redis://127.0.0.1:{rd.info['port']}"
         redis_rounds(rd.url)
 
-        # the key's limit holds: 6 connections open, the 7th is refused with 429
+        # the key's limit holds: 6 connections open, the 7th is refused with 429; text and
+        # oversized messages close the connection with 1003 and 1009
         asyncio.run(_limit_per_key(pool.url, key, 6))
+        asyncio.run(_message_rules(pool.url, key))
 
         # HTTP to a TCP service says how to reach it instead
         with pool.client() as c:
@@ -243,6 +246,20 @@ async def _limit_per_key(url: str, key: str, limit: int) -> None:
         assert refused.value.response.status_code == 429
         body = json.loads(refused.value.response.body or b"{}")
         assert body["error"]["code"] == "too_many_connections"
+
+
+async def _message_rules(url: str, key: str) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    ws_url = url.replace("http://", "ws://") + "/api/services/redis/connect"
+    headers = {"Authorization": f"Bearer {key}"}
+    for message, code in (("PING\r\n", 1003), (b"x" * 70_000, 1009)):
+        async with connect(ws_url, additional_headers=headers) as ws:
+            await ws.send(message)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 20)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == code
 
 
 def _refusal(url: str, service: str, key: str | None) -> tuple[int, dict[str, Any]]:
