@@ -315,8 +315,9 @@ class CoordinatorClient:
         data: dict[str, Any] = resp.json()
         return data
 
-    async def download_backup(self, service: str, dest: Path) -> bool:
-        """The newest backup of ``service`` into ``dest``; ``False`` when there is none yet."""
+    async def download_backup(self, service: str, dest: Path, backup_id: str | None = None) -> bool:
+        """The newest backup of ``service`` (or ``backup_id``) into ``dest``; ``False`` when
+        there is none (yet)."""
         import anyio
 
         tmp = dest.with_name(dest.name + ".part")
@@ -324,6 +325,7 @@ class CoordinatorClient:
             async with self._http.stream(
                 "GET",
                 f"/api/worker/backups/{service}",
+                params={"id": backup_id} if backup_id else None,
                 headers=self._auth("worker"),
                 timeout=httpx.Timeout(600.0, connect=10.0),
             ) as resp:
@@ -429,6 +431,13 @@ class CoordinatorClient:
         return ApiKeyCreated.model_validate(
             await self.request("POST", "/api/admin/keys", json_body=body)
         )
+
+    async def restore(self, service: str, at: str | None = None) -> dict[str, Any]:
+        body = {"at": at} if at else {}
+        data: dict[str, Any] = await self.request(
+            "POST", f"/api/admin/backups/{quote(service, safe='')}/restore", json_body=body
+        )
+        return data
 
     async def backups(self) -> list[BackupPublic]:
         return [

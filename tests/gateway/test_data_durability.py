@@ -148,7 +148,8 @@ def test_a_holder_dies_and_the_next_one_restores(pool_factory, tmp_path) -> None
 
 def test_a_holder_that_leaves_hands_over_everything(pool_factory, tmp_path) -> None:
     """A graceful leave (SIGTERM) takes a last backup before the hand-over: nothing is lost,
-    though the periodic backups are an hour apart."""
+    though the periodic backups are an hour apart.  Then ``rma admin restore --at`` puts that
+    backup back on purpose, on the new holder."""
     need("initdb")
     need("redis-server")
     import psycopg
@@ -177,12 +178,44 @@ def test_a_holder_that_leaves_hands_over_everything(pool_factory, tmp_path) -> N
         with psycopg.connect(pg.url, connect_timeout=20) as conn:
             count = conn.execute("SELECT count(*) FROM notes").fetchone()
         assert count == (1000,)  # every row: nothing lost
+
+        # rma admin restore: back to that backup on purpose (the 500 rows after it go)
+        handed = newest_backup(pool, "postgres")
+        assert handed is not None and handed["worker"] == "data-a"
+        with psycopg.connect(pg.url, connect_timeout=20) as conn:
+            conn.execute("INSERT INTO notes SELECT generate_series(1000, 1499)")
+        res = subprocess.run(
+            [sys.executable, "-m", "rma", "admin", "restore", "postgres", "--at", handed["id"],
+             "--coordinator", pool.url, "--admin-key", pool.coord.admin_key],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert f"restores backup {handed['id']}" in res.stderr
+        wait_for("the restore on data-b", lambda: _count(pg.url) == 1000, 120, logs)
+        res = subprocess.run(
+            [sys.executable, "-m", "rma", "admin", "restore", "postgres", "--at", "0-nosuch",
+             "--coordinator", pool.url, "--admin-key", pool.coord.admin_key],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 1 and "no backup '0-nosuch'" in res.stderr, res.stderr
     finally:
         if pg is not None:
             pg.stop()
         for proc in agents.values():
             if proc.poll() is None:
                 kill_machine(proc)
+
+
+def _count(url: str) -> int | None:
+    """Rows in ``notes`` through rma connect; ``None`` while the database is being replaced."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            row = conn.execute("SELECT count(*) FROM notes").fetchone()
+    except psycopg.Error:
+        return None
+    return int(row[0]) if row else None
 
 
 def _restored(data_dir: Path) -> bool:

@@ -162,7 +162,7 @@ class Agent:
             health_timeout=settings.health_timeout,
             probe_interval=probe_interval,
             on_change=self._on_change,
-            fetch_backup=lambda spec, dest: self.client.download_backup(spec.name, dest),
+            fetch_backup=lambda spec, dest, bid: self.client.download_backup(spec.name, dest, bid),
         )
         #: The last backup of each data service sent to the coordinator: time, size or error.
         self.backups: dict[str, dict[str, Any]] = {}
@@ -399,6 +399,10 @@ class Agent:
             self.credits = {"credits": resp.credits, "escrow": resp.escrow or 0.0}
         accepted = self.accept(resp.assignments)
         if not self.stopping and not self.paused and self.reconciler.set_desired(accepted):
+            self._wake_reconcile.set()
+        for service, backup_id in resp.restore.items():  # rma admin restore
+            log.warning("the operator asked to restore %s from backup %s", service, backup_id)
+            self.reconciler.request_restore(service, backup_id)
             self._wake_reconcile.set()
         self.write_status()
         return resp

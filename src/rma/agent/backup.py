@@ -85,12 +85,19 @@ def retire_stale(services_dir: Path, keep: set[str]) -> list[str]:
         name = folder.name
         if name.startswith(".") or name in keep or not (folder / MARK).exists():
             continue
-        dest = services_dir / RETIRED / name
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        folder.rename(dest)
+        retire(folder)
         retired.append(name)
     return retired
+
+
+def retire(folder: Path) -> None:
+    """Move a service's folder to ``.retired/<service>`` beside it (replacing an older one)."""
+    if not folder.exists():
+        return
+    dest = folder.parent / RETIRED / folder.name
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(dest)
 
 
 def end_restore(data_dir: Path, src: Path | None) -> None:

@@ -76,11 +76,16 @@ class Reconciler:
         restart_base: float = 1.0,
         restart_cap: float = 60.0,
         on_change: Callable[[Unit], None] | None = None,
-        fetch_backup: Callable[[ServiceSpec, Path], Awaitable[bool]] | None = None,
+        fetch_backup: Callable[[ServiceSpec, Path, str | None], Awaitable[bool]] | None = None,
     ) -> None:
         self.runtime = runtime
-        #: Downloads the newest backup of a data service into a file (``False``: none yet).
+        #: Downloads a data service's backup (the newest, or the id given) into a file
+        #: (``False``: none).
         self.fetch_backup = fetch_backup
+        #: ``rma admin restore``: service -> the backup its copy here is replaced with; asked
+        #: (``pending``), then, once the copy is stopped and moved aside, to fetch (``armed``).
+        self.pending_restores: dict[str, str] = {}
+        self._armed_restores: dict[str, str] = {}
         self.data_dir = data_dir
         self.advertise_host = advertise_host
         self.health_timeout = health_timeout
@@ -123,6 +128,7 @@ class Reconciler:
                 await self._stop_units(doomed, self.stop_timeout)
             if self.fetch_backup is not None:
                 self._retire_stale()
+                await self._replace_restored()
             for name, spec in self.desired.items():
                 if name not in self.units:
                     unit = Unit(spec, backoff=Backoff(self.restart_base, self.restart_cap))
@@ -269,6 +275,24 @@ class Reconciler:
             if now - bad_since > self.health_timeout:
                 raise _Crashed(f"unhealthy for {self.health_timeout:.0f}s ({seen})")
 
+    def request_restore(self, service: str, backup_id: str) -> None:
+        """Replace this worker's copy of ``service`` with backup ``backup_id`` (at the next
+        :meth:`run_once`: stop it, move its folder aside, start it from that backup)."""
+        self.pending_restores[service] = backup_id
+
+    async def _replace_restored(self) -> None:
+        for name in list(self.pending_restores):
+            unit = self.units.get(name)
+            if unit is None or name not in self.desired:
+                log.warning("%s: asked to restore a backup, but it does not run here", name)
+                self.pending_restores.pop(name, None)
+                continue
+            backup_id = self.pending_restores.pop(name)
+            log.warning("%s: replacing its copy with backup %s", name, backup_id)
+            await self._stop_units([unit], self.stop_timeout)
+            backup.retire(self.service_dir(name))
+            self._armed_restores[name] = backup_id
+
     def _retire_stale(self) -> None:
         """Data services no longer assigned here: their folders move aside (never restarted
         stale: a new assignment restores the newest backup)."""
@@ -293,9 +317,13 @@ class Reconciler:
         dest = self.data_dir / "restore" / f"{spec.name}{method.suffix}"
         backup.begin_restore(data_dir, dest)
         backup.mark(data_dir)
-        self._set(unit, ServiceState.STARTING, "fetching its latest backup")
+        wanted = self._armed_restores.pop(spec.name, None)
+        self._set(unit, ServiceState.STARTING, f"fetching backup {wanted or '(the newest)'}")
         try:
-            found = await self.fetch_backup(spec, dest)
+            found = await self.fetch_backup(spec, dest, wanted)
+            if not found and wanted is not None:  # no longer kept: the newest, never empty
+                log.warning("%s: backup %s is gone; restoring the newest", spec.name, wanted)
+                found = await self.fetch_backup(spec, dest, None)
         except Exception as exc:
             raise _Crashed(f"cannot fetch its latest backup: {exc}") from None
         if not found:

@@ -487,6 +487,35 @@ def backups(
     )
 
 
+@app.command()
+def restore(
+    service: Annotated[str, typer.Argument(help="A data service with a backup: postgres, redis.")],
+    at: Annotated[
+        str | None,
+        typer.Option(help="The backup's id (rma admin backups --json); default: the newest."),
+    ] = None,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Replace a data service's copy on its holder with a backup (its connections are cut)."""
+
+    async def go() -> dict[str, Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.restore(service, at)
+
+    done = run_async(go, json_mode=json)
+    if json:
+        print_json(done)
+        return
+    b = done["backup"]
+    err.print(
+        f"{service} on worker {done['worker']} restores backup {b['id']} (taken "
+        f"{b['created_at']}, {_size(int(b['size']))}) at its next heartbeat"
+    )
+
+
 def _size(n: int) -> str:
     size = float(n)
     for unit in ("B", "KB", "MB"):

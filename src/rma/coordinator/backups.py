@@ -65,6 +65,7 @@ class BackupStore:
             if size == 0:
                 raise APIError(400, "an empty backup", "empty_backup")
             info = BackupPublic(
+                id=stem,
                 service=service,
                 worker_id=worker_id,
                 worker=worker,
@@ -111,6 +112,14 @@ class BackupStore:
         folder = self._dir(service)
         entries = self._entries(folder) if folder.is_dir() else []
         return entries[0] if entries else None
+
+    def get(self, service: str, backup_id: str | None) -> tuple[Path, BackupPublic] | None:
+        """The backup ``backup_id`` of ``service`` (``None``: the newest), if it is kept."""
+        if backup_id is None:
+            return self.latest(service)
+        folder = self._dir(service)
+        entries = self._entries(folder) if folder.is_dir() else []
+        return next((e for e in entries if e[1].id == backup_id), None)
 
     def summary(self) -> dict[str, dict[str, object]]:
         """The newest backup of each service: time and size (``rma admin services``, stats)."""

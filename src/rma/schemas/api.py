@@ -27,6 +27,7 @@ __all__ = [
     "RegisterRequest",
     "RegisterResponse",
     "Resources",
+    "RestoreRequest",
     "ServiceSpec",
     "ServiceStatus",
     "TokenCreate",
@@ -332,6 +333,11 @@ class HeartbeatResponse(BaseModel):
         None, description="This worker's credits in the ledger (the donor's own, for status)."
     )
     escrow: float | None = Field(None, description="This worker's credits held in escrow.")
+    restore: dict[str, str] = Field(
+        default_factory=dict,
+        description="Data services to restore now (rma admin restore): service -> backup id; "
+        "sent once.",
+    )
 
 
 class WorkerPublic(BaseModel):
@@ -432,12 +438,19 @@ class ApiKeyCreated(ApiKeyPublic):
 class BackupPublic(BaseModel):
     """One backup in the coordinator's store (``rma admin backups``)."""
 
+    id: str = Field(description="<taken, ms since the epoch>-<worker id>: rma admin restore --at.")
     service: str
     worker_id: str
     worker: str
     created_at: datetime
     size: int
     sha256: str
+
+
+class RestoreRequest(_Strict):
+    at: str | None = Field(
+        None, max_length=100, description="The backup's id (rma admin backups); unset: newest."
+    )
 
 
 class CreditBalance(BaseModel):

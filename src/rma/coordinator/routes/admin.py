@@ -19,6 +19,7 @@ from rma.schemas.api import (
     BackupPublic,
     CreditBalance,
     EventPublic,
+    RestoreRequest,
     TokenCreate,
     TokenCreated,
     TokenPublic,
@@ -109,6 +110,34 @@ def revoke_token(token_id: str, _: AdminDep, pool: PoolDep) -> TokenPublic:
 def list_backups(_: AdminDep, request: Request) -> list[BackupPublic]:
     """Every data-service backup kept, by service, newest first (``rma admin backups``)."""
     return list(request.app.state.backups.list())
+
+
+@router.post("/backups/{service}/restore")
+def restore_backup(
+    service: str, body: RestoreRequest, _: AdminDep, pool: PoolDep, request: Request
+) -> dict[str, Any]:
+    """``rma admin restore``: the service's holder replaces its copy with a backup (the newest,
+    or ``at``), told in its next heartbeat answer; its connections are cut meanwhile."""
+    spec = pool.catalog.get(service)
+    if spec is None or spec.backup is None:
+        raise APIError(404, f"service {service!r} has no backup in the catalog", "not_found")
+    found = request.app.state.backups.get(service, body.at)
+    if found is None:
+        which = f"backup {body.at!r}" if body.at else "backup"
+        raise APIError(404, f"no {which} of {service!r} (rma admin backups)", "no_backup")
+    info: BackupPublic = found[1]
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is None:
+        raise APIError(503, "this coordinator has no gateway", "unavailable")
+    holder = gateway.data.holder(service)  # 503 no_worker when nobody holds it healthy
+    pool.restores.setdefault(holder.id, {})[service] = info.id
+    pool.events.emit(
+        "restore_requested",
+        f"{service} on worker {holder.name} restores backup {info.id}",
+        holder.id,
+        data={"service": service, "backup": info.id},
+    )
+    return {"service": service, "worker": holder.name, "backup": info.model_dump(mode="json")}
 
 
 @router.get("/keys")

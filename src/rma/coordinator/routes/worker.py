@@ -72,15 +72,18 @@ async def upload_backup(
 
 
 @router.get("/backups/{service}", response_class=FileResponse)
-def latest_backup(service: str, who: WorkerDep, pool: PoolDep, request: Request) -> FileResponse:
+def latest_backup(
+    service: str, who: WorkerDep, pool: PoolDep, request: Request, id: str | None = None
+) -> FileResponse:
     """The newest backup of a service assigned to this worker (to restore before it is
-    healthy); 404 ``no_backup`` when there is none yet."""
+    healthy), or the one ``id`` names; 404 ``no_backup`` when there is none (yet)."""
     state, _ = who
     _backed_up(pool, state, service)
     store: BackupStore = request.app.state.backups
-    found = store.latest(service)
+    found = store.get(service, id)
     if found is None:
-        raise APIError(404, f"no backup of {service!r} yet", "no_backup")
+        which = f"backup {id!r}" if id else "backup"
+        raise APIError(404, f"no {which} of {service!r}", "no_backup")
     path, info = found
     return FileResponse(
         path,
