@@ -19,6 +19,7 @@ from rma import __version__
 from rma.schemas.api import (
     ApiKeyCreated,
     ApiKeyPublic,
+    BackupPublic,
     CreditBalance,
     EventPublic,
     HeartbeatRequest,
@@ -246,6 +247,7 @@ class CoordinatorClient:
         self.admin_key = admin_key
         self.api_key = api_key
         self.credential = credential
+        self.verify = verify
         self._http = httpx.AsyncClient(
             base_url=self.urls.current,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
@@ -355,6 +357,58 @@ class CoordinatorClient:
         self.credential = resp.credential
         return resp
 
+    async def upload_backup(self, service: str, path: Path) -> dict[str, Any]:
+        """Send a data service's backup file to the coordinator's store (worker role)."""
+
+        import anyio
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async with await anyio.open_file(path, "rb") as fh:
+                while chunk := await fh.read(256 * 1024):
+                    yield chunk
+
+        try:
+            resp = await self._http.put(
+                f"/api/worker/backups/{service}",
+                content=chunks(),
+                headers={**self._auth("worker"), "content-type": "application/octet-stream"},
+                timeout=httpx.Timeout(600.0, connect=10.0),
+            )
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.base_url) from None
+        if resp.status_code >= 400:
+            raise error_from_response(resp)
+        data: dict[str, Any] = resp.json()
+        return data
+
+    async def download_backup(self, service: str, dest: Path, backup_id: str | None = None) -> bool:
+        """The newest backup of ``service`` (or ``backup_id``) into ``dest``; ``False`` when
+        there is none (yet)."""
+        import anyio
+
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            async with self._http.stream(
+                "GET",
+                f"/api/worker/backups/{service}",
+                params={"id": backup_id} if backup_id else None,
+                headers=self._auth("worker"),
+                timeout=httpx.Timeout(600.0, connect=10.0),
+            ) as resp:
+                if resp.status_code == 404:  # none yet, or no backup in the coordinator's catalog
+                    return False
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise error_from_response(resp)
+                async with await anyio.open_file(tmp, "wb") as fh:
+                    async for chunk in resp.aiter_bytes():
+                        await fh.write(chunk)
+        except httpx.HTTPError as exc:
+            tmp.unlink(missing_ok=True)
+            raise transport_error(exc, self.base_url) from None
+        tmp.replace(dest)
+        return True
+
     async def heartbeat(self, req: HeartbeatRequest) -> HeartbeatResponse:
         data = await self.request(
             "POST",
@@ -433,13 +487,29 @@ class CoordinatorClient:
             await self.request("DELETE", f"/api/admin/tokens/{_seg(token_id)}")
         )
 
-    async def create_key(self, name: str, rpm: int | None, owner: str = "") -> ApiKeyCreated:
+    async def create_key(
+        self, name: str, rpm: int | None, owner: str = "", services: list[str] | None = None
+    ) -> ApiKeyCreated:
         body: dict[str, Any] = {"name": name, "rpm": rpm}
         if owner:
             body["owner"] = owner
+        if services:
+            body["services"] = services
         return ApiKeyCreated.model_validate(
             await self.request("POST", "/api/admin/keys", json_body=body)
         )
+
+    async def restore(self, service: str, at: str | None = None) -> dict[str, Any]:
+        body = {"at": at} if at else {}
+        data: dict[str, Any] = await self.request(
+            "POST", f"/api/admin/backups/{quote(service, safe='')}/restore", json_body=body
+        )
+        return data
+
+    async def backups(self) -> list[BackupPublic]:
+        return [
+            BackupPublic.model_validate(b) for b in await self.request("GET", "/api/admin/backups")
+        ]
 
     async def keys(self) -> list[ApiKeyPublic]:
         return [

@@ -325,6 +325,28 @@ class CoordinatorSettings(_Base):
         "must be on the IP address the worker connects from (no SSRF).",
     )
 
+    backup_keep: int = Field(
+        5, ge=1, description="Data tier: backups kept per service in the coordinator's store."
+    )
+    max_backup_bytes: int = Field(
+        1024**3,
+        ge=1024,
+        description="Data tier: largest backup a worker may upload (then 413).",
+    )
+    connect_max_per_key: int = Field(
+        16,
+        ge=1,
+        description="Data tier: most TCP connections (rma connect) one API key may hold open.",
+    )
+    connect_max_connections: int = Field(
+        1024, ge=1, description="Data tier: most TCP connections the coordinator carries."
+    )
+    connect_max_message_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Data tier: largest WebSocket message a client may send (then closed, 1009).",
+    )
     connect_timeout: float = Field(
         5.0, gt=0, description="Gateway: seconds to connect to a worker."
     )
@@ -606,6 +628,12 @@ class WorkerSettings(_Base):
     )
     drain_timeout: float = Field(
         30.0, ge=0, description="Seconds to let in-flight requests finish on leave or pause."
+    )
+    backup_interval: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds between backups of each data service with a catalog `backup` "
+        "(the RPO: what a holder's loss can cost); 0: none.",
     )
     check_interval: float = Field(
         5.0,

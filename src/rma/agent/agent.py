@@ -36,6 +36,7 @@ from typing import Any, Self
 import psutil
 
 from rma import __version__
+from rma.agent import backup
 from rma.agent.backoff import Backoff, jittered
 from rma.agent.gpu import Nvml
 from rma.agent.pause import load_pause
@@ -161,7 +162,10 @@ class Agent:
             health_timeout=settings.health_timeout,
             probe_interval=probe_interval,
             on_change=self._on_change,
+            fetch_backup=lambda spec, dest, bid: self.client.download_backup(spec.name, dest, bid),
         )
+        #: The last backup of each data service sent to the coordinator: time, size or error.
+        self.backups: dict[str, dict[str, Any]] = {}
         self.identity: Identity | None = None
         self.worker_id: str | None = None
         #: The gateway API key for this worker's pool-calling services (None: not needed).
@@ -398,6 +402,10 @@ class Agent:
         accepted = self.accept(resp.assignments)
         if not self.stopping and not self.paused and self.reconciler.set_desired(accepted):
             self._wake_reconcile.set()
+        for service, backup_id in resp.restore.items():  # rma admin restore
+            log.warning("the operator asked to restore %s from backup %s", service, backup_id)
+            self.reconciler.request_restore(service, backup_id)
+            self._wake_reconcile.set()
         self.write_status()
         return resp
 
@@ -459,6 +467,7 @@ class Agent:
         log.warning("pausing: %s", reason)
         self.paused, self.pause_reason, self.pause_source = True, reason, source
         self.paused_at = time.time()
+        await self._last_backup()  # before the coordinator hears: the next holder restores it
         with contextlib.suppress(RmaError, TimeoutError):
             await asyncio.wait_for(self.heartbeat_once(), 10)  # no new requests from now on
         await self._wait_idle(self.settings.drain_timeout)
@@ -555,6 +564,8 @@ class Agent:
                     tg.create_task(self._reconcile_loop(), name="rma:reconcile"),
                     tg.create_task(self._check_loop(), name="rma:donor"),
                 ]
+                if self.settings.backup_interval > 0:
+                    loops.append(tg.create_task(self._backup_loop(), name="rma:backup"))
                 tunnel = self._make_tunnel()
                 carrier = None
                 if tunnel is not None:
@@ -636,6 +647,41 @@ class Agent:
             except Exception:
                 log.exception("the pause check failed; trying again")
 
+    async def _backup_loop(self) -> None:
+        """Every ``backup_interval``: back up each healthy data service to the coordinator."""
+        while not self.stopping:
+            await asyncio.sleep(jittered(self.settings.backup_interval, 0.1))
+            await self.backup_once()
+
+    async def _last_backup(self) -> None:
+        """Before this worker lets its data services go (drain, leave, pause): one more backup,
+        the one their next holder restores (bounded by ``drain_timeout``)."""
+        if self.settings.backup_interval > 0:  # (only healthy services are backed up)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.backup_once(), self.settings.drain_timeout)
+
+    async def backup_once(self) -> None:
+        """One backup of each healthy data service with a catalog ``backup``, uploaded."""
+        for unit in list(self.reconciler.units.values()):
+            method = backup.method_of(unit.spec)
+            if method is None or not unit.healthy or unit.port is None:
+                continue
+            folder = self.data_dir / "backups"
+            dest = folder / f"{unit.name}{method.suffix}"
+            try:
+                await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+                await backup.take(
+                    unit.spec, unit.port, self.reconciler.service_dir(unit.name), dest
+                )
+                info = await self.client.upload_backup(unit.name, dest)
+                self.backups[unit.name] = {"at": time.time(), "size": info.get("size")}
+            except (backup.BackupError, RmaError, OSError) as exc:
+                message = exc.message if isinstance(exc, RmaError) else str(exc)
+                self.backups[unit.name] = {"at": time.time(), "error": message}
+                log.warning("backup of %s failed: %s", unit.name, message)
+            finally:
+                await asyncio.to_thread(dest.unlink, missing_ok=True)
+
     async def _keep(self, fn: Callable[[], Awaitable[None]], what: str) -> None:
         """Run ``fn`` forever: restart it with backoff when it ends or fails."""
         backoff = Backoff(1.0, 60.0)
@@ -666,6 +712,7 @@ class Agent:
             endpoints=self.reconciler.local_endpoint,
             verify=self.verify,
             on_failover=self._failed_over,
+            tcp_endpoints=self.reconciler.local_tcp_endpoint,
         )
         return self.tunnel
 
@@ -689,6 +736,7 @@ class Agent:
         if self.draining:
             return
         self.draining = True
+        await self._last_backup()
         held = True
         with contextlib.suppress(RmaError, TimeoutError):
             held = bool((await asyncio.wait_for(self.heartbeat_once(), 10)).assignments)
@@ -778,6 +826,8 @@ class Agent:
                     **s.model_dump(mode="json"),
                     "port": units[s.name].port if s.name in units else None,
                     "restarts": units[s.name].restarts if s.name in units else 0,
+                    "restored": units[s.name].restored if s.name in units else False,
+                    "backup": self.backups.get(s.name),
                 }
                 for s in self.service_statuses()
             ],

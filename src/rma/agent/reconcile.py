@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from rma.agent import backup
 from rma.agent.backoff import Backoff, jittered
 from rma.agent.health import probe, probe_client
 from rma.agent.model_pull import PullFailed, pull_ollama
@@ -51,6 +52,8 @@ class Unit:
     since: float = field(default_factory=time.time)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     backoff: Backoff = field(default_factory=lambda: Backoff(1.0, 60.0))
+    #: This copy started from the pool's latest backup (a data service on a new holder).
+    restored: bool = False
 
     @property
     def name(self) -> str:
@@ -74,8 +77,16 @@ class Reconciler:
         restart_base: float = 1.0,
         restart_cap: float = 60.0,
         on_change: Callable[[Unit], None] | None = None,
+        fetch_backup: Callable[[ServiceSpec, Path, str | None], Awaitable[bool]] | None = None,
     ) -> None:
         self.runtime = runtime
+        #: Downloads a data service's backup (the newest, or the id given) into a file
+        #: (``False``: none).
+        self.fetch_backup = fetch_backup
+        #: ``rma admin restore``: service -> the backup its copy here is replaced with; asked
+        #: (``pending``), then, once the copy is stopped and moved aside, to fetch (``armed``).
+        self.pending_restores: dict[str, str] = {}
+        self._armed_restores: dict[str, str] = {}
         self.data_dir = data_dir
         self.advertise_host = advertise_host
         self.health_timeout = health_timeout
@@ -116,6 +127,9 @@ class Reconciler:
             ]
             if doomed:
                 await self._stop_units(doomed, self.stop_timeout)
+            if self.fetch_backup is not None:
+                self._retire_stale()
+                await self._replace_restored()
             for name, spec in self.desired.items():
                 if name not in self.units:
                     unit = Unit(spec, backoff=Backoff(self.restart_base, self.restart_cap))
@@ -160,6 +174,13 @@ class Reconciler:
         if unit is None or not unit.healthy:
             return None
         return self.endpoint(unit, "127.0.0.1")
+
+    def local_tcp_endpoint(self, service: str) -> tuple[str, int] | None:
+        """``(host, port)`` of a healthy ``kind = "tcp"`` service (for ``rma connect``)."""
+        unit = self.units.get(service)
+        if unit is None or not unit.healthy or unit.port is None or unit.spec.kind != "tcp":
+            return None
+        return "127.0.0.1", unit.port
 
     def statuses(self, inflight: Mapping[str, int] | None = None) -> list[ServiceStatus]:
         """Every unit's state for the heartbeat; ``inflight``: requests each serves right now
@@ -230,10 +251,14 @@ class Reconciler:
             self._set(unit, ServiceState.PULLING, line)
 
         await self.runtime.prepare(spec, progress)
+        data_dir = self.service_dir(spec.name)
+        restore = await self._fetch_restore(unit, data_dir)
         port = free_port()
         self._set(unit, ServiceState.STARTING, f"port {port}")
-        unit.handle = await self.runtime.start(spec, port, self.data_dir / "services" / spec.name)
+        unit.handle = await self.runtime.start(spec, port, data_dir)
         await self._wait_ready(unit)
+        if restore is not None:
+            await self._finish_restore(unit, data_dir, restore, port)
         if spec.model_pull == "ollama":
             for model in spec.models:
                 self._set(unit, ServiceState.PULLING, f"pulling {model}")
@@ -257,6 +282,77 @@ class Reconciler:
             self._set(unit, ServiceState.UNHEALTHY, seen)
             if now - bad_since > self.health_timeout:
                 raise _Crashed(f"unhealthy for {self.health_timeout:.0f}s ({seen})")
+
+    def request_restore(self, service: str, backup_id: str) -> None:
+        """Replace this worker's copy of ``service`` with backup ``backup_id`` (at the next
+        :meth:`run_once`: stop it, move its folder aside, start it from that backup)."""
+        self.pending_restores[service] = backup_id
+
+    async def _replace_restored(self) -> None:
+        for name in list(self.pending_restores):
+            unit = self.units.get(name)
+            if unit is None or name not in self.desired:
+                log.warning("%s: asked to restore a backup, but it does not run here", name)
+                self.pending_restores.pop(name, None)
+                continue
+            backup_id = self.pending_restores.pop(name)
+            log.warning("%s: replacing its copy with backup %s", name, backup_id)
+            await self._stop_units([unit], self.stop_timeout)
+            backup.retire(self.service_dir(name))
+            self._armed_restores[name] = backup_id
+
+    def _retire_stale(self) -> None:
+        """Data services no longer assigned here: their folders move aside (never restarted
+        stale: a new assignment restores the newest backup)."""
+        keep = set(self.desired) | set(self.units)
+        for name in backup.retire_stale(self.data_dir / "services", keep):
+            log.warning("%s: no longer held here; its copy moved to services/.retired", name)
+
+    def service_dir(self, service: str) -> Path:
+        return self.data_dir / "services" / service
+
+    async def _fetch_restore(self, unit: Unit, data_dir: Path) -> Path | None:
+        """A data service's first start here: fetch its newest backup (restored before it is
+        reported healthy).  Fails (a crash, retried) when the coordinator cannot say: a fresh
+        start would hide the backup behind an empty copy."""
+        spec = unit.spec
+        method = backup.method_of(spec)
+        if self.fetch_backup is None or method is None:
+            return None
+        if not backup.needs_restore(data_dir):
+            backup.mark(data_dir)
+            return None
+        dest = self.data_dir / "restore" / f"{spec.name}{method.suffix}"
+        backup.begin_restore(data_dir, dest)
+        backup.mark(data_dir)
+        wanted = self._armed_restores.pop(spec.name, None)
+        self._set(unit, ServiceState.STARTING, f"fetching backup {wanted or '(the newest)'}")
+        try:
+            found = await self.fetch_backup(spec, dest, wanted)
+            if not found and wanted is not None:  # no longer kept: the newest, never empty
+                log.warning("%s: backup %s is gone; restoring the newest", spec.name, wanted)
+                found = await self.fetch_backup(spec, dest, None)
+        except Exception as exc:
+            raise _Crashed(f"cannot fetch its latest backup: {exc}") from None
+        if not found:
+            backup.end_restore(data_dir, None)
+            return None
+        if method.before_start:
+            backup.restore_before_start(spec, data_dir, dest)
+        log.warning("%s: restoring the pool's latest backup", spec.name)
+        return dest
+
+    async def _finish_restore(self, unit: Unit, data_dir: Path, src: Path, port: int) -> None:
+        method = backup.method_of(unit.spec)
+        assert method is not None
+        if not method.before_start:
+            self._set(unit, ServiceState.STARTING, "restoring its latest backup")
+            try:
+                await backup.restore_after_start(unit.spec, port, src)
+            except backup.BackupError as exc:
+                raise _Crashed(str(exc)) from None
+        backup.end_restore(data_dir, src)
+        unit.restored = True
 
     async def _wait_ready(self, unit: Unit) -> None:
         assert unit.handle is not None

@@ -34,6 +34,7 @@ from rma.tunnel.frames import (
     headers_from_json,
 )
 from rma.tunnel.mux import Mux
+from rma.tunnel.pipe import splice
 from rma.tunnel.stream import Stream, StreamReset, TunnelClosed
 
 log = logging.getLogger("rma.agent.tunnel")
@@ -68,6 +69,7 @@ class TunnelClient:
         backoff: Backoff | None = None,
         refresh_interval: float | None = 5.0,
         on_failover: Callable[[str], None] | None = None,
+        tcp_endpoints: Callable[[str], tuple[str, int] | None] | None = None,
     ) -> None:
         #: The coordinators (one, or several to fail over between, shared with the agent's
         #: client); a connection that cannot be made moves the tunnel to the next at once.
@@ -82,6 +84,10 @@ class TunnelClient:
         self.on_failover = on_failover
         self._credential = credential
         self._endpoints = endpoints
+        #: ``(host, port)`` of a healthy ``kind = "tcp"`` service (``rma connect``), else None.
+        self._tcp_endpoints = tcp_endpoints
+        #: TCP connections (``rma connect``) open through the tunnel right now.
+        self.tcp_connections = 0
         self._ssl = _ssl_context(verify) if self.url.startswith("wss:") else None
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -230,6 +236,9 @@ class TunnelClient:
             if not path.startswith("/"):
                 await stream.reset("bad_request", f"path must start with '/': {path!r}")
                 return
+            if head.get("tcp") is True:
+                await self._pipe(stream, service)
+                return
             base = self._endpoints(service)
             if base is None:
                 await stream.reset(
@@ -247,6 +256,26 @@ class TunnelClient:
             log.exception("tunnel: request failed")
             with contextlib.suppress(Exception):
                 await stream.reset("internal", f"{type(exc).__name__}: {exc}")
+
+    async def _pipe(self, stream: Stream, service: str) -> None:
+        """A TCP connection to a data service: connect locally, then copy bytes both ways."""
+        target = self._tcp_endpoints(service) if self._tcp_endpoints is not None else None
+        if target is None:
+            await stream.reset("no_service", f"no healthy TCP service {service} on this worker")
+            return
+        try:
+            async with asyncio.timeout(self.service_connect_timeout):
+                reader, writer = await asyncio.open_connection(*target)
+        except (OSError, TimeoutError) as exc:
+            await stream.reset("unreachable", f"service {service}: {type(exc).__name__}: {exc}")
+            return
+        self.tcp_connections += 1
+        try:
+            await stream.send_head(FrameType.HEAD, {"status": 200, "headers": []}, fin=False)
+            await splice(stream, reader, writer)
+        finally:
+            self.tcp_connections -= 1
+            writer.close()
 
     async def _relay(
         self,

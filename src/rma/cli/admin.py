@@ -345,16 +345,24 @@ def keys_create(
             "workers earned more credits go first."
         ),
     ] = "",
+    services: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated services the key may use (default: every one except the data "
+            "tier's, which `rma connect` reaches only with a key that names them)."
+        ),
+    ] = "",
     json: JsonOpt = False,
     coordinator: CoordinatorOpt = None,
     admin_key: AdminKeyOpt = None,
     ca_file: CaFileOpt = None,
 ) -> None:
     """Create a client API key; its secret is printed once."""
+    allowed = [n.strip() for n in services.split(",") if n.strip()] or None
 
     async def go() -> Any:
         async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
-            return await c.create_key(name, rpm, owner)
+            return await c.create_key(name, rpm, owner, allowed)
 
     k = run_async(go, json_mode=json)
     if json:
@@ -362,6 +370,7 @@ def keys_create(
         return
     out.print(k.key)
     owned = f", owner {k.owner}" if k.owner else ""
+    owned += f", services {', '.join(k.services)}" if k.services else ""
     err.print(
         f"API key {k.id} ({k.rpm or 'unlimited'} requests/min{owned}). It is shown only now: "
         "export RMA_API_KEY=<key>, or pass it as the openai SDK's api_key."
@@ -387,13 +396,14 @@ def keys_list(
         return
     table(
         None,
-        ["ID", "NAME", "OWNER", "RPM", "STATUS", "LAST USED"],
+        ["ID", "NAME", "OWNER", "RPM", "SERVICES", "STATUS", "LAST USED"],
         [
             [
                 k.id,
                 k.name,
                 k.owner or "-",
                 k.rpm or "∞",
+                ",".join(k.services) if k.services else "all but data",
                 coloured("revoked" if k.revoked else "active"),
                 ago(k.last_used_at),
             ]
@@ -442,7 +452,7 @@ def services(
         return
     table(
         None,
-        ["SERVICE", "WANTED", "ASSIGNED", "HEALTHY", "IN FLIGHT", "QUEUED", "LAST SCALING"],
+        ["SERVICE", "WANTED", "ASSIGNED", "HEALTHY", "IN FLIGHT", "QUEUED", "LAST SCALING", "DATA"],
         [
             [
                 x["name"],
@@ -452,10 +462,86 @@ def services(
                 x["inflight"],
                 x["queued"],
                 x.get("last_scaling_event") or "-",
+                _data_cell(x),
             ]
             for x in rows
         ],
     )
+
+
+def _data_cell(row: dict[str, Any]) -> str:
+    """A data service's holder, open connections and last backup (``-`` for other services)."""
+    if "holder" not in row:
+        return "-"
+    backup = row.get("last_backup")
+    from datetime import datetime
+
+    when = "no backup"
+    if backup:
+        when = f"backup {ago(datetime.fromisoformat(backup['at']))}, {_size(backup['size'])}"
+    return f"on {row['holder'] or 'nobody'}, {row.get('connections', 0)} conn, {when}"
+
+
+@app.command()
+def backups(
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """The data services' backups in the coordinator's store, newest first per service."""
+
+    async def go() -> list[Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.backups()
+
+    rows = run_async(go, json_mode=json)
+    if json:
+        print_json(rows)
+        return
+    table(
+        None,
+        ["SERVICE", "TAKEN", "SIZE", "FROM WORKER", "SHA-256"],
+        [[b.service, ago(b.created_at), _size(b.size), b.worker, b.sha256[:16]] for b in rows],
+    )
+
+
+@app.command()
+def restore(
+    service: Annotated[str, typer.Argument(help="A data service with a backup: postgres, redis.")],
+    at: Annotated[
+        str | None,
+        typer.Option(help="The backup's id (rma admin backups --json); default: the newest."),
+    ] = None,
+    json: JsonOpt = False,
+    coordinator: CoordinatorOpt = None,
+    admin_key: AdminKeyOpt = None,
+    ca_file: CaFileOpt = None,
+) -> None:
+    """Replace a data service's copy on its holder with a backup (its connections are cut)."""
+
+    async def go() -> dict[str, Any]:
+        async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
+            return await c.restore(service, at)
+
+    done = run_async(go, json_mode=json)
+    if json:
+        print_json(done)
+        return
+    b = done["backup"]
+    err.print(
+        f"{service} on worker {done['worker']} restores backup {b['id']} (taken "
+        f"{b['created_at']}, {_size(int(b['size']))}) at its next heartbeat"
+    )
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 @catalog_app.command("reload")

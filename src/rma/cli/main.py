@@ -36,7 +36,7 @@ def _optional(module: str, attr: str = "register") -> None:
     getattr(mod, attr)(app)
 
 
-for _name in ("worker", "service", "up", "infer"):
+for _name in ("worker", "service", "up", "infer", "connect"):
     _optional(_name)
 
 

@@ -24,7 +24,8 @@ def register(root: typer.Typer) -> None:
 
 @app.command("list")
 def list_services(catalog: CatalogOpt = None, json: JsonOpt = False) -> None:
-    """The catalog: each service's tier, kind, models and what it needs."""
+    """The catalog: each service's tier, kind, models, what it needs and, for data services,
+    the connection string that `rma connect` prints."""
     from rma.catalog import CatalogError, load_catalog
 
     try:
@@ -36,7 +37,7 @@ def list_services(catalog: CatalogOpt = None, json: JsonOpt = False) -> None:
         return
     table(
         None,
-        ["SERVICE", "TIER", "KIND", "MODELS", "RAM MB", "GPU", "RUNS AS", "DESCRIPTION"],
+        ["SERVICE", "TIER", "KIND", "MODELS", "RAM MB", "GPU", "RUNS AS", "CONNECT", "DESCRIPTION"],
         [
             [
                 s.name,
@@ -48,6 +49,7 @@ def list_services(catalog: CatalogOpt = None, json: JsonOpt = False) -> None:
                 " / ".join(
                     x for x in ("process" if s.command else "", "docker" if s.image else "") if x
                 ),
+                _connect_hint(s.connect_url),
                 s.description,
             ]
             for s in cat.values()
@@ -122,3 +124,10 @@ def build(
         print_json({"service": name, "image": built})
     else:
         typer.echo(f"built {built}")
+
+
+def _connect_hint(template: str | None) -> str:
+    """A ``connect_url`` as ``rma connect`` will print it (PORT: the one it listens on)."""
+    if not template:
+        return "-"
+    return template.replace("{host}", "127.0.0.1").replace("{port}", "PORT")

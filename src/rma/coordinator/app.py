@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from rma import __version__
 from rma.coordinator.auth import FailureLimiter
+from rma.coordinator.backups import BackupStore
 from rma.coordinator.clock import Clock
 from rma.coordinator.errors import BodyLimitMiddleware, install_error_handlers
 from rma.coordinator.methods import MethodsMiddleware
@@ -23,6 +24,8 @@ from rma.settings import CoordinatorSettings
 
 #: Route prefixes that carry client payloads (bigger bodies allowed).
 GATEWAY_PREFIXES = ("/v1/", "/api/services/", "/api/internal/relay/")
+#: Uploads of data services' backups: their own size limit (``max_backup_bytes``).
+BACKUPS_PREFIX = "/api/worker/backups/"
 
 
 def create_app(
@@ -81,12 +84,20 @@ def create_app(
     app.state.background = background
     app.state.on_shutdown = []
     app.state.readiness = []  # async callables adding lines to /readyz's body
+    app.state.backups = BackupStore(
+        settings.data_dir / "backups",
+        keep=settings.backup_keep,
+        max_bytes=settings.max_backup_bytes,
+    )
     _share_keys(app, settings)
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware,
         default=settings.max_body_bytes,
-        limits={p: settings.max_gateway_body_bytes for p in GATEWAY_PREFIXES},
+        limits={
+            **{p: settings.max_gateway_body_bytes for p in GATEWAY_PREFIXES},
+            BACKUPS_PREFIX: settings.max_backup_bytes,
+        },
     )
     app.add_middleware(MethodsMiddleware, schema=lambda: app.openapi())
     app.include_router(ops.router)

@@ -76,7 +76,19 @@ def key_public(row: ApiKey) -> ApiKeyPublic:
         revoked=row.revoked,
         last_used_at=_dt(row.last_used_at) if row.last_used_at else None,
         owner=row.owner,
+        services=split_services(row.services),
     )
+
+
+def split_services(text: str) -> list[str] | None:
+    """The ``api_key.services`` column as a list; ``None`` when the key names none."""
+    names = [n for n in text.split(",") if n]
+    return names or None
+
+
+def key_info(row: ApiKey) -> KeyInfo:
+    names = split_services(row.services)
+    return KeyInfo(row.id, row.secret_hash, row.rpm, row.owner, frozenset(names) if names else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +98,15 @@ class KeyInfo:
     rpm: int
     #: the donor the key belongs to (queue priority by the owner's credits)
     owner: str = ""
+    #: the services it may use; ``None``: every one but the data tier's (kind tcp)
+    services: frozenset[str] | None = None
+
+    def allows(self, service: str, *, data: bool = False) -> bool:
+        """Whether this key may use ``service`` (``data``: a kind tcp service, which a key
+        reaches only when it names it)."""
+        if self.services is None:
+            return not data
+        return service in self.services
 
 
 def write_secret_file(path: Path, secret: str) -> None:
@@ -286,7 +307,9 @@ class Credentials:
 
     # --- client API keys --------------------------------------------------------------------------
 
-    def create_key(self, name: str, rpm: int | None, owner: str = "") -> ApiKeyCreated:
+    def create_key(
+        self, name: str, rpm: int | None, owner: str = "", services: list[str] | None = None
+    ) -> ApiKeyCreated:
         ident, secret = security.new_prefixed_secret(security.KEY_PREFIX)
         row = ApiKey(
             id=ident,
@@ -295,13 +318,14 @@ class Credentials:
             rpm=self.default_rpm if rpm is None else rpm,
             created_at=self.clock.time(),
             owner=owner,
+            services=",".join(services or []),
         )
         with session(self.engine) as s:
             s.add(row)
             if self.announce is not None:
                 self.announce(s)
         with self._lock:
-            self._keys[ident] = KeyInfo(ident, row.secret_hash, row.rpm, row.owner)
+            self._keys[ident] = key_info(row)
         return ApiKeyCreated(**key_public(row).model_dump(), key=secret)
 
     def list_keys(self) -> list[ApiKeyPublic]:
@@ -378,7 +402,7 @@ class Credentials:
         digest = security.hash_secret(secret)
         with session(self.engine) as s:
             row = s.get(ApiKey, ident)
-            info = KeyInfo(row.id, row.secret_hash, row.rpm, row.owner) if row is not None else None
+            info = key_info(row) if row is not None else None
             revoked = row is not None and row.revoked
         with self._lock:
             if revoked:
@@ -412,7 +436,7 @@ class Credentials:
             admin = s.get(Setting, ADMIN_HASH)
             admin_hash = admin.value if admin is not None else ""
             rows = s.exec(select(ApiKey).where(col(ApiKey.revoked).is_(False))).all()
-            fresh = {r.id: KeyInfo(r.id, r.secret_hash, r.rpm, r.owner) for r in rows}
+            fresh = {r.id: key_info(r) for r in rows}
         with self._lock:
             for ident in self._revoked:
                 fresh.pop(ident, None)

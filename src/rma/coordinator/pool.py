@@ -115,6 +115,9 @@ class Pool:
         self.on_status_change: list[Callable[[WorkerState], None]] = []
         #: worker id -> (credits, escrow) for the heartbeat answer (the gateway's ledger)
         self.credits_of: Callable[[str], tuple[float, float]] | None = None
+        #: ``rma admin restore``: worker id -> {service: backup id}, sent once in its next
+        #: heartbeat answer (in memory: a restart of the coordinator forgets a pending one).
+        self.restores: dict[str, dict[str, str]] = {}
         #: The reconciliation loop: the one owner of assignments.
         self.scheduler = Scheduler(self)
         #: Leadership and change notices among coordinators sharing the database.
@@ -444,6 +447,7 @@ class Pool:
             assignments=self.assignments_of(state),
             heartbeat_interval=self.settings.heartbeat_interval,
             status=state.status,
+            restore=self.restores.pop(state.id, {}),
         )
         if self.credits_of is not None:
             try:

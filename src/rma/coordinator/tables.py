@@ -67,6 +67,9 @@ class ApiKey(SQLModel, table=True):
     last_used_at: float | None = None
     #: the donor it belongs to (``rma admin keys create --owner``): queue priority by credits
     owner: str = Field(default="", max_length=64)
+    #: the services it may use, comma-separated (``--services``); "": every service but the
+    #: data tier's (kind tcp), which a key must name
+    services: str = Field(default="", max_length=2000)
 
 
 class Setting(SQLModel, table=True):

@@ -35,6 +35,7 @@ from rma.tunnel.frames import (
     headers_from_json,
 )
 from rma.tunnel.mux import Mux
+from rma.tunnel.pipe import connect_head
 from rma.tunnel.stream import Stream, StreamReset, TunnelClosed
 
 if TYPE_CHECKING:
@@ -214,6 +215,45 @@ class TunnelHub:
             self._abort(stream, body_task, "cancelled", "the client went away")
             raise
         return TunnelResponse(stream, status, resp_headers, worker.name, body_task)
+
+    async def open_tcp(self, worker: WorkerState, service: str, *, limit: float) -> Stream:
+        """A TCP connection to ``service`` on ``worker`` (``rma connect``), as a stream whose
+        worker end is connected; raises :class:`UpstreamError` when it cannot be."""
+        tunnel = self._tunnels.get(worker.id)
+        if tunnel is None or not tunnel.usable:
+            raise UpstreamError(
+                f"worker {worker.name} has no tunnel connected", status=502, unreachable=True
+            )
+        try:
+            stream = tunnel.mux.open_stream()
+        except TunnelClosed as exc:
+            raise UpstreamError(f"worker {worker.name}: tunnel closed: {exc}", status=502) from None
+        self.streams_opened += 1
+        try:
+            await stream.send_head(FrameType.OPEN, connect_head(service), fin=False)
+            async with asyncio.timeout(limit):
+                answer = await stream.head()
+            status = int(answer["status"])
+        except TimeoutError:
+            self._abort(stream, None, "timeout", "not connected in time")
+            raise UpstreamError(
+                f"worker {worker.name} did not connect to {service} within {limit:g} s",
+                status=504,
+                timeout=True,
+            ) from None
+        except (StreamReset, TunnelClosed) as exc:
+            self._abort(stream, None, "cancelled", "")
+            raise UpstreamError(f"worker {worker.name}: {exc}", status=502) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            self._abort(stream, None, "protocol", f"bad answer: {exc}")
+            raise UpstreamError(f"worker {worker.name}: bad answer: {exc}", status=502) from None
+        except BaseException:
+            self._abort(stream, None, "cancelled", "the client went away")
+            raise
+        if status != 200:
+            self._abort(stream, None, "protocol", f"status {status}")
+            raise UpstreamError(f"worker {worker.name} answered {status}", status=502)
+        return stream
 
     def _abort(
         self, stream: Stream, body_task: asyncio.Task[None] | None, code: str, message: str

@@ -15,6 +15,7 @@ __all__ = [
     "ApiKeyCreate",
     "ApiKeyCreated",
     "ApiKeyPublic",
+    "BackupPublic",
     "Capabilities",
     "CreditBalance",
     "ErrorBody",
@@ -27,6 +28,7 @@ __all__ = [
     "RegisterRequest",
     "RegisterResponse",
     "Resources",
+    "RestoreRequest",
     "ServiceSpec",
     "ServiceStatus",
     "TokenCreate",
@@ -50,13 +52,15 @@ def _numeric_fields(model: type[BaseModel]) -> frozenset[str]:
 
 class _JsonNumbers(BaseModel):
     """Numbers in request bodies are JSON numbers: ``false`` or ``"5"`` is refused, not cast
-    (``4.0`` is an integer in JSON and stays accepted)."""
+    (``4.0`` is an integer in JSON and stays accepted); strings hold no NUL character."""
 
     @field_validator("*", mode="before")
     @classmethod
     def _numbers_only(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, (bool, str, bytes)) and info.field_name in _numeric_fields(cls):
             raise ValueError(f"must be a number, not {type(value).__name__}")
+        if isinstance(value, str) and "\x00" in value:  # PostgreSQL cannot store it: a 422
+            raise ValueError("must not contain NUL characters")
         return value
 
 
@@ -153,7 +157,26 @@ class ServiceSpec(BaseModel):
         default_factory=list, description="Python modules the process command imports."
     )
     port: int = Field(8000, ge=1, le=65535)
-    health: str = Field("/health", description='GET path answering 200 when ready, or "tcp".')
+    programs: list[str] = Field(
+        default_factory=list,
+        description="Programs the process command needs (on PATH, or in the system's "
+        "PostgreSQL directories); the process runtime cannot run it without them.",
+    )
+    health: str = Field(
+        "/health",
+        description='GET path answering 200 when ready; "tcp" (accepts connections); '
+        '"postgres" or "redis" (answers its protocol).',
+    )
+    backup: Literal["pg_dumpall", "redis-rdb"] | None = Field(
+        None,
+        description="How the agent backs it up for the coordinator's store and restores it on a "
+        'new holder: "pg_dumpall" (SQL of every database), "redis-rdb" (Redis SAVE, dump.rdb).',
+    )
+    connect_url: str | None = Field(
+        None,
+        description="kind tcp: the connection string a client uses through `rma connect`, "
+        "with {host} and {port} (e.g. redis://{host}:{port}).",
+    )
     gpu: bool = False
     replicas: int = Field(
         0, ge=0, description="The fewest copies in the pool; 0: on every worker that fits."
@@ -386,6 +409,11 @@ class HeartbeatResponse(BaseModel):
         None, description="This worker's credits in the ledger (the donor's own, for status)."
     )
     escrow: float | None = Field(None, description="This worker's credits held in escrow.")
+    restore: dict[str, str] = Field(
+        default_factory=dict,
+        description="Data services to restore now (rma admin restore): service -> backup id; "
+        "sent once.",
+    )
 
 
 class WorkerPublic(BaseModel):
@@ -460,6 +488,12 @@ class ApiKeyCreate(_Strict):
         "", max_length=64, description="The donor it belongs to: queued requests of owners "
         "who contributed more go first.",
     )  # fmt: skip
+    services: list[Annotated[str, Field(pattern=_NAME)]] | None = Field(
+        None,
+        max_length=64,
+        description="The services it may use (catalog names); unset: every service except the "
+        "data tier's (kind tcp), which a key must name to reach with rma connect.",
+    )
 
 
 class ApiKeyPublic(BaseModel):
@@ -467,6 +501,7 @@ class ApiKeyPublic(BaseModel):
     name: str
     rpm: int
     owner: str = ""
+    services: list[str] | None = None
     created_at: datetime
     revoked: bool
     last_used_at: datetime | None = None
@@ -474,6 +509,24 @@ class ApiKeyPublic(BaseModel):
 
 class ApiKeyCreated(ApiKeyPublic):
     key: str = Field(description="The secret; shown once.")
+
+
+class BackupPublic(BaseModel):
+    """One backup in the coordinator's store (``rma admin backups``)."""
+
+    id: str = Field(description="<taken, ms since the epoch>-<worker id>: rma admin restore --at.")
+    service: str
+    worker_id: str
+    worker: str
+    created_at: datetime
+    size: int
+    sha256: str
+
+
+class RestoreRequest(_Strict):
+    at: str | None = Field(
+        None, max_length=100, description="The backup's id (rma admin backups); unset: newest."
+    )
 
 
 class CreditBalance(BaseModel):

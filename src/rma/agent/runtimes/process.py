@@ -33,6 +33,7 @@ import psutil
 
 from rma import install_hint
 from rma.agent.policy import Limits
+from rma.agent.programs import missing_programs
 from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure, expand
 from rma.schemas.api import ServiceSpec
 
@@ -82,6 +83,8 @@ class ProcessRuntime(Runtime):
         exe = spec.command[0]
         if exe != "{python}" and shutil.which(exe) is None:
             return f"{exe} is not installed on this machine"
+        if lacking := missing_programs(spec.programs):
+            return f"{', '.join(lacking)} not installed on this machine"
         missing = [m for m in spec.requires if self._missing_module(m)]
         if missing:
             how = install_hint(spec.extra) if spec.extra else "install them"

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from rma.coordinator.gateway.asgi import Endpoint
+from rma.coordinator.gateway.connect import CONNECT_PATH, DataConnections
 from rma.coordinator.gateway.openapi import SERVICE_METHODS
 from rma.coordinator.gateway.proxy import (
     BROKEN,
@@ -44,7 +45,10 @@ def mount(app: FastAPI) -> Gateway:
     openai = Endpoint(gateway.openai)
     service = Endpoint(gateway.service)
     endpoint = Endpoint(gateway.endpoint)
+    data = gateway.data = DataConnections(gateway)
     routes = [
+        # a raw ASGI endpoint: the byte pump talks to the server without per-message wrappers
+        WebSocketRoute(CONNECT_PATH, data, name="gateway_service_connect"),
         Route("/v1/models", models, methods=["GET"], name="gateway_models"),
         Route("/v1/models/{model:path}", models, methods=["GET"], name="gateway_model"),
         *(Route(p, openai, methods=["POST"], name=f"gateway{p}") for p in OPENAI_PATHS),
@@ -121,6 +125,13 @@ def _register_metrics(gateway: Gateway) -> None:
             if w.status not in (WorkerStatus.LEFT, WorkerStatus.REMOVED)
         ]
 
+    def connections() -> list[tuple[Labels, float]]:
+        by_service = gateway.data.by_service
+        return [((("service", s),), float(n)) for s, n in sorted(by_service.items())]
+
+    m.gauge(
+        "rma_data_connections", "TCP connections open to data services (rma connect).", connections
+    )
     m.gauge("rma_gateway_inflight", "Requests in flight to workers, by service.", inflight)
     m.gauge("rma_gateway_queue_depth", "Requests waiting for worker capacity.", queued)
     m.gauge(

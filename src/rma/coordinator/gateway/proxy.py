@@ -23,6 +23,7 @@ from rma.coordinator.credentials import KeyInfo
 from rma.coordinator.errors import APIError
 from rma.coordinator.gateway.asgi import ClientGone, header, read_body, send_error, sse_error
 from rma.coordinator.gateway.balancer import Balancer, Wish
+from rma.coordinator.gateway.connect import DataConnections
 from rma.coordinator.gateway.direct import DirectUpstream
 from rma.coordinator.gateway.forms import body_model
 from rma.coordinator.gateway.headers import request_headers, response_header_allowed
@@ -179,6 +180,8 @@ class Gateway:
         self.usage = UsageRecorder(pool.engine)
         self.verifier = Verifier(self)  # coordinator/trust: re-runs and compares answers
         self.ledger = Ledger(pool.engine, settings, pool.registry.all)  # trust: the credits
+        #: ``/api/services/{name}/connect`` (data services); set by ``mount``.
+        self.data: DataConnections
 
     def _capacity(self, service: str) -> int | None:
         spec = self.pool.catalog.get(service)
@@ -365,6 +368,7 @@ class Gateway:
         await self._rate_limit(call)
         body = await read_body(receive)
         call.service, call.affinity = self._route_body(scope, body)
+        self._check_scope(call)
         qs = scope.get("query_string", b"")
         path = scope["path"] + ("?" + qs.decode("latin-1") if qs else "")
         await self._forward(call, scope, receive, send, path, body)
@@ -374,7 +378,15 @@ class Gateway:
         name = scope["path_params"]["service"]
         if name not in self.pool.catalog:
             raise APIError(404, f"no service {name!r} in the catalog", "unknown_service")
+        if self.pool.catalog[name].kind == "tcp":
+            raise APIError(
+                400,
+                f"service {name!r} speaks TCP, not HTTP: reach it with `rma connect {name}` "
+                f"or a WebSocket to /api/services/{name}/connect",
+                "tcp_service",
+            )
         call.service = name
+        self._check_scope(call)
         await self._rate_limit(call)
         body = await read_body(receive)
         prefix = f"/api/services/{name}".encode()
@@ -396,6 +408,7 @@ class Gateway:
         content_type = ctype.decode("latin-1") if ctype else None
         model, data = body_model(content_type, body, strict=bool(declared))
         call.service = self._service_for_endpoint(path, declared, model)
+        self._check_scope(call)
         if isinstance(data, dict) and model is not None:
             call.affinity = _affinity_key(scope, data, model)
         qs = scope.get("query_string", b"")
@@ -484,6 +497,17 @@ class Gateway:
                     "model_lacks_vision",
                 )
         return self.balancer.least_loaded(services)
+
+    @staticmethod
+    def _check_scope(call: _Call) -> None:
+        """403 unless the key may use the routed service (``rma admin keys create --services``)."""
+        if call.key is not None and not call.key.allows(call.service):
+            raise APIError(
+                403,
+                f"this API key may not use service {call.service!r} (its services: "
+                f"{', '.join(sorted(call.key.services or ()))})",
+                "service_not_allowed",
+            )
 
     async def _rate_limit(self, call: _Call) -> None:
         if call.key is not None:

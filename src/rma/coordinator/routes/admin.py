@@ -17,8 +17,10 @@ from rma.schemas.api import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyPublic,
+    BackupPublic,
     CreditBalance,
     EventPublic,
+    RestoreRequest,
     TokenCreate,
     TokenCreated,
     TokenPublic,
@@ -106,6 +108,40 @@ def revoke_token(token_id: str, _: AdminDep, pool: PoolDep) -> TokenPublic:
     return revoked
 
 
+@router.get("/backups")
+def list_backups(_: AdminDep, request: Request) -> list[BackupPublic]:
+    """Every data-service backup kept, by service, newest first (``rma admin backups``)."""
+    return list(request.app.state.backups.list())
+
+
+@router.post("/backups/{service}/restore")
+def restore_backup(
+    service: str, body: RestoreRequest, _: AdminDep, pool: PoolDep, request: Request
+) -> dict[str, Any]:
+    """``rma admin restore``: the service's holder replaces its copy with a backup (the newest,
+    or ``at``), told in its next heartbeat answer; its connections are cut meanwhile."""
+    spec = pool.catalog.get(service)
+    if spec is None or spec.backup is None:
+        raise APIError(404, f"service {service!r} has no backup in the catalog", "not_found")
+    found = request.app.state.backups.get(service, body.at)
+    if found is None:
+        which = f"backup {body.at!r}" if body.at else "backup"
+        raise APIError(404, f"no {which} of {service!r} (rma admin backups)", "no_backup")
+    info: BackupPublic = found[1]
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is None:
+        raise APIError(503, "this coordinator has no gateway", "unavailable")
+    holder = gateway.data.holder(service)  # 503 no_worker when nobody holds it healthy
+    pool.restores.setdefault(holder.id, {})[service] = info.id
+    pool.events.emit(
+        "restore_requested",
+        f"{service} on worker {holder.name} restores backup {info.id}",
+        holder.id,
+        data={"service": service, "backup": info.id},
+    )
+    return {"service": service, "worker": holder.name, "backup": info.model_dump(mode="json")}
+
+
 @router.get("/keys")
 def list_keys(_: AdminDep, pool: PoolDep) -> list[ApiKeyPublic]:
     return pool.credentials.list_keys()
@@ -113,8 +149,12 @@ def list_keys(_: AdminDep, pool: PoolDep) -> list[ApiKeyPublic]:
 
 @router.post("/keys", status_code=201)
 def create_key(body: ApiKeyCreate, _: AdminDep, pool: PoolDep) -> ApiKeyCreated:
-    created = pool.credentials.create_key(body.name, body.rpm, body.owner)
-    data = {"name": body.name, "owner": body.owner}
+    unknown = sorted(set(body.services or ()) - set(pool.catalog))
+    if unknown:
+        raise APIError(422, f"no service {', '.join(unknown)} in the catalog", "unknown_service")
+    services = sorted(set(body.services)) if body.services else None
+    created = pool.credentials.create_key(body.name, body.rpm, body.owner, services)
+    data = {"name": body.name, "owner": body.owner, "services": services}
     pool.events.emit("key_created", f"API key {created.id} created", data=data)
     return created
 
@@ -168,7 +208,19 @@ async def list_services(_: AdminDep, pool: PoolDep, request: Request) -> list[di
     if gateway is None:
         return pool.services()
     balancer = gateway.balancer
-    return pool.services(balancer.inflight_by_service(), balancer.queued_by_service())
+    rows = pool.services(balancer.inflight_by_service(), balancer.queued_by_service())
+    backups = request.app.state.backups.summary()
+    for row in rows:  # data services: where they live, connections open, the last backup
+        spec = pool.catalog.get(row["name"])
+        if spec is None or spec.kind != "tcp":
+            continue
+        try:
+            row["holder"] = gateway.data.holder(spec.name).name
+        except APIError:
+            row["holder"] = None
+        row["connections"] = gateway.data.by_service.get(spec.name, 0)
+        row["last_backup"] = backups.get(spec.name)
+    return rows
 
 
 @router.post("/catalog/reload")

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
 
 from rma.coordinator import security
 from rma.coordinator.auth import FailureLimiter, PoolDep, WorkerDep, client_addr
+from rma.coordinator.backups import BackupStore
 from rma.coordinator.errors import APIError
-from rma.schemas.api import HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse
+from rma.coordinator.registry import WorkerState
+from rma.schemas.api import (
+    BackupPublic,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+)
 
 router = APIRouter(prefix="/api/worker", tags=["worker"])
 
@@ -40,3 +49,44 @@ def heartbeat(
 def leave(who: WorkerDep, pool: PoolDep) -> Response:
     pool.leave(who[0])
     return Response(status_code=204)
+
+
+def _backed_up(pool: PoolDep, state: WorkerState, service: str) -> None:
+    """403 unless ``service`` has a catalog ``backup`` and is assigned to this worker."""
+    spec = pool.catalog.get(service)
+    if spec is None or spec.backup is None:
+        raise APIError(404, f"service {service!r} has no backup in the catalog", "not_found")
+    if service not in state.assignments:
+        raise APIError(403, f"service {service!r} is not assigned to this worker", "not_assigned")
+
+
+@router.put("/backups/{service}", status_code=201)
+async def upload_backup(
+    service: str, who: WorkerDep, pool: PoolDep, request: Request
+) -> BackupPublic:
+    """A holder's backup of one of its data services (the body is the backup)."""
+    state, _ = who
+    _backed_up(pool, state, service)
+    store: BackupStore = request.app.state.backups
+    return await store.save(service, state.id, state.name, request.stream())
+
+
+@router.get("/backups/{service}", response_class=FileResponse)
+def latest_backup(
+    service: str, who: WorkerDep, pool: PoolDep, request: Request, id: str | None = None
+) -> FileResponse:
+    """The newest backup of a service assigned to this worker (to restore before it is
+    healthy), or the one ``id`` names; 404 ``no_backup`` when there is none (yet)."""
+    state, _ = who
+    _backed_up(pool, state, service)
+    store: BackupStore = request.app.state.backups
+    found = store.get(service, id)
+    if found is None:
+        which = f"backup {id!r}" if id else "backup"
+        raise APIError(404, f"no {which} of {service!r}", "no_backup")
+    path, info = found
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        headers={"x-rma-backup-sha256": info.sha256, "x-rma-backup-worker": info.worker},
+    )
