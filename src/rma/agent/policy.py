@@ -7,8 +7,8 @@ may start:
 - only services defined in the donor's own catalog (built-in + ``--catalog``), by name, and only
   those in the ``--services`` allow-list when one is given;
 - the donor's definition is what runs: an assignment whose ``command``, ``args``, ``image``,
-  ``env``, ``volumes``, ``models`` or ``model_pull`` (what the agent downloads) differ from it
-  is refused (``--trust-coordinator-catalog`` runs the
+  ``env``, ``volumes``, ``models``, ``model_pull`` (what the agent downloads) or ``backup``
+  (what it uploads) differ from it is refused (``--trust-coordinator-catalog`` runs the
   coordinator's definitions instead, for a donor who runs their own coordinator);
 - never a host path as a volume from the coordinator (a bind mount), even when trusted;
 - the accepted services together fit in the donor's ``--max-memory`` and ``--max-vram`` (CPU
@@ -36,7 +36,7 @@ from rma.settings import WorkerSettings, parse_size
 __all__ = ["Limits", "Policy", "Verdict", "coordinator_problem", "parse_size"]
 
 #: The fields that decide what runs; an assignment may not change them.
-GUARDED = ("command", "args", "image", "env", "volumes", "models", "model_pull")
+GUARDED = ("command", "args", "image", "env", "volumes", "models", "model_pull", "backup")
 
 #: A docker named volume; anything else (``/host/path``, ``./dir``, ``~/x``) is a bind mount.
 _NAMED_VOLUME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
