@@ -183,8 +183,12 @@ ORDER = ("anonymous", "client", "worker_a", "worker_b", "admin")  # admin last: 
 
 @pytest.fixture
 def matrix_app(tmp_path: Path, database_url: str) -> Iterator[tuple[FastAPI, TestClient, str]]:
+    # every route is called with bad credentials: no failed-auth limit may cut the matrix short
     settings = CoordinatorSettings(
-        data_dir=tmp_path / "data", database_url=database_url, auth_fail_limit=100_000
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        auth_fail_limit=100_000,
+        auth_fail_address_limit=100_000,
     )
     app = create_app(settings, clock=FakeClock(), run_sweeper=False)
     with TestClient(app) as client:
