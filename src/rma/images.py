@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,11 +52,6 @@ def build_context() -> Iterator[tuple[Path, str]]:
         yield dockerfile.parent, dockerfile.name
 
 
-@contextmanager
-def _given(context: tuple[Path, str]) -> Iterator[tuple[Path, str]]:
-    yield context
-
-
 class BuildFailed(Exception):
     """The engine could not build the image; the message is its last words."""
 
@@ -75,7 +70,7 @@ def build(
     Dockerfile in it) replaces :func:`build_context`'s.
     """
     tag = tag or builtin_tag(service)
-    with build_context() if context is None else _given(context) as (folder, dockerfile):
+    with build_context() if context is None else nullcontext(context) as (folder, dockerfile):
         stream = client.api.build(
             path=str(folder),
             dockerfile=dockerfile,

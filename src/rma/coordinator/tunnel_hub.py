@@ -158,21 +158,27 @@ class TunnelHub:
         tunnel = self._tunnels.get(worker.id)
         return tunnel is not None and tunnel.usable
 
-    async def open(
-        self, worker: WorkerState, request: UpstreamRequest, *, first_byte_timeout: float
-    ) -> TunnelResponse:
+    def _open_stream(self, worker: WorkerState) -> Stream:
+        """A new stream on ``worker``'s tunnel; :class:`UpstreamError` (unreachable) without one.
+        Raises :class:`TunnelClosed` when the tunnel is closing."""
         tunnel = self._tunnels.get(worker.id)
         if tunnel is None or not tunnel.usable:
             raise UpstreamError(
                 f"worker {worker.name} has no tunnel connected", status=502, unreachable=True
             )
+        stream = tunnel.mux.open_stream()
+        self.streams_opened += 1
+        return stream
+
+    async def open(
+        self, worker: WorkerState, request: UpstreamRequest, *, first_byte_timeout: float
+    ) -> TunnelResponse:
         try:
-            stream = tunnel.mux.open_stream()
+            stream = self._open_stream(worker)
         except TunnelClosed as exc:
             raise UpstreamError(
                 f"worker {worker.name}: tunnel closed: {exc}", status=502, unreachable=True
             ) from None
-        self.streams_opened += 1
         body = request.body
         headers = end_to_end(request.headers, drop=_DROP_REQUEST)
         if body or request.method.upper() in _BODY_METHODS:
@@ -219,16 +225,10 @@ class TunnelHub:
     async def open_tcp(self, worker: WorkerState, service: str, *, limit: float) -> Stream:
         """A TCP connection to ``service`` on ``worker`` (``rma connect``), as a stream whose
         worker end is connected; raises :class:`UpstreamError` when it cannot be."""
-        tunnel = self._tunnels.get(worker.id)
-        if tunnel is None or not tunnel.usable:
-            raise UpstreamError(
-                f"worker {worker.name} has no tunnel connected", status=502, unreachable=True
-            )
         try:
-            stream = tunnel.mux.open_stream()
+            stream = self._open_stream(worker)
         except TunnelClosed as exc:
             raise UpstreamError(f"worker {worker.name}: tunnel closed: {exc}", status=502) from None
-        self.streams_opened += 1
         try:
             await stream.send_head(FrameType.OPEN, connect_head(service), fin=False)
             async with asyncio.timeout(limit):
