@@ -733,3 +733,42 @@ def test_three_coordinators_behind_haproxy_lose_the_leader_under_load(
     assert others == []
     assert len(on_killed) <= CLIENTS  # at most one request in flight per client
     assert "coord-a" not in after  # the balancer sends nothing more to the dead one
+
+
+def test_the_follow_stream_shows_an_event_that_commits_after_a_later_one(
+    start_cluster: Callable[..., list[Coordinator]],
+    catalog: Path,
+    database_url: str,
+) -> None:
+    """Another coordinator's event reaches B's followers a notice after it commits, and may
+    commit after B wrote a later id: B's stream still shows it (it used to skip every id at or
+    below the last one it had shown)."""
+    from sqlalchemy import create_engine, text
+    from sqlmodel import Session
+
+    from rma.coordinator.cluster.changes import CHANNEL, EVENT, encode
+    from rma.coordinator.tables import Event
+
+    (b,) = start_cluster(("coord-b",), catalog)
+    engine = create_engine(database_url)  # the test writes as "coordinator A" would
+    try:
+        with EventFollower(b) as follower, Session(engine) as s:
+            early = Event(ts=time.time(), kind="test_early", message="written first", data={})
+            s.add(early)
+            s.flush()  # its id is taken; the row is not committed yet
+            with b.admin() as http:  # B writes (and shows) a later id meanwhile
+                assert http.post("/api/admin/keys", json={"name": "later"}).status_code == 201
+            wait_for("B's own event", lambda: any(
+                e["kind"] == "key_created" for e in follower.events
+            ), 30)  # fmt: skip
+            later = next(e["id"] for e in follower.events if e["kind"] == "key_created")
+            assert early.id is not None and early.id < later
+            payload = encode("coord-a", EVENT, str(early.id))
+            s.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": payload})
+            s.commit()
+            wait_for("the earlier id on B's stream", lambda: any(
+                e["id"] == early.id and e["kind"] == "test_early" for e in follower.events
+            ), 30)  # fmt: skip
+            assert [e["id"] for e in follower.events].count(later) == 1  # and nothing twice
+    finally:
+        engine.dispose()
