@@ -6,8 +6,14 @@ one coordinator shows on the others at once; only the leader sweeps; SIGKILL the
 follower leads within the bound, the tunnelled agent moves its heartbeats and tunnel to B, and no
 worker is marked offline or removed for it.
 
-Needs ``RMA_TEST_DATABASE_URL`` (PostgreSQL); skips otherwise (a failure under
-``RMA_REQUIRE_ALL=1``).
+The whole topology (the issue's must-show): a real ``redis-server`` and a real HAProxy
+(``containers/haproxy.cfg`` on loopback) in front of three coordinators, six agents (three tunnel,
+three direct; two name the coordinators, four only the balancer), ``openai`` clients through the
+balancer; SIGKILL the leader under load and count what was lost, placing each loss by HAProxy's
+log line for its ``x-request-id``.
+
+Needs ``RMA_TEST_DATABASE_URL`` (PostgreSQL), and for the whole topology ``haproxy`` and
+``redis-server``; skips otherwise (a failure under ``RMA_REQUIRE_ALL=1``).
 """
 
 from __future__ import annotations
@@ -434,6 +440,7 @@ class Outcome:
     sent: float
     done: float
     error: str | None  # None: answered (200)
+    worker: str = ""  # the worker that answered (x-rma-worker)
 
 
 class Load:
@@ -480,19 +487,22 @@ class Load:
                 rid = f"c{index}-{n}"
                 sent = time.monotonic()
                 error: str | None = None
+                worker = ""
                 try:
-                    answer = client.chat.completions.create(
+                    raw = client.chat.completions.with_raw_response.create(
                         model="fake-model",
-                        messages=[{"role": "user", "content": "hello"}],
+                        # one conversation each: cache affinity keeps none on one worker
+                        messages=[{"role": "user", "content": f"hello {rid}"}],
                         extra_headers={"x-request-id": rid},
                     )
-                    assert answer.choices, answer
+                    worker = raw.headers.get("x-rma-worker", "")
+                    assert raw.parse().choices, raw
                 except openai.APIStatusError as exc:
                     error = f"{exc.status_code}"
                 except openai.APIError as exc:
                     error = f"{type(exc).__name__} ({exc.__cause__!r})"
                 with self.lock:
-                    self.outcomes.append(Outcome(rid, sent, time.monotonic(), error))
+                    self.outcomes.append(Outcome(rid, sent, time.monotonic(), error, worker))
 
     def answered(self, after: float = 0.0) -> int:
         with self.lock:
@@ -720,6 +730,7 @@ def test_three_coordinators_behind_haproxy_lose_the_leader_under_load(
     ]
     others = [(o, served_by[o.rid]) for o in failed if o not in on_killed]
     after = [served_by.get(o.rid, ("?",))[0] for o in outcomes if o.sent > killed_at + 2]
+    by_worker = [o.worker for o in outcomes if o.error is None]
     print(
         f"\nsent {len(outcomes)}, answered {len(outcomes) - len(failed)}, failed {len(failed)}"
         f" ({len(on_killed)} in flight on the killed leader: "
@@ -728,7 +739,8 @@ def test_three_coordinators_behind_haproxy_lose_the_leader_under_load(
         f"(at least {max(low for low, _ in spread.values()) * 1000:.0f} ms); "
         f"failover {failover * 1000:.0f} ms; tunnels re-attached after {reattach * 1000:.0f} ms "
         f"({on_a:.0f} was on the leader); answered after the kill by "
-        f"{ {s: after.count(s) for s in set(after)} }"
+        f"{ {s: after.count(s) for s in sorted(set(after))} }; answers by worker "
+        f"{ {w: by_worker.count(w) for w in sorted(set(by_worker))} }"
     )
     assert others == []
     assert len(on_killed) <= CLIENTS  # at most one request in flight per client
