@@ -441,6 +441,7 @@ class Outcome:
     done: float
     error: str | None  # None: answered (200)
     worker: str = ""  # the worker that answered (x-rma-worker)
+    backend: str = ""  # the coordinator that HAProxy sent it to (x-rma-backend)
 
 
 class Load:
@@ -487,7 +488,7 @@ class Load:
                 rid = f"c{index}-{n}"
                 sent = time.monotonic()
                 error: str | None = None
-                worker = ""
+                worker = backend = ""
                 try:
                     raw = client.chat.completions.with_raw_response.create(
                         model="fake-model",
@@ -496,13 +497,15 @@ class Load:
                         extra_headers={"x-request-id": rid},
                     )
                     worker = raw.headers.get("x-rma-worker", "")
+                    backend = raw.headers.get("x-rma-backend", "")
                     assert raw.parse().choices, raw
                 except openai.APIStatusError as exc:
                     error = f"{exc.status_code}"
                 except openai.APIError as exc:
                     error = f"{type(exc).__name__} ({exc.__cause__!r})"
                 with self.lock:
-                    self.outcomes.append(Outcome(rid, sent, time.monotonic(), error, worker))
+                    done = time.monotonic()
+                    self.outcomes.append(Outcome(rid, sent, done, error, worker, backend))
 
     def answered(self, after: float = 0.0) -> int:
         with self.lock:
@@ -687,6 +690,20 @@ def test_three_coordinators_behind_haproxy_lose_the_leader_under_load(
             reattach = time.monotonic() - killed_at
             # the load goes on through the survivors
             wait_for("answers after the kill", lambda: load.answered(killed_at + 2) >= 100, 120)
+
+            # The worker whose tunnel was on the leader serves through both survivors again
+            # (after the cool-down a survivor gave it when its relay to the dead leader failed).
+            def via() -> set[str]:
+                with load.lock:
+                    return {
+                        o.backend
+                        for o in load.outcomes
+                        if o.worker == "tunnel-1" and o.sent > killed_at + reattach
+                    }
+
+            wait_for("tunnel-1 answering through B and C", lambda: via() == {
+                "coord-b", "coord-c"
+            }, 60)  # fmt: skip
         survivors_lead = [metric(x, "rma_leader") for x in (b, c)]
         assert sorted(survivors_lead) == [0.0, 1.0], survivors_lead
 
@@ -731,6 +748,8 @@ def test_three_coordinators_behind_haproxy_lose_the_leader_under_load(
     others = [(o, served_by[o.rid]) for o in failed if o not in on_killed]
     after = [served_by.get(o.rid, ("?",))[0] for o in outcomes if o.sent > killed_at + 2]
     by_worker = [o.worker for o in outcomes if o.error is None]
+    moved = [o.done for o in outcomes if o.worker == "tunnel-1" and o.sent > killed_at]
+    back = f"{(min(moved) - killed_at) * 1000:.0f} ms" if moved else "not within the load"
     print(
         f"\nsent {len(outcomes)}, answered {len(outcomes) - len(failed)}, failed {len(failed)}"
         f" ({len(on_killed)} in flight on the killed leader: "
@@ -740,7 +759,8 @@ def test_three_coordinators_behind_haproxy_lose_the_leader_under_load(
         f"failover {failover * 1000:.0f} ms; tunnels re-attached after {reattach * 1000:.0f} ms "
         f"({on_a:.0f} was on the leader); answered after the kill by "
         f"{ {s: after.count(s) for s in sorted(set(after))} }; answers by worker "
-        f"{ {w: by_worker.count(w) for w in sorted(set(by_worker))} }"
+        f"{ {w: by_worker.count(w) for w in sorted(set(by_worker))} }; the worker whose tunnel "
+        f"was on the leader answered again after {back}"
     )
     assert others == []
     assert len(on_killed) <= CLIENTS  # at most one request in flight per client
