@@ -6,18 +6,29 @@ one coordinator shows on the others at once; only the leader sweeps; SIGKILL the
 follower leads within the bound, the tunnelled agent moves its heartbeats and tunnel to B, and no
 worker is marked offline or removed for it.
 
-Needs ``RMA_TEST_DATABASE_URL`` (PostgreSQL); skips otherwise (a failure under
-``RMA_REQUIRE_ALL=1``).
+The whole topology (the issue's must-show): a real ``redis-server`` and a real HAProxy
+(``containers/haproxy.cfg`` on loopback) in front of three coordinators, six agents (three tunnel,
+three direct; two name the coordinators, four only the balancer), ``openai`` clients through the
+balancer; SIGKILL the leader under load and count what was lost, placing each loss by HAProxy's
+log line for its ``x-request-id``.
+
+Needs ``RMA_TEST_DATABASE_URL`` (PostgreSQL), and for the whole topology ``haproxy`` and
+``redis-server``; skips otherwise (a failure under ``RMA_REQUIRE_ALL=1``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +115,9 @@ def start_cluster(tmp_path: Path, database_url: str) -> Iterator[Callable[..., l
     """Start coordinators on one database (A first, so A leads); all stop at the end."""
     started: list[Coordinator] = []
 
-    def start(names: tuple[str, ...], catalog: Path) -> list[Coordinator]:
+    def start(
+        names: tuple[str, ...], catalog: Path, extra_args: tuple[str, ...] = ()
+    ) -> list[Coordinator]:
         admin_key: str | None = None
         for name in names:
             data_dir = tmp_path / name
@@ -113,7 +126,7 @@ def start_cluster(tmp_path: Path, database_url: str) -> Iterator[Callable[..., l
             coord = start_coordinator(
                 data_dir,
                 database_url=database_url,
-                extra_args=["--catalog", str(catalog)],
+                extra_args=["--catalog", str(catalog), *extra_args],
                 env={**ENV, "RMA_COORDINATOR_NAME": name},
             )
             started.append(coord)
@@ -317,3 +330,477 @@ def test_a_request_reaches_a_tunnel_held_by_another_coordinator(
 
 def _id(coord: Coordinator, name: str) -> str:
     return str(next(w["id"] for w in get(coord, "/api/admin/workers") if w["name"] == name))
+
+
+# --- the whole topology: Redis, HAProxy in front, six agents, client load, SIGKILL ------------
+
+HAPROXY = shutil.which("haproxy") or next(
+    (p for p in ("/usr/sbin/haproxy",) if Path(p).exists()), None
+)
+FAKE = f"""
+[services.fake]
+description = "a fake OpenAI backend (bench/fake_backend.py), 50 ms per answer"
+tier = 3
+kind = "openai"
+models = ["fake-model"]
+command = ["{{python}}", "{ROOT / "bench" / "fake_backend.py"}", "--port", "{{port}}",
+           "--delay", "0.05"]
+health = "/health"
+replicas = 6
+"""
+#: Concurrent clients (threads, each with its own ``openai`` client) through the balancer.
+CLIENTS = 6
+#: A tunnelled worker must hold a tunnel to a live coordinator again within this many seconds.
+REATTACH_BOUND = 5.0
+#: ``{x-request-id} server status termination-state``: one line per request through HAProxy.
+LOG_LINE = re.compile(r"^\{(?P<rid>[^}]*)\} (?P<server>\S+) (?P<status>-?\d+) (?P<term>\S+)")
+
+
+def haproxy_config(port: int, servers: dict[str, str]) -> str:
+    """``containers/haproxy.cfg`` as shipped, on loopback, naming these coordinators, with a
+    log line per request (to stdout) and the serving backend in a response header."""
+    cfg = (ROOT / "containers" / "haproxy.cfg").read_text()
+    cfg = "\n".join(line for line in cfg.splitlines() if not line.strip().startswith("server "))
+    cfg = cfg.replace("bind *:8420", f"bind 127.0.0.1:{port}")
+    cfg = re.sub(r"maxconn \d+", "maxconn 1000", cfg)  # within a test runner's file limit
+    cfg = cfg.replace("global\n", "global\n    log stdout format raw local0\n", 1)
+    cfg = cfg.replace(
+        "defaults\n",
+        'defaults\n    log global\n    log-format "%hr %s %ST %tsc"\n',
+        1,
+    )
+    cfg = cfg.replace(
+        "frontend rma\n", "frontend rma\n    capture request header x-request-id len 64\n", 1
+    )
+    cfg += "\n    http-response set-header x-rma-backend %s\n"
+    for name, url in servers.items():
+        cfg += f"    server {name} {url.removeprefix('http://')} check\n"
+    return cfg
+
+
+@pytest.fixture
+def balancer(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], tuple[str, Path]]]:
+    """A real HAProxy in front of the given coordinators: its URL and its log file."""
+    if HAPROXY is None:
+        pytest.skip("haproxy is missing (apt-get install haproxy)")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(servers: dict[str, str]) -> tuple[str, Path]:
+        from tests.conftest import free_port
+
+        port = free_port()
+        cfg = tmp_path / "haproxy.cfg"
+        cfg.write_text(haproxy_config(port, servers))
+        log = tmp_path / "haproxy.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [str(HAPROXY), "-db", "-f", str(cfg)], stdout=out, stderr=subprocess.STDOUT
+            )
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                return httpx.get(url + "/readyz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for("HAProxy to pass a request", up, 30)
+        return url, log
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    from tests.conftest import free_port
+    from tests.coordinator.test_shared import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is missing (apt-get install redis-server)")
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.kill()
+
+
+@dataclass
+class Outcome:
+    rid: str
+    sent: float
+    done: float
+    error: str | None  # None: answered (200)
+    worker: str = ""  # the worker that answered (x-rma-worker)
+    backend: str = ""  # the coordinator that HAProxy sent it to (x-rma-backend)
+
+
+class Load:
+    """``CLIENTS`` threads sending non-streamed chat completions (the ``openai`` SDK, no
+    retries: a failure is counted, never hidden) until stopped."""
+
+    def __init__(self, base_url: str, key: str) -> None:
+        self.base_url, self.key = base_url, key
+        self.outcomes: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(CLIENTS)
+        ]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _run(self, index: int) -> None:
+        import openai
+
+        # One connection per request: HAProxy closes a kept-alive client connection without an
+        # answer (and without a log line) when the server dies before answering a request that
+        # was not the connection's first (the client may resend it, RFC 9112 9.3.1); on a fresh
+        # connection it answers 502 and logs the server, so every loss is counted and placed.
+        fresh = openai.DefaultHttpxClient(limits=httpx.Limits(max_keepalive_connections=0))
+        with openai.OpenAI(
+            base_url=self.base_url + "/v1",
+            api_key=self.key,
+            max_retries=0,
+            timeout=30,
+            http_client=fresh,
+        ) as client:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                rid = f"c{index}-{n}"
+                sent = time.monotonic()
+                error: str | None = None
+                worker = backend = ""
+                try:
+                    raw = client.chat.completions.with_raw_response.create(
+                        model="fake-model",
+                        # one conversation each: cache affinity keeps none on one worker
+                        messages=[{"role": "user", "content": f"hello {rid}"}],
+                        extra_headers={"x-request-id": rid},
+                    )
+                    worker = raw.headers.get("x-rma-worker", "")
+                    backend = raw.headers.get("x-rma-backend", "")
+                    assert raw.parse().choices, raw
+                except openai.APIStatusError as exc:
+                    error = f"{exc.status_code}"
+                except openai.APIError as exc:
+                    error = f"{type(exc).__name__} ({exc.__cause__!r})"
+                with self.lock:
+                    done = time.monotonic()
+                    self.outcomes.append(Outcome(rid, sent, done, error, worker, backend))
+
+    def answered(self, after: float = 0.0) -> int:
+        with self.lock:
+            return sum(1 for o in self.outcomes if o.error is None and o.sent >= after)
+
+
+class EventFollower:
+    """``GET /api/admin/events?follow=true`` on one coordinator, read in a thread."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.client = coord.admin()
+        self.client.timeout = httpx.Timeout(10, read=None)
+        self.events: list[dict[str, Any]] = []
+        self.connected = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            with self.client.stream("GET", "/api/admin/events", params={"follow": "true"}) as r:
+                for line in r.iter_lines():
+                    if line.startswith(": connected"):
+                        self.connected.set()
+                    elif line.startswith("data: "):
+                        self.events.append(json.loads(line.removeprefix("data: ")))
+        except (httpx.HTTPError, RuntimeError, ValueError):
+            pass  # closed at the end of the test
+
+    def __enter__(self) -> EventFollower:
+        self.thread.start()
+        wait_for("the event stream", self.connected.is_set, 30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+        self.thread.join(30)
+
+
+class Watch:
+    """Lists the workers of each coordinator in its own thread until all show ``wanted``."""
+
+    def __init__(self, coords: list[Coordinator], wanted: set[str]) -> None:
+        self.coords, self.wanted = coords, wanted
+        self.without: list[dict[str, float]] = [{} for _ in coords]  # name -> last L
+        self.with_: list[dict[str, float]] = [{} for _ in coords]  # name -> first U
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(coords))
+        ]
+
+    def _run(self, i: int) -> None:
+        with self.coords[i].admin() as http:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    listed = {w["name"] for w in http.get("/api/admin/workers").json()}
+                except httpx.HTTPError:
+                    continue
+                done = time.monotonic()
+                for name in self.wanted:
+                    if name in listed:
+                        self.with_[i].setdefault(name, done)
+                    elif name not in self.with_[i]:
+                        self.without[i][name] = sent
+                time.sleep(0.01)
+
+    def complete(self) -> bool:
+        return all(len(seen) == len(self.wanted) for seen in self.with_)
+
+    def spread(self) -> dict[str, tuple[float, float]]:
+        out = {}
+        for name in self.wanted:
+            lows = [w.get(name, self.started) for w in self.without]
+            highs = [w[name] for w in self.with_]
+            out[name] = (max(0.0, max(lows) - min(highs)), max(highs) - min(lows))
+        return out
+
+    def __enter__(self) -> Watch:
+        self.started = time.monotonic()
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def test_three_coordinators_behind_haproxy_lose_the_leader_under_load(
+    start_cluster: Callable[..., list[Coordinator]],
+    agents: Callable[..., subprocess.Popen[bytes]],
+    balancer: Callable[[dict[str, str]], tuple[str, Path]],
+    redis_url: str,
+    catalog: Path,
+    tmp_path: Path,
+) -> None:
+    """The issue's must-show: PostgreSQL, Redis, HAProxy, 3 coordinators, 6 agents (3 tunnel,
+    3 direct), client load; SIGKILL the leader and count what was lost."""
+    fake_catalog = tmp_path / "fake.toml"
+    fake_catalog.write_text(
+        FAKE + "\n".join(p for p in catalog.read_text().split("\n\n") if "[services.fake]" not in p)
+    )
+    cluster = start_cluster(
+        ("coord-a", "coord-b", "coord-c"), fake_catalog, ("--redis-url", redis_url)
+    )
+    a, b, c = cluster
+    wait_for("A to lead, named by all", lambda: all(
+        readyz(x).get("leader") == "coord-a" for x in cluster
+    ))  # fmt: skip
+    assert [readyz(x).get("redis") for x in cluster] == ["ok"] * 3
+    lb, lb_log = balancer({"coord-a": a.url, "coord-b": b.url, "coord-c": c.url})
+
+    with EventFollower(c) as follower:
+        # A worker that registers (through the balancer) and falls silent: judged once.
+        r = httpx.post(
+            f"{lb}/api/worker/register",
+            json={
+                "token": a.token(),
+                "name": "silent",
+                "capabilities": {"cpu_cores": 4, "memory_mb": 8192},
+            },
+            timeout=10,
+        )
+        assert r.status_code == 201, r.text
+        # Six agents: one of each kind knows the coordinators by name (A first, so its tunnel
+        # is on the leader), the others only the balancer.
+        token = a.token(uses=10)
+        plan = {
+            "tunnel-1": (f"{a.url},{b.url},{c.url}", "tunnel"),
+            "tunnel-2": (lb, "tunnel"),
+            "tunnel-3": (lb, "tunnel"),
+            "direct-1": (f"{c.url},{b.url},{a.url}", "direct"),
+            "direct-2": (lb, "direct"),
+            "direct-3": (lb, "direct"),
+        }
+        # Registrations on any coordinator appear on all.  One thread per coordinator lists the
+        # workers over and over: a worker appeared on X after the last listing without it was
+        # sent (L) and before the first with it came back (U).  So the spread between the first
+        # and the last coordinator to show it lies in [max L - min U, max U - min L].
+        with Watch(cluster, set(plan)) as watch:
+            procs = {
+                name: agents(urls, token, name, transport, fake_catalog)
+                for name, (urls, transport) in plan.items()
+            }
+            wait_for("six workers on all three", watch.complete, 180)
+        spread = watch.spread()
+        assert max(low for low, _ in spread.values()) <= 1.0, spread
+
+        def healthy(coord: Coordinator) -> set[str]:
+            return {
+                w["name"]
+                for w in get(coord, "/api/admin/workers")
+                if w["status"] == "online"
+                and any(s["name"] == "fake" and s["healthy"] for s in w["services"])
+            }
+
+        wait_for("six healthy workers, seen from B", lambda: healthy(b) >= set(plan), 180)
+
+        def tunnels(coords: list[Coordinator]) -> list[float]:
+            return [metric(x, "rma_tunnels_connected") for x in coords]
+
+        wait_for("three tunnels, one on A", lambda: (t := tunnels(cluster))[0] >= 1 and sum(
+            t
+        ) == 3)  # fmt: skip
+        on_a = tunnels(cluster)[0]
+        wait_for("the silent worker judged", lambda: names(b).get("silent") == "offline", 60)
+        judged = [e for e in get(c, "/api/admin/events", limit=1000) if e["kind"] == "offline"]
+        assert [e["data"]["coordinator"] for e in judged] == ["coord-a"], judged  # one sweeper
+        silent_id = _id(b, "silent")
+
+        with a.admin() as http:
+            key = http.post("/api/admin/keys", json={"name": "load", "rpm": 0}).json()["key"]
+        with Load(lb, key) as load:
+            wait_for("load through the balancer", lambda: load.answered() >= 50, 120)
+            a.stop(signal.SIGKILL)
+            killed_at = time.monotonic()
+            wait_for("a new leader", lambda: "leader" in (
+                readyz(b).get("role"), readyz(c).get("role")
+            ), FAILOVER_BOUND)  # fmt: skip
+            failover = time.monotonic() - killed_at
+            wait_for("the tunnels re-attached", lambda: sum(tunnels([b, c])) == 3, REATTACH_BOUND)
+            reattach = time.monotonic() - killed_at
+            # the load goes on through the survivors
+            wait_for("answers after the kill", lambda: load.answered(killed_at + 2) >= 100, 120)
+
+            # The worker whose tunnel was on the leader serves through both survivors again
+            # (after the cool-down a survivor gave it when its relay to the dead leader failed).
+            def via() -> set[str]:
+                with load.lock:
+                    return {
+                        o.backend
+                        for o in load.outcomes
+                        if o.worker == "tunnel-1" and o.sent > killed_at + reattach
+                    }
+
+            wait_for("tunnel-1 answering through B and C", lambda: via() == {
+                "coord-b", "coord-c"
+            }, 60)  # fmt: skip
+        survivors_lead = [metric(x, "rma_leader") for x in (b, c)]
+        assert sorted(survivors_lead) == [0.0, 1.0], survivors_lead
+
+        # Past one whole offline window after the kill: nobody judged for it, no agent told to go.
+        time.sleep(max(0.0, OFFLINE_AFTER + 2 - (time.monotonic() - killed_at)))
+        for coord in (b, c):
+            seen = names(coord)
+            assert all(seen[n] == "online" for n in plan), seen
+        judged = [
+            e
+            for e in get(b, "/api/admin/events", limit=1000)
+            if e["kind"] in ("offline", "removed") and e["worker_id"] != silent_id
+        ]
+        assert judged == []
+        assert all(p.poll() is None for p in procs.values())
+        for name in plan:
+            assert "removed by the operator" not in (tmp_path / f"{name}.log").read_text()
+        # The live stream of C showed what A raised: the sweeper's verdict on the silent worker.
+        wait_for("A's event on C's stream", lambda: any(
+            e["kind"] == "offline" and e["worker_id"] == silent_id for e in follower.events
+        ), 10)  # fmt: skip
+
+    # Count: every request sent, answered or failed; each failure found in HAProxy's log.
+    outcomes = load.outcomes
+    failed = [o for o in outcomes if o.error is not None]
+    served_by: dict[str, tuple[str, str, str]] = {}
+
+    def logged() -> bool:
+        for line in lb_log.read_text(errors="replace").splitlines():
+            if m := LOG_LINE.match(line):
+                served_by[m["rid"]] = (m["server"], m["status"], m["term"])
+        return all(o.rid in served_by for o in failed)
+
+    wait_for(f"HAProxy to log every failed request: {failed}", logged, 10)
+    # In flight on the killed one: HAProxy had sent it there and was waiting for (H) or reading
+    # (D) the answer when the connection died.
+    on_killed = [
+        o
+        for o in failed
+        if served_by[o.rid][0] == "coord-a" and served_by[o.rid][2][1:2] in ("H", "D")
+    ]
+    others = [(o, served_by[o.rid]) for o in failed if o not in on_killed]
+    after = [served_by.get(o.rid, ("?",))[0] for o in outcomes if o.sent > killed_at + 2]
+    by_worker = [o.worker for o in outcomes if o.error is None]
+    moved = [o.done for o in outcomes if o.worker == "tunnel-1" and o.sent > killed_at]
+    back = f"{(min(moved) - killed_at) * 1000:.0f} ms" if moved else "not within the load"
+    print(
+        f"\nsent {len(outcomes)}, answered {len(outcomes) - len(failed)}, failed {len(failed)}"
+        f" ({len(on_killed)} in flight on the killed leader: "
+        f"{sorted({served_by[o.rid][1:] for o in on_killed})}), other failures {len(others)}; "
+        f"registration spread at most {max(high for _, high in spread.values()) * 1000:.0f} ms "
+        f"(at least {max(low for low, _ in spread.values()) * 1000:.0f} ms); "
+        f"failover {failover * 1000:.0f} ms; tunnels re-attached after {reattach * 1000:.0f} ms "
+        f"({on_a:.0f} was on the leader); answered after the kill by "
+        f"{ {s: after.count(s) for s in sorted(set(after))} }; answers by worker "
+        f"{ {w: by_worker.count(w) for w in sorted(set(by_worker))} }; the worker whose tunnel "
+        f"was on the leader answered again after {back}"
+    )
+    assert others == []
+    assert len(on_killed) <= CLIENTS  # at most one request in flight per client
+    assert "coord-a" not in after  # the balancer sends nothing more to the dead one
+
+
+def test_the_follow_stream_shows_an_event_that_commits_after_a_later_one(
+    start_cluster: Callable[..., list[Coordinator]],
+    catalog: Path,
+    database_url: str,
+) -> None:
+    """Another coordinator's event reaches B's followers a notice after it commits, and may
+    commit after B wrote a later id: B's stream still shows it (it used to skip every id at or
+    below the last one it had shown)."""
+    from sqlalchemy import create_engine, text
+    from sqlmodel import Session
+
+    from rma.coordinator.cluster.changes import CHANNEL, EVENT, encode
+    from rma.coordinator.tables import Event
+
+    (b,) = start_cluster(("coord-b",), catalog)
+    engine = create_engine(database_url)  # the test writes as "coordinator A" would
+    try:
+        with EventFollower(b) as follower, Session(engine) as s:
+            early = Event(ts=time.time(), kind="test_early", message="written first", data={})
+            s.add(early)
+            s.flush()  # its id is taken; the row is not committed yet
+            with b.admin() as http:  # B writes (and shows) a later id meanwhile
+                assert http.post("/api/admin/keys", json={"name": "later"}).status_code == 201
+            wait_for("B's own event", lambda: any(
+                e["kind"] == "key_created" for e in follower.events
+            ), 30)  # fmt: skip
+            later = next(e["id"] for e in follower.events if e["kind"] == "key_created")
+            assert early.id is not None and early.id < later
+            payload = encode("coord-a", EVENT, str(early.id))
+            s.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": payload})
+            s.commit()
+            wait_for("the earlier id on B's stream", lambda: any(
+                e["id"] == early.id and e["kind"] == "test_early" for e in follower.events
+            ), 30)  # fmt: skip
+            assert [e["id"] for e in follower.events].count(later) == 1  # and nothing twice
+    finally:
+        engine.dispose()

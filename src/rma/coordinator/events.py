@@ -98,6 +98,29 @@ class EventBus:
         return [to_public(r) for r in reversed(rows)]
 
 
+class LiveFilter:
+    """Which live events a follower has not had yet, given the backlog it was sent first.
+
+    Ids are not live in order: an id is taken when the row is written and shown when its
+    transaction commits, and another coordinator's event reaches this one's followers a notice
+    later than this one's own.  So an event with a lower id than the last one shown may still be
+    new; only one already in the backlog (the subscription began before the backlog was read)
+    or already shown is a repeat.
+    """
+
+    def __init__(self, backlog: list[EventPublic], memory: int = 10_000) -> None:
+        self._seen: dict[int, None] = dict.fromkeys(ev.id for ev in backlog)
+        self._memory = memory
+
+    def __call__(self, event: EventPublic) -> bool:
+        if event.id in self._seen:
+            return False
+        self._seen[event.id] = None
+        if len(self._seen) > self._memory:  # forget the oldest shown
+            del self._seen[next(iter(self._seen))]
+        return True
+
+
 def _offer(queue: asyncio.Queue[EventPublic], event: EventPublic) -> None:
     if queue.full():  # a slow follower loses the oldest, never blocks the pool
         queue.get_nowait()

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from rma.coordinator.auth import AdminDep, PoolDep
 from rma.coordinator.errors import APIError
+from rma.coordinator.events import LiveFilter
 from rma.schemas.api import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -254,7 +255,7 @@ async def events(
         raise
 
     async def stream() -> AsyncIterator[bytes]:
-        last = backlog[-1].id if backlog else (since or 0)
+        fresh = LiveFilter(backlog)
         try:
             for ev in backlog:
                 yield _sse(ev)
@@ -265,8 +266,7 @@ async def events(
                 except TimeoutError:
                     yield b": keep-alive\n\n"
                     continue
-                if ev.id > last:
-                    last = ev.id
+                if fresh(ev):
                     yield _sse(ev)
         finally:
             pool.events.unsubscribe(queue)
