@@ -20,6 +20,7 @@ import contextlib
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -61,11 +62,16 @@ class Connection:
         #: ``vector`` (pgvector) or ``real[]``, once connected
         self.vectors: str | None = None
         self.error: str | None = None
+        #: seconds idle after which a connection is pinged before use
+        self.ping_after = 5.0
+        self._used = 0.0
 
     def _open(self) -> psycopg.Connection[Any]:
         import psycopg
 
-        conn = psycopg.connect(self.dsn, connect_timeout=10, application_name="rma-" + self.schema)
+        conn = psycopg.connect(
+            self.dsn, autocommit=True, connect_timeout=10, application_name="rma-" + self.schema
+        )
         try:
             with conn.transaction():
                 # two replicas of a service making the same tables at once: one waits
@@ -83,11 +89,13 @@ class Connection:
 
         with self._lock:
             try:
+                self._check_idle()
                 if self._conn is None or self._conn.closed or self._conn.broken:
                     self._drop()
                     self._conn = self._open()
                 with self._conn.transaction():
                     result = work(self._conn)
+                self._used = time.monotonic()
                 self.error = None
                 return result
             except psycopg.Error as exc:
@@ -99,6 +107,18 @@ class Connection:
                 self._drop()
                 self.error = f"{type(exc).__name__}: {exc}"
                 raise StoreUnavailable(f"the store's PostgreSQL failed: {self.error}") from None
+
+    def _check_idle(self) -> None:
+        """A connection idle for ``ping_after`` seconds is pinged first: one that died meanwhile
+        (its holder restarted, the tunnel broke) is made again instead of failing the request."""
+        import psycopg
+
+        if self._conn is None or time.monotonic() - self._used < self.ping_after:
+            return
+        try:
+            self._conn.execute("SELECT 1")
+        except psycopg.Error:
+            self._drop()
 
     def _drop(self) -> None:
         if self._conn is not None:
