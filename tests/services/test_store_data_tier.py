@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -186,26 +187,33 @@ def test_rag_and_notes_keep_their_stores_in_the_data_tier(
     try:
         with coord.admin() as admin:
             key = admin.post("/api/admin/keys", json={"name": "app", "rpm": 0}).json()["key"]
+            auth = {"authorization": f"Bearer {key}"}
             r = admin.post("/api/admin/keys", json={"name": "db", "services": ["postgres"]})
             data_key = r.json()["key"]
             token = coord.token()
-            agents["data-a"] = start_agent(
-                coord.url, token, catalog, tmp_path, "data-a", "postgres"
-            )
-            wait_for("postgres healthy", lambda: healthy_on(admin, "data-a", "postgres"), 180, logs)
+            # the service worker first: with no data service yet, rag keeps its own folder
             agents["svc-a"] = start_agent(
                 coord.url, token, catalog, tmp_path, "svc-a", "rag,notes,hashembed"
             )
             services = ("rag", "notes", "hashembed")
             wait_for("svc-a healthy", lambda: healthy_on(admin, "svc-a", *services), 180, logs)
+            with httpx.Client(base_url=coord.url, headers=auth, timeout=60) as gw:
+                early = wait_for("rag on its folder", lambda: store_of(gw, "rag"), 60, logs)
+                assert early["kind"] == "local"
+                assert "no_worker" in early["reason"]
+                body = {"id": "early", "title": "Early", "text": "Written before the data tier."}
+                r = gw.post("/api/services/rag/documents", json=body)
+                assert r.status_code == 201, r.text
+            agents["data-a"] = start_agent(
+                coord.url, token, catalog, tmp_path, "data-a", "postgres"
+            )
+            wait_for("postgres healthy", lambda: healthy_on(admin, "data-a", "postgres"), 180, logs)
             # the worker's service key reaches every HTTP service and, of the data tier, postgres
             keys = admin.get("/api/admin/keys").json()
             scoped = [k["services"] for k in keys if k["name"].startswith("worker services ")]
             assert ["*", "postgres"] in scoped
 
-        with httpx.Client(
-            base_url=coord.url, headers={"authorization": f"Bearer {key}"}, timeout=60
-        ) as gw:
+        with httpx.Client(base_url=coord.url, headers=auth, timeout=60) as gw:
             for service in ("rag", "notes"):
                 store = wait_for(
                     f"{service} on the data tier",
@@ -218,6 +226,8 @@ def test_rag_and_notes_keep_their_stores_in_the_data_tier(
                 assert store["schema"] == f"rma_{service}"
                 assert store["vectors"] in ("vector", "real[]")
                 assert "***" in store["dsn"]  # never the password
+                # what rag wrote to its folder meanwhile was handed up
+                assert store.get("handed_up") == (1 if service == "rag" else None)
             for doc_id, title, text in (("lisbon", "Zorblax", LISBON), ("bread", "Bread", BREAD)):
                 r = gw.post(
                     "/api/services/rag/documents", json={"id": doc_id, "title": title, "text": text}
@@ -233,7 +243,7 @@ def test_rag_and_notes_keep_their_stores_in_the_data_tier(
                 "/api/services/rag/search", json={"query": "Where is Zorblax Robotics?", "top_k": 2}
             )
             assert hits.status_code == 200, hits.text
-            assert [h["document_id"] for h in hits.json()["results"]] == ["lisbon", "bread"]
+            assert hits.json()["results"][0]["document_id"] == "lisbon"
             found = gw.post(
                 "/api/services/notes/search", json={"query": "plumber sink", "tag": "home"}
             )
@@ -243,11 +253,15 @@ def test_rag_and_notes_keep_their_stores_in_the_data_tier(
         connect = Connect(coord.url, data_key, tmp_path / "connect.log")
         with psycopg.connect(connect.url, connect_timeout=20) as conn:
             docs = conn.execute("SELECT id, title FROM rma_rag.documents ORDER BY id").fetchall()
-            assert docs == [("bread", "Bread"), ("lisbon", "Zorblax")]
+            assert docs == [("bread", "Bread"), ("early", "Early"), ("lisbon", "Zorblax")]
             chunks = conn.execute("SELECT text FROM rma_rag.chunks WHERE document_id = 'lisbon'")
             assert chunks.fetchall() == [(LISBON,)]
             notes = conn.execute("SELECT id, tags FROM rma_notes.notes").fetchall()
             assert notes == [(note_id, ["home"])]
+
+        (left,) = (tmp_path / "svc-a").rglob("rag.sqlite3")  # handed up: nothing left in it
+        with contextlib.closing(sqlite3.connect(left)) as db:
+            assert db.execute("SELECT count(*) FROM documents").fetchone() == (0,)
 
         # the service worker goes; a new one, with an empty folder, serves the same store
         agents["svc-a"].terminate()
@@ -257,9 +271,7 @@ def test_rag_and_notes_keep_their_stores_in_the_data_tier(
                 coord.url, coord.token(), catalog, tmp_path, "svc-b", "rag,notes,hashembed"
             )
             wait_for("svc-b healthy", lambda: healthy_on(admin, "svc-b", *services), 180, logs)
-        with httpx.Client(
-            base_url=coord.url, headers={"authorization": f"Bearer {key}"}, timeout=60
-        ) as gw:
+        with httpx.Client(base_url=coord.url, headers=auth, timeout=60) as gw:
             for service in ("rag", "notes"):
                 wait_for(
                     f"{service} on svc-b on the data tier",
@@ -268,7 +280,7 @@ def test_rag_and_notes_keep_their_stores_in_the_data_tier(
                     logs,
                 )
             listed = gw.get("/api/services/rag/documents").json()["documents"]
-            assert sorted(d["id"] for d in listed) == ["bread", "lisbon"]
+            assert sorted(d["id"] for d in listed) == ["bread", "early", "lisbon"]
             hits = gw.post(
                 "/api/services/rag/search", json={"query": "Zorblax headquarters", "top_k": 1}
             )
