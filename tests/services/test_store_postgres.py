@@ -276,3 +276,60 @@ def test_auto_without_a_data_tier_keeps_the_local_store(  # type: ignore[no-unty
         assert store["setting"] == "auto"
         assert "no API key" in store["reason"]
     assert (settings.service_data_dir / "notes.sqlite3").exists()
+
+
+def test_a_folder_from_before_is_handed_up_at_start(  # type: ignore[no-untyped-def]
+    dsn: str, fake_stack: str, make_settings, server
+) -> None:
+    """auto: documents a rag kept in its folder before it had PostgreSQL move there at start."""
+    settings = make_settings(gateway_url=fake_stack, service_store_url=URL)
+    old = LocalRagStore(settings.service_data_dir)
+    old.put_document(doc("from-before", ("kept in the folder", [1.0, 0.0])))
+    old.close()
+    try:
+        with server(build_app("rag", settings)) as url, httpx.Client(timeout=30) as client:
+            store = client.get(f"{url}/health").json()["store"]
+            assert store["kind"] == "postgres"
+            assert store["handed_up"] == 1
+            listed = client.get(f"{url}/documents").json()["documents"]
+            assert [d["id"] for d in listed] == ["from-before"]
+        left = LocalRagStore(settings.service_data_dir)
+        assert left.list_documents() == []
+        left.close()
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS rma_rag CASCADE")
+
+
+def test_auto_with_an_unreachable_url_keeps_the_folder(  # type: ignore[no-untyped-def]
+    fake_stack: str, make_settings, server
+) -> None:
+    settings = make_settings(gateway_url=fake_stack, service_store_url=dead_dsn())
+    with server(build_app("rag", settings)) as url, httpx.Client(timeout=30) as client:
+        body = {"id": "here", "text": "Kept in the folder meanwhile."}
+        assert client.post(f"{url}/documents", json=body).status_code == 201
+        store = client.get(f"{url}/health").json()["store"]
+        assert store["kind"] == "local"
+        assert "PostgreSQL failed" in store["reason"]
+
+
+def test_a_service_key_reaches_only_the_data_services_it_names() -> None:
+    """The worker's service key (services ``*`` and ``postgres``): every HTTP service, postgres,
+    no other data service; a key without services: no data service at all."""
+    from rma.coordinator.credentials import ALL_HTTP, KeyInfo
+    from rma.settings import CoordinatorSettings
+
+    service_key = KeyInfo("k", "h", 0, services=frozenset({ALL_HTTP, "postgres"}))
+    assert service_key.allows("rag")
+    assert service_key.allows("embeddings")
+    assert service_key.allows("postgres", data=True)
+    assert not service_key.allows("redis", data=True)
+    plain = KeyInfo("k", "h", 0)
+    assert plain.allows("rag")
+    assert not plain.allows("postgres", data=True)
+    assert CoordinatorSettings().service_key_data == ["postgres"]
+    assert CoordinatorSettings(service_key_data="").service_key_data == []
+    assert CoordinatorSettings(service_key_data=" postgres, redis").service_key_data == [
+        "postgres",
+        "redis",
+    ]

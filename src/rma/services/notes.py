@@ -59,7 +59,12 @@ def store_choice(settings: ServiceSettings) -> StoreChoice[NotesStore]:
     """Where notes keeps its notes (``RMA_SERVICE_STORE``)."""
     folder = settings.service_data_dir
     return StoreChoice(
-        settings, "notes", local=lambda: _local(folder), postgres=_postgres, hand_up=hand_up
+        settings,
+        "notes",
+        local=lambda: _local(folder),
+        local_path=folder / "notes.sqlite3",
+        postgres=_postgres,
+        hand_up=hand_up,
     )
 
 

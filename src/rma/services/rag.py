@@ -101,7 +101,12 @@ def store_choice(settings: ServiceSettings) -> StoreChoice[RagStore]:
     """Where rag keeps its documents (``RMA_SERVICE_STORE``)."""
     folder = settings.service_data_dir
     return StoreChoice(
-        settings, "rag", local=lambda: _local(folder), postgres=_postgres, hand_up=hand_up
+        settings,
+        "rag",
+        local=lambda: _local(folder),
+        local_path=folder / "rag.sqlite3",
+        postgres=_postgres,
+        hand_up=hand_up,
     )
 
 

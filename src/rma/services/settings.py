@@ -40,14 +40,14 @@ class ServiceSettings(BaseSettings):
     )
     service_store: Literal["auto", "local", "postgres"] = Field(
         default="auto",
-        description="Where rag and notes keep their store: auto (the pool's PostgreSQL data "
-        "service when it is reachable, else their own folder), local (their folder), postgres "
-        "(RMA_SERVICE_STORE_URL, else the pool's data service; 503 while it cannot be reached).",
+        description="Where rag and notes keep their store: postgres (RMA_SERVICE_STORE_URL, "
+        "else the pool's PostgreSQL data service; 503 while it cannot be reached), local (their "
+        "own folder), auto (postgres when it can be reached, else their folder).",
     )
     service_store_url: SecretStr | None = Field(
         default=None,
         description="PostgreSQL DSN (postgresql://user:password@host:port/db) for rag and notes; "
-        "set: used instead of the pool's data service.",
+        "set: used instead of the pool's data service (by postgres and auto).",
     )
     service_store_data_service: str = Field(
         default="postgres",

@@ -7,10 +7,12 @@
   (``RMA_SERVICE_STORE_DATA_SERVICE``, ``postgres``) through the coordinator. While it cannot be
   reached, requests answer 503 ``store_unavailable``; it is tried again at the next request
   (at most every ``RMA_SERVICE_STORE_RETRY`` seconds).
-- ``auto`` (default): as ``postgres`` when the URL is set or the data service is reachable;
-  else the local store, and the data service is tried again every ``RMA_SERVICE_STORE_RETRY``
-  seconds. When it is reached later, what the local store holds is handed up to it (rows whose
-  ids it lacks), removed from the local store, and the service uses PostgreSQL from then on.
+- ``auto`` (default): as ``postgres`` when that PostgreSQL (the URL, else the data service)
+  can be reached; else the local store, and PostgreSQL is tried again every
+  ``RMA_SERVICE_STORE_RETRY`` seconds. When it is reached later, what the local store holds is
+  handed up to it (rows whose ids it lacks), removed from the local store, and the service uses
+  PostgreSQL from then on.
+  A local store left from before (a file in the folder) is handed up the same way at start.
 
 The data service is reached as ``rma connect`` does: a forwarder on a loopback port of the
 service's own (``rma.connect.Forwarder``), each PostgreSQL connection one WebSocket to the
@@ -28,6 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from rma.connect import Forwarder
@@ -67,6 +70,7 @@ class StoreChoice(Generic[S]):
         service: str,
         *,
         local: Callable[[], S],
+        local_path: Path,
         postgres: Callable[[str, str], S],
         hand_up: Callable[[S, S], int],
     ) -> None:
@@ -74,6 +78,7 @@ class StoreChoice(Generic[S]):
         self.service = service
         self.schema = f"rma_{service}"
         self._local = local
+        self._local_path = local_path
         self._postgres = postgres
         self._hand_up = hand_up
         self.store: S | None = None
@@ -89,8 +94,8 @@ class StoreChoice(Generic[S]):
         self._last_try = 0.0
         url = settings.service_store_url
         self._url = url.get_secret_value() if url is not None else None
-        #: ``local``, ``postgres`` or ``auto``; ``auto`` with a URL is ``postgres``
-        self.mode = "postgres" if self._url is not None else settings.service_store
+        #: ``local``, ``postgres`` or ``auto``
+        self.mode = settings.service_store
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -109,9 +114,13 @@ class StoreChoice(Generic[S]):
                 if self.mode == "local":
                     self.store = await run_sync(self._local)
                     return
-                await self._try_postgres()
-                if self.store is None and self.mode == "auto":
+                if self.mode == "auto" and self._local_path.exists():
+                    # a folder from before: what it holds is handed up if PostgreSQL answers
                     self.store = await run_sync(self._local)
+                await self._try_postgres()
+                if self.mode == "auto" and (self.store is None or self.store.kind == "local"):
+                    if self.store is None:
+                        self.store = await run_sync(self._local)
                     self._spawn(self._retry_loop())
         except Exception as exc:  # reported by /health and as 503, never raised into a request
             self.reason = f"{type(exc).__name__}: {exc}"
