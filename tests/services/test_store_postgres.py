@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,11 +189,12 @@ def test_a_lost_connection_is_made_again(dsn: str, schema: str) -> None:
     try:
         pg.put_document(doc("x", ("survives", [1.0])))
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s",
-                (f"rma-{schema}",),
-            )
+            mine = "FROM pg_stat_activity WHERE application_name = %s"
+            conn.execute(f"SELECT pg_terminate_backend(pid) {mine}", (f"rma-{schema}",))
+            deadline = time.monotonic() + 30  # the backend ends a moment after the signal
+            while conn.execute(f"SELECT count(*) {mine}", (f"rma-{schema}",)).fetchone() != (0,):
+                assert time.monotonic() < deadline, "the terminated backend lingers"
+                time.sleep(0.05)
         pg.db.ping_after = 0  # pinged before use: the dead connection is noticed and replaced
         assert pg.get_document("x") is not None
         assert pg.describe()["ok"] is True
@@ -333,3 +335,14 @@ def test_a_service_key_reaches_only_the_data_services_it_names() -> None:
         "postgres",
         "redis",
     ]
+
+
+def test_auto_with_a_gateway_that_is_no_url_keeps_the_folder(  # type: ignore[no-untyped-def]
+    make_settings, server
+) -> None:
+    settings = make_settings(gateway_url="nowhere", api_key="rma_key_x.y")
+    with server(build_app("notes", settings)) as url, httpx.Client(timeout=30) as client:
+        assert client.get(f"{url}/notes").status_code == 200
+        store = client.get(f"{url}/health").json()["store"]
+        assert store["kind"] == "local"
+        assert "RMA_GATEWAY_URL" in store["reason"]

@@ -203,7 +203,10 @@ class StoreChoice(Generic[S]):
                 "RMA_API_KEY): a data service needs a key, and a pool with anonymous clients "
                 "gives its services none"
             )
-        fw = _KeyedForwarder(self.settings.gateway_url, self._key, name)
+        try:
+            fw = _KeyedForwarder(self.settings.gateway_url, self._key, name)
+        except RmaError as exc:  # not an http(s) URL
+            raise _NotReached(f"RMA_GATEWAY_URL: {exc.message}") from None
         try:
             try:
                 info = await fw.check()
