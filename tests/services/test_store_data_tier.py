@@ -198,7 +198,14 @@ def test_rag_and_notes_keep_their_stores_in_the_data_tier(
             services = ("rag", "notes", "hashembed")
             wait_for("svc-a healthy", lambda: healthy_on(admin, "svc-a", *services), 180, logs)
             with httpx.Client(base_url=coord.url, headers=auth, timeout=60) as gw:
-                early = wait_for("rag on its folder", lambda: store_of(gw, "rag"), 60, logs)
+                early = wait_for(
+                    "rag's store chosen",
+                    lambda: (
+                        (st := store_of(gw, "rag")).get("kind") not in (None, "choosing") and st
+                    ),
+                    60,
+                    logs,
+                )
                 assert early["kind"] == "local"
                 assert "no_worker" in early["reason"]
                 body = {"id": "early", "title": "Early", "text": "Written before the data tier."}

@@ -169,16 +169,17 @@ class StoreChoice(Generic[S]):
         except _NotReached as exc:
             self.reason = str(exc)
             return
-        previous, self.store, self.reason, self.via = self.store, store, None, store_via
+        previous = self.store
         if previous is not None:  # auto, until now on the local store: hand its rows up
             try:
                 self.handed_up += await run_sync(self._hand_up, previous, store)
             except StoreUnavailable as exc:
-                self.store, self.reason = previous, f"handing up the local store failed: {exc}"
+                self.reason = f"handing up the local store failed: {exc}"
                 await run_sync(store.close)
                 await self._close_forwarder()
                 return
             await run_sync(previous.close)
+        self.store, self.reason, self.via = store, None, store_via
         log.info("%s keeps its store in PostgreSQL (%s)", self.service, store_via)
 
     async def _open(self, dsn: str) -> S:
