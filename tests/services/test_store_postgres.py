@@ -228,6 +228,7 @@ def test_services_on_a_postgres_url(  # type: ignore[no-untyped-def]
             server(build_app("notes", settings)) as notes_url,
             httpx.Client(timeout=30) as client,
         ):
+            assert client.get(f"{rag_url}/documents").status_code == 200  # once it has chosen
             health = client.get(f"{rag_url}/health").json()
             assert health["store"]["kind"] == "postgres"
             assert health["store"]["schema"] == "rma_rag"
@@ -290,11 +291,11 @@ def test_a_folder_from_before_is_handed_up_at_start(  # type: ignore[no-untyped-
     old.close()
     try:
         with server(build_app("rag", settings)) as url, httpx.Client(timeout=30) as client:
+            listed = client.get(f"{url}/documents").json()["documents"]  # once it has chosen
+            assert [d["id"] for d in listed] == ["from-before"]
             store = client.get(f"{url}/health").json()["store"]
             assert store["kind"] == "postgres"
             assert store["handed_up"] == 1
-            listed = client.get(f"{url}/documents").json()["documents"]
-            assert [d["id"] for d in listed] == ["from-before"]
         left = LocalRagStore(settings.service_data_dir)
         assert left.list_documents() == []
         left.close()

@@ -259,12 +259,12 @@ class StoreChoice(Generic[S]):
     def describe(self) -> dict[str, Any]:
         """``store`` in ``/health``: the kind in use and where; why not PostgreSQL, if so."""
         info: dict[str, Any] = {"setting": self.settings.service_store}
+        if not self._chosen.is_set():  # a first try of PostgreSQL is under way
+            return info | {"kind": "choosing"}
         if self.store is not None:
             info |= self.store.describe()
             if self.store.kind != "local":
                 info |= self.via
-        elif not self._chosen.is_set():
-            info["kind"] = "choosing"
         else:
             info["kind"] = None
         if self.reason is not None:
