@@ -325,6 +325,11 @@ class CoordinatorSettings(_Base):
         "must be on the IP address the worker connects from (no SSRF).",
     )
 
+    service_key_data: Annotated[list[str], NoDecode] = Field(
+        ["postgres"],
+        description="Data tier: the data services a worker's service key may connect to "
+        "(comma-separated; empty: none), so rag and notes keep their stores there.",
+    )
     backup_keep: int = Field(
         5, ge=1, description="Data tier: backups kept per service in the coordinator's store."
     )
@@ -493,6 +498,15 @@ class CoordinatorSettings(_Base):
     tunnel_ping_timeout: float = Field(
         45.0, gt=0, description="Tunnel: seconds without a frame before a tunnel counts as dead."
     )
+
+    @field_validator("service_key_data", mode="before")
+    @classmethod
+    def _service_key_data(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.split(",")
+        if isinstance(v, list | tuple):
+            return [str(n).strip() for n in v if str(n).strip()]
+        return v
 
     @field_validator("data_dir", mode="after")
     @classmethod

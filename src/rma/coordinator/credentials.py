@@ -98,7 +98,8 @@ class KeyInfo:
     rpm: int
     #: the donor the key belongs to (queue priority by the owner's credits)
     owner: str = ""
-    #: the services it may use; ``None``: every one but the data tier's (kind tcp)
+    #: the services it may use; ``None``: every one but the data tier's (kind tcp); with
+    #: ``ALL_HTTP`` among them: every HTTP and OpenAI service and the data services it names
     services: frozenset[str] | None = None
 
     def allows(self, service: str, *, data: bool = False) -> bool:
@@ -106,7 +107,12 @@ class KeyInfo:
         reaches only when it names it)."""
         if self.services is None:
             return not data
-        return service in self.services
+        return service in self.services or (not data and ALL_HTTP in self.services)
+
+
+#: In a key's services: every HTTP and OpenAI service (a worker's service key: its rag, notes
+#: and doc call any of them, and reach only the data services named beside it).
+ALL_HTTP = "*"
 
 
 def write_secret_file(path: Path, secret: str) -> None:

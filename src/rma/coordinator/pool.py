@@ -23,7 +23,7 @@ from rma.coordinator import security
 from rma.coordinator.clock import Clock
 from rma.coordinator.cluster.changes import EVENT, KEYS, WORKER, reload_worker
 from rma.coordinator.cluster.node import make_cluster
-from rma.coordinator.credentials import Credentials
+from rma.coordinator.credentials import ALL_HTTP, Credentials
 from rma.coordinator.db import make_engine, migrate, session, sqlite_path
 from rma.coordinator.endpoints import endpoint_problem
 from rma.coordinator.errors import APIError
@@ -297,7 +297,9 @@ class Pool:
     def _service_key(self, worker_id: str) -> str | None:
         """A fresh gateway API key for the worker's pool-calling services; the old one revoked.
 
-        Only where clients need keys: an anonymous pool's services need none.
+        Only where clients need keys: an anonymous pool's services need none.  It reaches every
+        HTTP and OpenAI service, and of the data tier only ``service_key_data`` (``postgres``:
+        where rag and notes keep their stores).
         """
         if self.settings.anonymous_clients:
             return None
@@ -305,7 +307,9 @@ class Pool:
         for key in self.credentials.list_keys():
             if key.name == name and not key.revoked:
                 self.credentials.revoke_key(key.id)
-        return self.credentials.create_key(name, rpm=None).key
+        data = self.settings.service_key_data
+        services = [ALL_HTTP, *data] if data else None
+        return self.credentials.create_key(name, rpm=None, services=services).key
 
     # --- worker credentials -----------------------------------------------------------------------
 

@@ -182,14 +182,21 @@ def create_service_app(
     settings: ServiceSettings,
     *,
     load: Callable[[], None] | None = None,
+    on_startup: Callable[[], Awaitable[None]] | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    health_info: Callable[[], dict[str, Any]] | None = None,
 ) -> tuple[FastAPI, Readiness]:
-    """A FastAPI app with `/health`, JSON errors and a body limit; `load` runs in the background."""
+    """A FastAPI app with `/health`, JSON errors and a body limit; `load` runs in the background.
+
+    `health_info` adds fields to every `/health` answer (rag and notes: their `store`).
+    """
     readiness = Readiness()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         readiness.start(load or (lambda: None))
+        if on_startup is not None:
+            await on_startup()
         yield
         if on_shutdown is not None:
             await on_shutdown()
@@ -200,10 +207,11 @@ def create_service_app(
 
     @app.get("/health", tags=["health"])
     async def health() -> JSONResponse:
+        extra = health_info() if health_info is not None else {}
         if readiness.ready:
-            return JSONResponse({"status": "ok", "service": name})
+            return JSONResponse({"status": "ok", "service": name, **extra})
         status = "error" if readiness.error else "loading"
-        body = {"status": status, "service": name, "detail": readiness.error}
+        body = {"status": status, "service": name, "detail": readiness.error, **extra}
         return JSONResponse(body, status_code=503)
 
     return app, readiness

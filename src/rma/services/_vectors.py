@@ -1,4 +1,4 @@
-"""A small embedded vector store: SQLite rows with float32 blobs, searched with numpy."""
+"""Vectors for the local stores: SQLite rows with float32 blobs, searched with numpy."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+def unit(vector: Sequence[float]) -> list[float]:
+    """`vector` scaled to unit length, as float32 values (what every store keeps)."""
+    return [float(x) for x in np.frombuffer(to_blob(vector), dtype="<f4")]
 
 
 def to_blob(vector: Sequence[float]) -> bytes:

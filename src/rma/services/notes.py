@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Response
 from pydantic import BaseModel, Field
 
 from rma.services._common import Gateway, ServiceError, create_service_app, require, run_sync
-from rma.services._vectors import Database, rank, to_blob
 from rma.services.settings import ServiceSettings
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS notes (
-    id TEXT PRIMARY KEY, title TEXT, text TEXT NOT NULL, tags TEXT NOT NULL,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL, vector BLOB NOT NULL);
-"""
+from rma.services.store import Note, NotesStore
+from rma.services.store_select import StoreChoice
 
 
 class NoteIn(BaseModel):
@@ -39,51 +34,74 @@ class SearchIn(BaseModel):
     tag: Annotated[str | None, Field(description="Only notes with this tag.")] = None
 
 
-def _note(row: Any) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "title": row["title"],
-        "text": row["text"],
-        "tags": json.loads(row["tags"]),
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-    }
+def _local(folder: Path) -> NotesStore:
+    from rma.services.store_local import LocalNotesStore
+
+    return LocalNotesStore(folder)
+
+
+def _postgres(dsn: str, schema: str) -> NotesStore:
+    from rma.services.store_postgres import PostgresNotesStore
+
+    return PostgresNotesStore(dsn, schema)
+
+
+def hand_up(local: NotesStore, remote: NotesStore) -> int:
+    """Move the local store's notes into ``remote`` (those whose ids it lacks)."""
+    notes = local.export()
+    added = remote.adopt(notes)
+    for note in notes:
+        local.delete_note(note.id)
+    return added
+
+
+def store_choice(settings: ServiceSettings) -> StoreChoice[NotesStore]:
+    """Where notes keeps its notes (``RMA_SERVICE_STORE``)."""
+    folder = settings.service_data_dir
+    return StoreChoice(
+        settings,
+        "notes",
+        local=lambda: _local(folder),
+        local_path=folder / "notes.sqlite3",
+        postgres=_postgres,
+        hand_up=hand_up,
+    )
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The notes service's app."""
     require("numpy")
     gateway = Gateway(settings)
-    db = Database(settings.service_data_dir / "notes.sqlite3", SCHEMA)
+    stores = store_choice(settings)
 
     async def shutdown() -> None:
         await gateway.aclose()
-        db.close()
+        await stores.aclose()
 
-    app, _ = create_service_app("notes", settings, on_shutdown=shutdown)
+    app, _ = create_service_app(
+        "notes",
+        settings,
+        on_startup=stores.start,
+        on_shutdown=shutdown,
+        health_info=lambda: {"store": stores.describe()},
+    )
 
-    async def find(note_id: str) -> Any:
-        rows = await run_sync(db.query, "SELECT * FROM notes WHERE id = ?", (note_id,))
-        if not rows:
+    async def find(note_id: str) -> Note:
+        async with stores.use() as store:
+            note: Note | None = await run_sync(store.get_note, note_id)
+        if note is None:
             raise ServiceError(404, "not_found", f"no note {note_id!r}")
-        return rows[0]
+        return note
 
     async def save(note_id: str, body: NoteIn, created_at: float) -> dict[str, Any]:
         if len(body.text) > settings.max_text_chars:
             raise ServiceError(413, "too_large", f"text over {settings.max_text_chars} characters")
         content = f"{body.title}\n{body.text}" if body.title else body.text
         (vector,) = await gateway.embed(settings.embedding_model, [content])
-        row = (note_id, body.title, body.text, json.dumps(body.tags), created_at, time.time())
-
-        def store() -> None:
-            with db.transaction() as conn:
-                conn.execute(
-                    "INSERT OR REPLACE INTO notes VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (*row, to_blob(vector)),
-                )
-
-        await run_sync(store)
-        return _note(await find(note_id))
+        note = Note(note_id, body.title, body.text, body.tags, created_at, time.time(), vector)
+        async with stores.use() as store:
+            await run_sync(store.put_note, note)
+        return (await find(note_id)).public()
 
     @app.post("/notes", status_code=201)
     async def create_note(body: NoteIn) -> dict[str, Any]:
@@ -94,38 +112,32 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         tag: Annotated[str | None, Query()] = None,
         limit: Annotated[int, Query(gt=0, le=1000)] = 100,
     ) -> dict[str, Any]:
-        rows = await run_sync(db.query, "SELECT * FROM notes ORDER BY created_at DESC")
-        notes = [_note(r) for r in rows]
-        if tag is not None:
-            notes = [n for n in notes if tag in n["tags"]]
-        return {"notes": notes[:limit]}
+        async with stores.use() as store:
+            notes: list[Note] = await run_sync(store.list_notes, tag, limit)
+        return {"notes": [n.public() for n in notes]}
 
     @app.get("/notes/{note_id}")
     async def get_note(note_id: str) -> dict[str, Any]:
-        return _note(await find(note_id))
+        return (await find(note_id)).public()
 
     @app.put("/notes/{note_id}")
     async def replace_note(note_id: str, body: NoteIn) -> dict[str, Any]:
         old = await find(note_id)
-        return await save(note_id, body, old["created_at"])
+        return await save(note_id, body, old.created_at)
 
     @app.delete("/notes/{note_id}", status_code=204)
     async def delete_note(note_id: str) -> Response:
-        def delete() -> int:
-            with db.transaction() as conn:
-                return conn.execute("DELETE FROM notes WHERE id = ?", (note_id,)).rowcount
-
-        if not await run_sync(delete):
+        async with stores.use() as store:
+            deleted = await run_sync(store.delete_note, note_id)
+        if not deleted:
             raise ServiceError(404, "not_found", f"no note {note_id!r}")
         return Response(status_code=204)
 
     @app.post("/search")
     async def search(body: SearchIn) -> dict[str, Any]:
         (vector,) = await gateway.embed(settings.embedding_model, [body.query])
-        rows = await run_sync(db.query, "SELECT * FROM notes")
-        if body.tag is not None:
-            rows = [r for r in rows if body.tag in json.loads(r["tags"])]
-        best = await run_sync(rank, vector, [r["vector"] for r in rows], body.top_k)
-        return {"results": [{"note": _note(rows[i]), "score": score} for i, score in best]}
+        async with stores.use() as store:
+            best = await run_sync(store.search, vector, body.top_k, body.tag)
+        return {"results": [{"note": note.public(), "score": score} for note, score in best]}
 
     return app

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
@@ -19,18 +19,9 @@ from rma.services._common import (
     require,
     run_sync,
 )
-from rma.services._vectors import Database, rank, to_blob
 from rma.services.settings import ServiceSettings
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS documents (
-    id TEXT PRIMARY KEY, title TEXT NOT NULL, metadata TEXT NOT NULL,
-    characters INTEGER NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS chunks (
-    document_id TEXT NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
-    position INTEGER NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL,
-    PRIMARY KEY (document_id, position));
-"""
+from rma.services.store import Document, RagStore
+from rma.services.store_select import StoreChoice
 
 SYSTEM_PROMPT = (
     "Answer the question using only the numbered sources. Cite the sources you use like [1]. "
@@ -85,31 +76,56 @@ def chunk_text(text: str, size: int, overlap: int) -> list[str]:
     return chunks
 
 
-def _document(row: Any) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "title": row["title"],
-        "metadata": json.loads(row["metadata"]),
-        "characters": row["characters"],
-        "chunks": row["chunks"],
-        "created_at": row["created_at"],
-    }
+def _local(folder: Path) -> RagStore:
+    from rma.services.store_local import LocalRagStore
+
+    return LocalRagStore(folder)
+
+
+def _postgres(dsn: str, schema: str) -> RagStore:
+    from rma.services.store_postgres import PostgresRagStore
+
+    return PostgresRagStore(dsn, schema)
+
+
+def hand_up(local: RagStore, remote: RagStore) -> int:
+    """Move the local store's documents into ``remote`` (those whose ids it lacks)."""
+    docs = local.export()
+    added = remote.adopt(docs)
+    for doc in docs:
+        local.delete_document(doc.id)
+    return added
+
+
+def store_choice(settings: ServiceSettings) -> StoreChoice[RagStore]:
+    """Where rag keeps its documents (``RMA_SERVICE_STORE``)."""
+    folder = settings.service_data_dir
+    return StoreChoice(
+        settings,
+        "rag",
+        local=lambda: _local(folder),
+        local_path=folder / "rag.sqlite3",
+        postgres=_postgres,
+        hand_up=hand_up,
+    )
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The rag service's app."""
     require("numpy", "multipart")
     gateway = Gateway(settings)
-    db = Database(settings.service_data_dir / "rag.sqlite3", SCHEMA)
+    stores = store_choice(settings)
 
     async def shutdown() -> None:
         await gateway.aclose()
-        db.close()
+        await stores.aclose()
 
-    app, _ = create_service_app("rag", settings, on_shutdown=shutdown)
-    documents_sql = (
-        "SELECT d.*, (SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id) AS chunks "
-        "FROM documents d"
+    app, _ = create_service_app(
+        "rag",
+        settings,
+        on_startup=stores.start,
+        on_shutdown=shutdown,
+        health_info=lambda: {"store": stores.describe()},
     )
 
     async def ingest(doc: DocumentIn) -> dict[str, Any]:
@@ -119,43 +135,23 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if not chunks:
             raise ServiceError(422, "invalid_request", "the document has no text")
         vectors = await gateway.embed(settings.embedding_model, chunks)
-        doc_id = doc.id or uuid.uuid4().hex
-        title = doc.title or doc.text.strip().splitlines()[0][:80]
-
-        def store() -> None:
-            with db.transaction() as conn:
-                conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
-                conn.execute(
-                    "INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?)",
-                    (doc_id, title, json.dumps(doc.metadata), len(doc.text), time.time()),
-                )
-                conn.executemany(
-                    "INSERT INTO chunks VALUES (?, ?, ?, ?)",
-                    [
-                        (doc_id, i, text, to_blob(vector))
-                        for i, (text, vector) in enumerate(zip(chunks, vectors, strict=True))
-                    ],
-                )
-
-        await run_sync(store)
-        rows = await run_sync(db.query, f"{documents_sql} WHERE d.id = ?", (doc_id,))
-        return _document(rows[0])
+        record = Document(
+            id=doc.id or uuid.uuid4().hex,
+            title=doc.title or doc.text.strip().splitlines()[0][:80],
+            metadata=doc.metadata,
+            characters=len(doc.text),
+            created_at=time.time(),
+            chunks=list(zip(chunks, vectors, strict=True)),
+        )
+        async with stores.use() as store:
+            stored: dict[str, Any] = await run_sync(store.put_document, record)
+        return stored
 
     async def retrieve(query: str, top_k: int) -> list[dict[str, Any]]:
         (vector,) = await gateway.embed(settings.embedding_model, [query])
-        sql = "SELECT c.*, d.title FROM chunks c JOIN documents d ON d.id = c.document_id"
-        rows = await run_sync(db.query, sql)
-        best = await run_sync(rank, vector, [r["vector"] for r in rows], top_k)
-        return [
-            {
-                "document_id": rows[i]["document_id"],
-                "title": rows[i]["title"],
-                "chunk": rows[i]["position"],
-                "text": rows[i]["text"],
-                "score": score,
-            }
-            for i, score in best
-        ]
+        async with stores.use() as store:
+            found: list[dict[str, Any]] = await run_sync(store.search, vector, top_k)
+        return found
 
     @app.post("/documents", status_code=201)
     async def add_document(body: DocumentIn) -> dict[str, Any]:
@@ -179,24 +175,22 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.get("/documents")
     async def list_documents() -> dict[str, Any]:
-        rows = await run_sync(db.query, f"{documents_sql} ORDER BY d.created_at")
-        return {"documents": [_document(r) for r in rows]}
+        async with stores.use() as store:
+            return {"documents": await run_sync(store.list_documents)}
 
     @app.get("/documents/{doc_id}")
     async def get_document(doc_id: str) -> dict[str, Any]:
-        rows = await run_sync(db.query, f"{documents_sql} WHERE d.id = ?", (doc_id,))
-        if not rows:
+        async with stores.use() as store:
+            found: dict[str, Any] | None = await run_sync(store.get_document, doc_id)
+        if found is None:
             raise ServiceError(404, "not_found", f"no document {doc_id!r}")
-        return _document(rows[0])
+        return found
 
     @app.delete("/documents/{doc_id}", status_code=204)
     async def delete_document(doc_id: str) -> Response:
-        def delete() -> int:
-            with db.transaction() as conn:
-                conn.execute("DELETE FROM chunks WHERE document_id = ?", (doc_id,))
-                return conn.execute("DELETE FROM documents WHERE id = ?", (doc_id,)).rowcount
-
-        if not await run_sync(delete):
+        async with stores.use() as store:
+            deleted = await run_sync(store.delete_document, doc_id)
+        if not deleted:
             raise ServiceError(404, "not_found", f"no document {doc_id!r}")
         return Response(status_code=204)
 

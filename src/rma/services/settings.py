@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from platformdirs import user_data_path
 from pydantic import Field, SecretStr
@@ -36,6 +37,28 @@ class ServiceSettings(BaseSettings):
     service_data_dir: Path = Field(
         default_factory=_default_data_dir,
         description="Folder where stateful services (rag, notes) keep their databases.",
+    )
+    service_store: Literal["auto", "local", "postgres"] = Field(
+        default="auto",
+        description="Where rag and notes keep their store: postgres (RMA_SERVICE_STORE_URL, "
+        "else the pool's PostgreSQL data service; 503 while it cannot be reached), local (their "
+        "own folder), auto (postgres when it can be reached, else their folder).",
+    )
+    service_store_url: SecretStr | None = Field(
+        default=None,
+        description="PostgreSQL DSN (postgresql://user:password@host:port/db) for rag and notes; "
+        "set: used instead of the pool's data service (by postgres and auto).",
+    )
+    service_store_data_service: str = Field(
+        default="postgres",
+        description="The pool's data service (kind tcp, PostgreSQL) that rag and notes reach "
+        "through the coordinator when no RMA_SERVICE_STORE_URL is set.",
+    )
+    service_store_retry: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds between tries to reach the data service while rag and notes do "
+        "not use it yet (auto: they use their folder meanwhile).",
     )
     max_request_mb: float = Field(
         default=25.0, gt=0, description="Largest request body (upload) accepted, in MiB."
