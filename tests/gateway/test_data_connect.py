@@ -207,7 +207,10 @@ def test_postgres_and_redis_through_rma_connect(pool_factory, tmp_path, transpor
         redis_rounds(rd.url)
 
         # the key's limit holds: 6 connections open, the 7th is refused with 429; text and
-        # oversized messages close the connection with 1003 and 1009
+        # oversized messages close the connection with 1003 and 1009. The rounds above closed
+        # their connections, but the coordinator releases each one only when its pump ends:
+        # wait until none is counted, or a late release makes the 6th look like the 7th.
+        wait_for("earlier connections released", lambda: data_connections(pool) == 0, 30, logs)
         asyncio.run(_limit_per_key(pool.url, key, 6))
         asyncio.run(_message_rules(pool.url, key))
 
@@ -225,6 +228,17 @@ def test_postgres_and_redis_through_rma_connect(pool_factory, tmp_path, transpor
         for conn in connects:
             conn.stop()
         kill_machine(agent)
+
+
+def data_connections(pool: Any) -> float:
+    """The coordinator's count of open data connections, from its /metrics."""
+    with httpx.Client() as c:
+        text = c.get(pool.url + "/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("rma_data_connections{")
+    )
 
 
 async def _limit_per_key(url: str, key: str, limit: int) -> None:
