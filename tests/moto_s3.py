@@ -9,6 +9,7 @@ skip, naming moto, when ``moto[server]`` is not installed.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +27,15 @@ import pytest
 BUCKET = "rma-backups"
 #: IAM calls (create user, access key, policy) and the bucket made before auth is enforced.
 _UNAUTHENTICATED = 4
+
+
+def policy(effect: str) -> str:
+    """An IAM policy document: every action allowed (or denied: the bucket refuses)."""
+    statements = [
+        {"Effect": effect, "Action": "s3:*", "Resource": "*"},
+        {"Effect": "Allow", "Action": "iam:*", "Resource": "*"},
+    ]
+    return json.dumps({"Version": "2012-10-17", "Statement": statements})
 
 
 @dataclass
@@ -44,6 +55,30 @@ class MotoS3:
             "RMA_BACKUP_S3_SECRET_KEY": self.secret_key,
             **extra,
         }
+
+    def boto(self, service: str = "s3") -> Any:
+        """A boto3 client with the IAM user's key: checks made without rma's own S3 code."""
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+
+    def refuse(self, refused: bool = True) -> None:
+        """The bucket refuses (AccessDenied) every request of the key, or takes them again."""
+        iam = self.boto("iam")
+        try:
+            iam.put_user_policy(
+                UserName="rma",
+                PolicyName="backups",
+                PolicyDocument=policy("Deny" if refused else "Allow"),
+            )
+        finally:
+            iam.close()
 
     def client(self, **overrides: object):  # type: ignore[no-untyped-def]
         from rma.coordinator.s3.client import S3Client, S3Config
@@ -114,8 +149,7 @@ def moto_s3(log_dir: Path) -> Iterator[MotoS3]:
         iam.put_user_policy(
             UserName="rma",
             PolicyName="backups",
-            PolicyDocument='{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", '
-            '"Action": "s3:*", "Resource": "*"}]}',
+            PolicyDocument=policy("Allow"),
         )
         boto3.client("s3", **common).create_bucket(Bucket=BUCKET)
         iam.close()
@@ -127,9 +161,3 @@ def moto_s3(log_dir: Path) -> Iterator[MotoS3]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-
-
-@pytest.fixture
-def s3(tmp_path: Path) -> Iterator[MotoS3]:
-    with moto_s3(tmp_path / "moto") as server:
-        yield server
