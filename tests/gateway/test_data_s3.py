@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from test_data_connect import data_catalog
+from test_agents import kill_machine
+from test_data_connect import Connect, data_catalog, data_key, need, start_agent, wait_for
+from test_data_durability import _online, backed_up_after, holder
 from tests.conftest import TEST_DB_URL, start_coordinator
 from tests.moto_s3 import MotoS3, moto_s3
 
@@ -186,3 +188,67 @@ def test_a_second_coordinator_serves_the_backup(pool_factory, s3: MotoS3, tmp_pa
         assert got.status_code == 200 and got.content == b"taken-on-a", got.text
     finally:
         b.stop()
+
+
+@pytest.mark.slow
+def test_a_data_worker_backs_up_to_the_bucket_and_the_next_restores(
+    pool_factory, s3: MotoS3, tmp_path: Path
+) -> None:
+    """Real data workers: data-a's PostgreSQL and Redis backups land in the bucket; data-a
+    dies; data-b restores both from the bucket before it reports them healthy."""
+    need("initdb")
+    need("redis-server")
+    import psycopg
+    import redis
+
+    env = {"RMA_HEARTBEAT_INTERVAL": "1", "RMA_OFFLINE_AFTER": "4", "RMA_SWEEP_INTERVAL": "1"}
+    pool = pool_factory(env={**env, **s3.env()}, catalog_text=data_catalog())
+    key = data_key(pool, "postgres", "redis")
+    agent_env = {"RMA_BACKUP_INTERVAL": "2"}
+    agents = {"data-a": start_agent(pool, tmp_path, "data-a", env=agent_env)}
+    connects: list[Connect] = []
+    logs = [tmp_path / "data-a.log", tmp_path / "data-b.log"]
+    try:
+        wait_for("postgres and redis on data-a", lambda: holder(pool, "postgres") == "data-a"
+                 and holder(pool, "redis") == "data-a", 120, logs)  # fmt: skip
+        pg, rd = Connect(pool, "postgres", key, tmp_path), Connect(pool, "redis", key, tmp_path)
+        connects += [pg, rd]
+        with psycopg.connect(pg.url, connect_timeout=20) as conn:
+            conn.execute("CREATE TABLE notes (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO notes SELECT generate_series(0, 199)")
+        r = redis.Redis.from_url(rd.url, socket_timeout=20)
+        try:
+            r.mset({f"k{i}": f"v{i}" for i in range(200)})
+        finally:
+            r.close()
+        written = time.time()
+        wait_for("a backup of both after the writes", lambda: backed_up_after(pool, "postgres",
+                 written) and backed_up_after(pool, "redis", written), 60, logs)  # fmt: skip
+
+        rows = listed(pool)  # rma admin backups: every one in the bucket, as big as listed
+        in_bucket = bucket_keys(s3)
+        assert rows and all(b["location"] == f"s3:{s3.bucket}" for b in rows)
+        for b in rows:
+            data = in_bucket.get(f"{PREFIX}{b['service']}/{b['id']}.bak")
+            assert data is not None and len(data) == b["size"], b
+        assert not (pool.coord.data_dir / "backups").exists()
+
+        agents["data-b"] = start_agent(pool, tmp_path, "data-b", env=agent_env)
+        wait_for("data-b online", lambda: _online(pool, "data-b"), 60, logs)
+        kill_machine(agents["data-a"])
+        wait_for("postgres and redis restored on data-b", lambda: holder(pool, "postgres")
+                 == "data-b" and holder(pool, "redis") == "data-b", 120, logs)  # fmt: skip
+
+        with psycopg.connect(pg.url, connect_timeout=20) as conn:
+            assert conn.execute("SELECT count(*) FROM notes").fetchone() == (200,)
+        r = redis.Redis.from_url(rd.url, socket_timeout=20)
+        try:
+            assert r.mget([f"k{i}" for i in range(200)]) == [f"v{i}".encode() for i in range(200)]
+        finally:
+            r.close()
+    finally:
+        for conn_proc in connects:
+            conn_proc.stop()
+        for proc in agents.values():
+            if proc.poll() is None:
+                kill_machine(proc)
