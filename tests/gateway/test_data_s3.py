@@ -96,9 +96,12 @@ def test_backups_go_to_the_bucket(pool_factory, s3: MotoS3) -> None:
         r = call(pool, "holder", "GET", "redis")
         assert r.status_code == 503 and "AccessDenied" in r.text, r.text  # never 404: no backup
         assert [b["id"] for b in listed(pool)] == [first["id"]]
+        state = httpx.get(pool.url + "/readyz", timeout=10).json()["backup_store"]
+        assert state.startswith("failing: ") and "AccessDenied" in state, state
     finally:
         s3.refuse(False)
     assert call(pool, "holder", "GET", "redis").content == b"snapshot-1"
+    assert httpx.get(pool.url + "/readyz", timeout=10).json()["backup_store"] == "ok"
 
     # keep 2: the oldest object goes from the bucket as the index drops it
     ids = [first["id"]]
@@ -135,6 +138,8 @@ def test_a_misconfigured_bucket_is_named_at_start(pool_factory, s3: MotoS3) -> N
     assert r.status_code == 503, r.text
     assert "NoSuchBucket" in r.json()["error"]["message"]
     assert listed(pool) == []
+    ready = httpx.get(pool.url + "/readyz", timeout=10)
+    assert ready.status_code == 200 and "NoSuchBucket" in ready.json()["backup_store"]
     pool.coord.stop()
     assert pool.coord.log is not None
     log = pool.coord.log.read_text()

@@ -87,6 +87,7 @@ def create_app(
     app.state.backups = make_store(settings, pool.engine, pool.cluster.name)
     background.append(app.state.backups.start)
     app.state.on_shutdown.append(app.state.backups.aclose)
+    app.state.readiness.append(app.state.backups.readiness)
     _share_keys(app, settings)
     install_error_handlers(app)
     app.add_middleware(

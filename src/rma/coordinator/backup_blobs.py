@@ -114,11 +114,14 @@ class S3Blobs:
         self.prefix = prefix
         self.part_size = part_size
         self.location = f"s3:{client.cfg.bucket}"
+        #: How the last request to the bucket went (``/readyz``: ``backup_store``).
+        self.state = "unknown"
 
     def describe(self) -> str:
         return self.client.describe()
 
     def _error(self, doing: str, exc: S3Error) -> BlobStoreError:
+        self.state = f"failing: {exc}"
         return BlobStoreError(f"cannot {doing}: {exc}")
 
     async def put(self, key: str, chunks: AsyncIterator[bytes]) -> None:
@@ -126,14 +129,17 @@ class S3Blobs:
             await self.client.put(self.prefix + key, chunks, self.part_size)
         except S3Error as exc:
             raise self._error("store the backup", exc) from None
+        self.state = "ok"
 
     async def open(self, key: str) -> AsyncIterator[bytes]:
         try:
             _, body = await self.client.get(self.prefix + key)
         except S3Error as exc:
             if exc.code == "NoSuchKey":
+                self.state = "ok"
                 raise BlobMissing(key) from None
             raise self._error("read the backup", exc) from None
+        self.state = "ok"
 
         async def verified() -> AsyncIterator[bytes]:
             try:
@@ -149,12 +155,14 @@ class S3Blobs:
             await self.client.delete(self.prefix + key)
         except S3Error as exc:
             raise self._error("delete an old backup", exc) from None
+        self.state = "ok"
 
     async def check(self) -> None:
         try:
             await self.client.list(self.prefix, limit=1)
         except S3Error as exc:
             raise self._error("list the backups", exc) from None
+        self.state = "ok"
 
     async def aclose(self) -> None:
         await self.client.aclose()

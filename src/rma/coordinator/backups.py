@@ -124,6 +124,11 @@ class BackupStore:
     async def aclose(self) -> None:
         await self.blobs.aclose()
 
+    async def readiness(self) -> dict[str, str]:
+        """``/readyz``: how the last request to the S3 bucket went (no request of its own)."""
+        state = getattr(self.blobs, "state", None)
+        return {} if state is None else {"backup_store": str(state)}
+
     def _import_sidecars(self) -> int:
         root = self.local.root
         if not root.is_dir():
