@@ -167,9 +167,14 @@ def test_the_settings_never_show_the_secret(s3: MotoS3) -> None:
     not TEST_DB_URL or not TEST_DB_URL.startswith("postgres"),
     reason="several coordinators need PostgreSQL: set RMA_TEST_DATABASE_URL",
 )
-def test_a_second_coordinator_serves_the_backup(pool_factory, s3: MotoS3, tmp_path: Path) -> None:
-    env = {**s3.env(), "RMA_COORDINATOR_NAME": "a"}
-    pool = pool_factory(env=env, catalog_text=data_catalog())
+@pytest.mark.parametrize("store", ["s3", "data-dir"])
+def test_a_second_coordinator_serves_the_backup(
+    pool_factory, s3: MotoS3, tmp_path: Path, store: str
+) -> None:
+    """With S3, coordinator b serves what a received; with the data-dir store, b says where the
+    backup is (503), never "none" (the new holder would start empty)."""
+    stored = s3.env() if store == "s3" else {}
+    pool = pool_factory(env={**stored, "RMA_COORDINATOR_NAME": "a"}, catalog_text=data_catalog())
     pool.add_worker("holder", {"redis": "http://127.0.0.1:9"})
     r = call(pool, "holder", "PUT", "redis", b"taken-on-a")
     assert r.status_code == 201, r.text
@@ -179,7 +184,7 @@ def test_a_second_coordinator_serves_the_backup(pool_factory, s3: MotoS3, tmp_pa
         tmp_path / "b",
         database_url=TEST_DB_URL,
         extra_args=["--catalog", str(pool.catalog)],
-        env={**s3.env(), "RMA_COORDINATOR_NAME": "b"},
+        env={**stored, "RMA_COORDINATOR_NAME": "b"},
     )
     try:
         with b.admin() as c:
@@ -187,10 +192,15 @@ def test_a_second_coordinator_serves_the_backup(pool_factory, s3: MotoS3, tmp_pa
         deadline = time.monotonic() + 30  # b's registry follows a's: the assignment arrives
         while True:
             got = call(pool, "holder", "GET", "redis", url=b.url)
-            if got.status_code == 200 or time.monotonic() > deadline:
+            if got.status_code != 403 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        assert got.status_code == 200 and got.content == b"taken-on-a", got.text
+        if store == "s3":
+            assert got.status_code == 200 and got.content == b"taken-on-a", got.text
+        else:
+            assert got.status_code == 503, got.text
+            message = got.json()["error"]["message"]
+            assert "coordinator 'a'" in message and "backup_s3_url" in message, message
     finally:
         b.stop()
 
