@@ -20,7 +20,7 @@ from typing import Literal
 
 import httpx
 
-from rma.coordinator.s3.sigv4 import EMPTY_SHA256, authorization, canonical_query, uri_encode
+from rma.coordinator.s3.sigv4 import authorization, canonical_query, uri_encode
 
 #: S3's smallest part but the last, and its most parts per upload.
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -54,6 +54,20 @@ def _tag(xml: str, name: str) -> str | None:
     return html.unescape(m.group(1)) if m else None
 
 
+class _Once:
+    """A request body that lets go of its bytes once sent: httpx's response and its stream
+    refer to each other (freed only by the garbage collector), and would keep every part of a
+    multipart upload alive until then."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks, self._chunks = self._chunks, []
+        while chunks:
+            yield chunks.pop(0)
+
+
 class S3Client:
     def __init__(self, cfg: S3Config, *, transport: httpx.AsyncBaseTransport | None = None):
         self.cfg = cfg
@@ -84,15 +98,22 @@ class S3Client:
         method: str,
         key: str | None,
         params: list[tuple[str, str]] | None = None,
-        body: bytes = b"",
+        body: bytes | list[bytes] = b"",
         headers: dict[str, str] | None = None,
     ) -> httpx.Request:
+        """A signed request; ``body`` as one bytes or a list of chunks (sent one by one and let
+        go of as they are: the list is emptied)."""
         params = params or []
+        chunks = [body] if isinstance(body, bytes) else body
+        chunks = [c for c in chunks if c]
         if self.cfg.addressing == "virtual":
             host, path = f"{self.cfg.bucket}.{self._netloc}", f"/{key or ''}"
         else:
             host, path = self._netloc, f"/{self.cfg.bucket}" + (f"/{key}" if key else "")
-        digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        sha = hashlib.sha256()
+        for chunk in chunks:
+            sha.update(chunk)
+        digest = sha.hexdigest()
         now = datetime.now(UTC)
         signed = {
             "host": host,
@@ -114,8 +135,13 @@ class S3Client:
         )
         query = canonical_query(params)
         url = f"{self._scheme}://{host}{uri_encode(path, keep_slash=True)}"
+        if chunks:
+            signed["content-length"] = str(sum(len(c) for c in chunks))
         return self._http.build_request(
-            method, url + (f"?{query}" if query else ""), content=body or None, headers=signed
+            method,
+            url + (f"?{query}" if query else ""),
+            content=_Once(chunks) if chunks else None,
+            headers=signed,
         )
 
     async def _send(self, request: httpx.Request, *, stream: bool = False) -> httpx.Response:
@@ -145,7 +171,8 @@ class S3Client:
 
     async def put(self, key: str, chunks: AsyncIterator[bytes], part_size: int) -> int:
         """Store what ``chunks`` yields at ``key``: one PUT when it fits in ``part_size``,
-        else a multipart upload with at most one part (``part_size``) held here at a time.
+        else a multipart upload with at most one part (``part_size``, as the chunks came) held
+        here at a time.
         An error (from the store or from ``chunks``) aborts the upload: nothing is left."""
         buf: list[bytes] = []
         held = 0
@@ -154,24 +181,23 @@ class S3Client:
         parts: list[tuple[int, str]] = []
         try:
             async for chunk in chunks:
-                buf.append(chunk)
-                held += len(chunk)
                 total += len(chunk)
-                while held >= part_size:
-                    data = b"".join(buf)
-                    part, rest = data[:part_size], data[part_size:]
-                    del data
-                    buf, held = ([rest] if rest else []), len(rest)
+                while chunk:
+                    take = chunk[: part_size - held]
+                    chunk = chunk[len(take) :]
+                    buf.append(take)
+                    held += len(take)
+                    if held < part_size:
+                        continue
                     if upload_id is None:
                         upload_id = await self._initiate(key)
+                    part, buf, held = buf, [], 0  # sent and let go of chunk by chunk
                     parts.append(await self._put_part(key, upload_id, len(parts) + 1, part))
-            data = b"".join(buf)
-            buf = []
             if upload_id is None:
-                await self._send(self._request("PUT", key, body=data))
+                await self._send(self._request("PUT", key, body=buf))
                 return total
-            if data:
-                parts.append(await self._put_part(key, upload_id, len(parts) + 1, data))
+            if buf:
+                parts.append(await self._put_part(key, upload_id, len(parts) + 1, buf))
             await self._complete(key, upload_id, parts)
             upload_id = None
             return total
@@ -189,7 +215,7 @@ class S3Client:
         return upload_id
 
     async def _put_part(
-        self, key: str, upload_id: str, number: int, data: bytes
+        self, key: str, upload_id: str, number: int, data: list[bytes]
     ) -> tuple[int, str]:
         if number > MAX_PARTS:
             raise S3Error(f"{self.describe()}: more than {MAX_PARTS} parts (raise the part size)")
