@@ -144,6 +144,8 @@ class ClientSettings(_Base):
 class CoordinatorSettings(_Base):
     """The coordinator: control plane, gateway, sweeper."""
 
+    #: a ValidationError's text never repeats what was given (it may hold a secret)
+    model_config = SettingsConfigDict(hide_input_in_errors=True)
     toml_section: ClassVar[str | None] = "coordinator"
 
     host: str = Field("127.0.0.1", description="Address to listen on; loopback unless asked.")
@@ -560,10 +562,20 @@ class CoordinatorSettings(_Base):
     def _backup_s3(self) -> CoordinatorSettings:
         if not self.backup_s3_url:
             return self
-        if not self.backup_s3_url.startswith(("http://", "https://")):
-            raise ValueError("backup_s3_url must start with http:// or https://")
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.backup_s3_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("backup_s3_url must be http(s)://host[:port]")
+        if url.path not in ("", "/") or url.query or url.username:
+            raise ValueError(
+                "backup_s3_url is the endpoint only (http(s)://host[:port]): the bucket goes "
+                "in backup_s3_bucket, the key prefix in backup_s3_prefix"
+            )
         if not self.backup_s3_bucket:
             raise ValueError("backup_s3_url needs backup_s3_bucket (RMA_BACKUP_S3_BUCKET)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", self.backup_s3_bucket):
+            raise ValueError(f"backup_s3_bucket {self.backup_s3_bucket!r} is not a bucket name")
         if not self.backup_s3_access_key or self.backup_s3_secret_key is None:
             raise ValueError(
                 "backup_s3_url needs backup_s3_access_key and backup_s3_secret_key "

@@ -8,6 +8,7 @@ serves the same backups.  Skips, naming moto, when ``moto[server]`` is not insta
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -122,6 +123,8 @@ def test_backups_go_to_the_bucket(pool_factory, s3: MotoS3) -> None:
         boto.close()
     with pytest.raises(httpx.HTTPError):
         call(pool, "holder", "GET", "redis")
+    assert [b["id"] for b in listed(pool)] == [ids[1]]  # it left the list; its object stays
+    assert call(pool, "holder", "GET", "redis").content == b"snapshot-3"  # the one before
 
     pool.coord.stop()
     assert pool.coord.log is not None
@@ -159,8 +162,27 @@ def test_the_settings_never_show_the_secret(s3: MotoS3) -> None:
     assert s3.secret_key not in settings.model_dump_json()
     with pytest.raises(ValueError, match="backup_s3_bucket"):
         CoordinatorSettings(backup_s3_url=s3.url)
+    with pytest.raises(ValueError, match="endpoint only"):
+        CoordinatorSettings(backup_s3_url=f"{s3.url}/{s3.bucket}", backup_s3_bucket="bkt")
     with pytest.raises(ValueError, match="backup_s3_secret_key"):
-        CoordinatorSettings(backup_s3_url=s3.url, backup_s3_bucket="b", backup_s3_access_key="a")
+        CoordinatorSettings(backup_s3_url=s3.url, backup_s3_bucket="bkt", backup_s3_access_key="a")
+    with pytest.raises(ValueError, match="not a bucket name") as bad:  # no input repeated
+        CoordinatorSettings(
+            backup_s3_url=s3.url,
+            backup_s3_bucket="b/x",
+            backup_s3_access_key="a",
+            backup_s3_secret_key=s3.secret_key,
+        )
+    assert s3.secret_key not in str(bad.value)  # (pydantic would show the input: a secret)
+
+    res = subprocess.run(  # rma coordinator serve: one error line, no secret, no traceback
+        [sys.executable, "-m", "rma", "coordinator", "serve", "--port", "0"],
+        env={**os.environ, **s3.env(RMA_BACKUP_S3_BUCKET="b/x")},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert res.stderr.startswith("error: invalid settings: backup_s3_bucket"), res.stderr
+    assert "Traceback" not in res.stderr and s3.secret_key not in res.stderr + res.stdout
 
 
 @pytest.mark.skipif(

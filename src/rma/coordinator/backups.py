@@ -291,9 +291,12 @@ class BackupStore:
             raise APIError(404, f"no {which} of {service!r} (its bytes are gone)", "no_backup")
         raise BlobStoreError(f"the backups of {service!r} are listed but their bytes are gone")
 
-    @staticmethod
-    async def _verified(info: BackupPublic, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """``body`` one chunk behind, the last one only once size and SHA-256 match."""
+    async def _verified(
+        self, info: BackupPublic, body: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        """``body`` one chunk behind, the last one only once size and SHA-256 match.  A backup
+        that does not match leaves the list (its object stays, for a look): the next download
+        gets the one before it, instead of failing on this one for ever."""
         digest = hashlib.sha256()
         size = 0
         held: bytes | None = None
@@ -305,10 +308,12 @@ class BackupStore:
             held = chunk
         if size != info.size or digest.hexdigest() != info.sha256:
             log.error(
-                "backup %s of %s is corrupt in %s: %d bytes, sha256 %s (stored: %d, %s)",
+                "backup %s of %s is corrupt in %s: %d bytes, sha256 %s (stored: %d, %s); "
+                "it leaves the list",
                 info.id, info.service, info.location, size, digest.hexdigest(), info.size,
                 info.sha256,
             )  # fmt: skip
+            await self._db(self._forget, info.service, info.id)
             raise BackupCorrupt(f"backup {info.id} of {info.service} failed its SHA-256 check")
         if held is not None:
             yield held
