@@ -108,10 +108,13 @@ class BackupStore:
     async def start(self) -> None:
         """At start: list the data dir's backups of before the index (JSON sidecars) and say
         in the log whether the S3 bucket can be reached."""
-        with contextlib.suppress(Exception):
+        try:
             count = await self._db(self._import_sidecars)
+        except Exception as exc:  # (the database; this start goes on without them)
+            log.warning("backup store: the data dir's older backups are not listed: %s", exc)
+        else:
             if count:
-                log.info("backup store: %d backups of the data dir indexed", count)
+                log.info("backup store: %d backups of the data dir listed", count)
         if self.blobs is self.local:
             return
         try:
