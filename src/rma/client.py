@@ -5,6 +5,7 @@ Light on purpose: httpx and pydantic only, so ``rma infer`` starts fast.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -400,12 +401,18 @@ class CoordinatorClient:
                 if resp.status_code >= 400:
                     await resp.aread()
                     raise error_from_response(resp)
+                digest = hashlib.sha256()
                 async with await anyio.open_file(tmp, "wb") as fh:
                     async for chunk in resp.aiter_bytes():
+                        digest.update(chunk)
                         await fh.write(chunk)
+                expected = resp.headers.get("x-rma-backup-sha256")
         except httpx.HTTPError as exc:
             tmp.unlink(missing_ok=True)
             raise transport_error(exc, self.base_url) from None
+        if expected and digest.hexdigest() != expected:  # the coordinator checks it too
+            tmp.unlink(missing_ok=True)
+            raise RmaError("backup_corrupt", f"the backup of {service} failed its SHA-256 check")
         tmp.replace(dest)
         return True
 

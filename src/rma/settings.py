@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from platformdirs import user_config_dir, user_data_dir
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -144,6 +144,8 @@ class ClientSettings(_Base):
 class CoordinatorSettings(_Base):
     """The coordinator: control plane, gateway, sweeper."""
 
+    #: a ValidationError's text never repeats what was given (it may hold a secret)
+    model_config = SettingsConfigDict(hide_input_in_errors=True)
     toml_section: ClassVar[str | None] = "coordinator"
 
     host: str = Field("127.0.0.1", description="Address to listen on; loopback unless asked.")
@@ -338,6 +340,50 @@ class CoordinatorSettings(_Base):
         ge=1024,
         description="Data tier: largest backup a worker may upload (then 413).",
     )
+    backup_s3_url: str | None = Field(
+        None,
+        description="Data tier: endpoint of an S3-compatible object store for the backups "
+        "(https://s3.eu-west-1.amazonaws.com, http://minio:9000); unset: <data-dir>/backups. "
+        "Needed with several coordinators.",
+    )
+    backup_s3_bucket: str | None = Field(
+        None, description="Data tier: the S3 bucket the backups go to (it must exist)."
+    )
+    backup_s3_prefix: str = Field(
+        "rma/backups/",
+        max_length=200,
+        description="Data tier: key prefix of the backups in the S3 bucket.",
+    )
+    backup_s3_region: str = Field(
+        "us-east-1", description="Data tier: the S3 region (signed into every request)."
+    )
+    backup_s3_access_key: str | None = Field(
+        None, description="Data tier: the S3 access key id (RMA_BACKUP_S3_ACCESS_KEY)."
+    )
+    backup_s3_secret_key: SecretStr | None = Field(
+        None,
+        description="Data tier: the S3 secret access key (RMA_BACKUP_S3_SECRET_KEY; never "
+        "logged or shown).",
+    )
+    backup_s3_addressing: Literal["path", "virtual"] = Field(
+        "path",
+        description="Data tier: S3 addressing, path (endpoint/bucket/key: MinIO, Ceph, AWS) or "
+        "virtual (bucket.endpoint/key).",
+    )
+    backup_s3_part_size: int = Field(
+        16 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        le=5 * 1024**3,
+        description="Data tier: bytes per part of a multipart upload to S3; a backup bigger "
+        "than this is sent in parts, and the coordinator holds about two parts in memory per "
+        "upload.",
+    )
+    backup_s3_timeout: float = Field(
+        60.0, gt=0, description="Data tier: seconds to wait for the S3 store on each request."
+    )
+    backup_s3_ca_file: Path | None = Field(
+        None, description="Data tier: CA bundle to verify the S3 endpoint's TLS certificate."
+    )
     connect_max_per_key: int = Field(
         16,
         ge=1,
@@ -525,6 +571,35 @@ class CoordinatorSettings(_Base):
         if importlib.util.find_spec("redis") is None:
             raise ValueError(f"needs the redis package: {install_hint('redis')}")
         return v
+
+    @model_validator(mode="after")
+    def _backup_s3(self) -> CoordinatorSettings:
+        if not self.backup_s3_url:
+            return self
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.backup_s3_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError("backup_s3_url must be http(s)://host[:port]")
+        if url.path not in ("", "/") or url.query or url.username:
+            raise ValueError(
+                "backup_s3_url is the endpoint only (http(s)://host[:port]): the bucket goes "
+                "in backup_s3_bucket, the key prefix in backup_s3_prefix"
+            )
+        if not self.backup_s3_bucket:
+            raise ValueError("backup_s3_url needs backup_s3_bucket (RMA_BACKUP_S3_BUCKET)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", self.backup_s3_bucket):
+            raise ValueError(f"backup_s3_bucket {self.backup_s3_bucket!r} is not a bucket name")
+        if not self.backup_s3_access_key or self.backup_s3_secret_key is None:
+            raise ValueError(
+                "backup_s3_url needs backup_s3_access_key and backup_s3_secret_key "
+                "(RMA_BACKUP_S3_ACCESS_KEY, RMA_BACKUP_S3_SECRET_KEY)"
+            )
+        if self.max_backup_bytes > 10_000 * self.backup_s3_part_size:
+            raise ValueError(
+                "max_backup_bytes is more than 10,000 parts of backup_s3_part_size (S3's limit)"
+            )
+        return self
 
     @classmethod
     def load(cls, config_file: Path | None = None, **flags: Any) -> CoordinatorSettings:

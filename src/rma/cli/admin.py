@@ -501,8 +501,11 @@ def backups(
         return
     table(
         None,
-        ["SERVICE", "TAKEN", "SIZE", "FROM WORKER", "SHA-256"],
-        [[b.service, ago(b.created_at), _size(b.size), b.worker, b.sha256[:16]] for b in rows],
+        ["SERVICE", "TAKEN", "SIZE", "FROM WORKER", "SHA-256", "STORED IN"],
+        [
+            [b.service, ago(b.created_at), _size(b.size), b.worker, b.sha256[:16], b.location]
+            for b in rows
+        ],
     )
 
 

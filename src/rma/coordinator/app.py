@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from rma import __version__
 from rma.coordinator.auth import FailureLimiter
-from rma.coordinator.backups import BackupStore
+from rma.coordinator.backups import make_store
 from rma.coordinator.clock import Clock
 from rma.coordinator.errors import BodyLimitMiddleware, install_error_handlers
 from rma.coordinator.methods import MethodsMiddleware
@@ -84,11 +84,10 @@ def create_app(
     app.state.background = background
     app.state.on_shutdown = []
     app.state.readiness = []  # async callables adding lines to /readyz's body
-    app.state.backups = BackupStore(
-        settings.data_dir / "backups",
-        keep=settings.backup_keep,
-        max_bytes=settings.max_backup_bytes,
-    )
+    app.state.backups = make_store(settings, pool.engine, pool.cluster.name)
+    background.append(app.state.backups.start)
+    app.state.on_shutdown.append(app.state.backups.aclose)
+    app.state.readiness.append(app.state.backups.readiness)
     _share_keys(app, settings)
     install_error_handlers(app)
     app.add_middleware(

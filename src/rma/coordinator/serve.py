@@ -32,6 +32,8 @@ def one_line(exc: BaseException) -> str:
 def settings_error(exc: ValidationError) -> ServeError:
     first = exc.errors()[0]
     name = ".".join(str(p) for p in first["loc"])
+    if not name:  # a rule over several settings (its message names them)
+        return ServeError(f"invalid settings: {first['msg'].removeprefix('Value error, ')}")
     return ServeError(f"invalid setting {name} (RMA_{name.upper()}): {first['msg']}")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, BigInteger, Column
 from sqlmodel import Field, SQLModel
 
 
@@ -118,3 +118,19 @@ class Usage(SQLModel, table=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 1
+
+
+class Backup(SQLModel, table=True):
+    """A data service's backup (``coordinator/backups.py``): its bytes are in a backup store
+    (``location``: ``s3:<bucket>`` or ``local:<coordinator>``, at ``key``), this row is what
+    every coordinator on the database lists and serves from."""
+
+    service: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=100)
+    worker_id: str = Field(max_length=64)
+    worker: str = Field(max_length=64)
+    created_at: float = Field(index=True)
+    size: int = Field(sa_column=Column(BigInteger, nullable=False))
+    sha256: str = Field(max_length=64)
+    location: str = Field(max_length=200)
+    key: str = Field(max_length=500)

@@ -521,6 +521,9 @@ class BackupPublic(BaseModel):
     created_at: datetime
     size: int
     sha256: str
+    location: str = Field(
+        "", description="Where its bytes are: s3:<bucket>, or local:<coordinator> (its data dir)."
+    )
 
 
 class RestoreRequest(_Strict):

@@ -124,11 +124,10 @@ def restore_backup(
     spec = pool.catalog.get(service)
     if spec is None or spec.backup is None:
         raise APIError(404, f"service {service!r} has no backup in the catalog", "not_found")
-    found = request.app.state.backups.get(service, body.at)
-    if found is None:
+    info: BackupPublic | None = request.app.state.backups.get(service, body.at)
+    if info is None:
         which = f"backup {body.at!r}" if body.at else "backup"
         raise APIError(404, f"no {which} of {service!r} (rma admin backups)", "no_backup")
-    info: BackupPublic = found[1]
     gateway = getattr(request.app.state, "gateway", None)
     if gateway is None:
         raise APIError(503, "this coordinator has no gateway", "unavailable")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from rma.coordinator import security
 from rma.coordinator.auth import FailureLimiter, PoolDep, WorkerDep, client_addr
@@ -72,21 +72,23 @@ async def upload_backup(
 
 
 @router.get("/backups/{service}", response_class=FileResponse)
-def latest_backup(
+async def latest_backup(
     service: str, who: WorkerDep, pool: PoolDep, request: Request, id: str | None = None
-) -> FileResponse:
+) -> Response:
     """The newest backup of a service assigned to this worker (to restore before it is
-    healthy), or the one ``id`` names; 404 ``no_backup`` when there is none (yet)."""
+    healthy), or the one ``id`` names; 404 ``no_backup`` when there is none (yet), 503
+    ``backup_store_unavailable`` when its store cannot be read (never an empty answer then)."""
     state, _ = who
     _backed_up(pool, state, service)
     store: BackupStore = request.app.state.backups
-    found = store.get(service, id)
-    if found is None:
-        which = f"backup {id!r}" if id else "backup"
-        raise APIError(404, f"no {which} of {service!r}", "no_backup")
-    path, info = found
-    return FileResponse(
-        path,
+    info, body = await store.open(service, id)
+    return StreamingResponse(
+        body,
         media_type="application/octet-stream",
-        headers={"x-rma-backup-sha256": info.sha256, "x-rma-backup-worker": info.worker},
+        headers={
+            "content-length": str(info.size),
+            "x-rma-backup-id": info.id,
+            "x-rma-backup-sha256": info.sha256,
+            "x-rma-backup-worker": info.worker,
+        },
     )
