@@ -82,8 +82,17 @@ def test_a_holder_dies_and_the_next_one_restores(pool_factory, tmp_path) -> None
         pipe.execute()
         written = time.time()
 
-        wait_for("a backup of both after the writes", lambda: backed_up_after(pool, "postgres",
-                 written) and backed_up_after(pool, "redis", written), 60, logs)  # fmt: skip
+        # a backup whose dump began after the writes: the first one uploaded after them may have
+        # begun before them; the holder backs a service up once at a time, so the next one began
+        # only once that one was in
+        for service in ("postgres", "redis"):
+            wait_for(f"a backup of {service} after the writes",
+                     lambda s=service: backed_up_after(pool, s, written), 60, logs)  # fmt: skip
+            first = newest_backup(pool, service)
+            assert first is not None
+            uploaded = datetime.fromisoformat(first["created_at"]).timestamp()
+            wait_for(f"the next backup of {service}",
+                     lambda s=service: backed_up_after(pool, s, uploaded), 60, logs)  # fmt: skip
 
         # more writes after that backup: these may be lost, but no more than one RPO's worth
         with psycopg.connect(pg.url, connect_timeout=20) as conn, conn.cursor() as cur:
