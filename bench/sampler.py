@@ -47,17 +47,26 @@ class LoopProbe:
         self.threshold = threshold
         self.last = time.perf_counter()
         self.gaps: list[float] = []
+        self.split: list[tuple[float, float, float]] = []
         self.stall_stacks: collections.Counter[tuple[str, ...]] = collections.Counter()
         self.gc: dict[int, list[float]] = collections.defaultdict(list)
         self._gc_start = 0.0
         self._stop = threading.Event()
 
     def attach(self, loop: object) -> None:
+        cpu = [time.thread_time(), time.process_time()]
+
         def tick() -> None:
             now = time.perf_counter()
             gap = now - self.last
+            mine, everyone = time.thread_time(), time.process_time()
             if gap > 0.005:
                 self.gaps.append(gap)
+                # where the gap went: the loop's own CPU, other threads' CPU, or neither (the
+                # process was not running: the machine's other load)
+                loop_cpu = mine - cpu[0]
+                self.split.append((gap, loop_cpu, max(everyone - cpu[1] - loop_cpu, 0.0)))
+            cpu[0], cpu[1] = mine, everyone
             self.last = now
             loop.call_later(0.001, tick)  # type: ignore[attr-defined]
 
@@ -86,6 +95,20 @@ class LoopProbe:
         for lo in (0.005, 0.010, 0.020, 0.050, 0.100):
             lines.append(f"gaps > {lo * 1000:g} ms: {sum(g > lo for g in gaps)}")
         lines.append("longest: " + ", ".join(f"{g * 1000:.1f}" for g in gaps[:20]))
+        long = [x for x in self.split if x[0] > 0.010]
+        wall = sum(g for g, _, _ in long)
+        if wall:
+            own = sum(c for _, c, _ in long)
+            others = sum(o for _, _, o in long)
+            lines.append(
+                f"gaps over 10 ms: {len(long)}, {wall * 1000:.0f} ms in all: the loop's CPU "
+                f"{own / wall:.0%}, other threads' CPU {others / wall:.0%}, "
+                f"not running {max(1 - (own + others) / wall, 0):.0%}"
+            )
+        for g, c, o in sorted(long, reverse=True)[:12]:
+            lines.append(
+                f"  {g * 1000:6.1f} ms: loop CPU {c * 1000:5.1f}, other threads {o * 1000:5.1f}"
+            )
         for gen, pauses in sorted(self.gc.items()):
             pauses.sort(reverse=True)
             total = sum(pauses)

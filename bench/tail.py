@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from bench.run import (
     BACKEND,
     CHAT,
     ROOT,
+    Workload,
     _cpu_model,
     _ms,
     check_answer,
@@ -92,6 +94,50 @@ def wrk(url: str, script: Path, connections: int, duration: float, cpus: set[int
     return out.decode()
 
 
+def start_gateway(
+    data: Path,
+    catalog: Path,
+    backend: str,
+    src: Path | None,
+    sample: Path | None,
+    procs: list[subprocess.Popen[bytes]],
+    cpus: set[int],
+) -> tuple[str, str, str]:
+    """A coordinator (from ``src``, another checkout's ``src/``, when given) with one direct
+    worker serving ``backend``; its URL, admin key and an API key."""
+    port = free_port()
+    env = {**os.environ, "RMA_WORKER_CAPACITY": "1024", "RMA_OFFLINE_AFTER": "3600"}
+    env["RMA_REMOVE_AFTER"] = "7200"
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), str(ROOT)])
+    head = [sys.executable]
+    if sample and sample.suffix == ".prof":
+        head += ["-m", "cProfile", "-o", str(sample.resolve())]
+    elif sample:
+        head += [str(SAMPLER), str(sample.resolve()), "--"]
+    data.mkdir(parents=True)
+    log = open(data / "coordinator.log", "wb")  # noqa: SIM115
+    coord = subprocess.Popen(
+        [
+            *head,
+            *("-m", "rma", "coordinator", "serve", "--port", str(port)),
+            *("--data-dir", str(data / "data"), "--catalog", str(catalog)),
+            *("--log-level", "warning"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    procs.append(coord)
+    pin(coord.pid, cpus)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/healthz", coord, "the coordinator", timeout=60)
+    admin_key = (data / "data" / "admin.key").read_text().strip()
+    api_key, _ = setup_pool(url, admin_key, {"slow": backend})
+    check_answer(url, api_key, Workload("chat", PATH, BODY, "chat"), "slow-chat")
+    return url, admin_key, api_key
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Gateway vs backend p99 at c=32, interleaved.")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
@@ -99,13 +145,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=32, help="wrk connections")
     ap.add_argument("--delay", type=float, default=0.05, help="the backend's answer delay (s)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "tail-results.json")
-    ap.add_argument("--sample", type=Path, help="run the coordinator under bench/sampler.py")
+    ap.add_argument(
+        "--sample",
+        type=Path,
+        help="run the coordinator under bench/sampler.py (OUT.txt) or cProfile (OUT.prof)",
+    )
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also run a coordinator from another checkout's src/ (a third target, interleaved)",
+    )
+    ap.add_argument("--no-pin", action="store_true", help="leave every process on every CPU")
     ap.add_argument("--label", default="", help="a note stored with the results")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         console.print("[red]error:[/red] wrk is not installed (apt-get install wrk)")
         return 1
-    coord_cpus, other_cpus = split_cpus()
+    coord_cpus, other_cpus = (set(), set()) if args.no_pin else split_cpus()
     procs: list[subprocess.Popen[bytes]] = []
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="rma-tail-") as tmpdir:
@@ -120,44 +176,23 @@ def main(argv: list[str] | None = None) -> int:
             wait_http(burl + "/health", backend, "the backend")
             catalog = tmp / "catalog.toml"
             catalog.write_text(CATALOG)
-            port = free_port()
-            env = {**os.environ, "RMA_WORKER_CAPACITY": "1024", "RMA_OFFLINE_AFTER": "3600"}
-            env["RMA_REMOVE_AFTER"] = "7200"
-            head = [sys.executable]
-            if args.sample:
-                head += [str(SAMPLER), str(args.sample.resolve()), "--"]
-            log = open(tmp / "coordinator.log", "wb")  # noqa: SIM115
-            coord = subprocess.Popen(
-                [
-                    *head,
-                    *("-m", "rma", "coordinator", "serve", "--port", str(port)),
-                    *("--data-dir", str(tmp / "data"), "--catalog", str(catalog)),
-                    *("--log-level", "warning"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-            procs.append(coord)
-            pin(coord.pid, coord_cpus)
-            url = f"http://127.0.0.1:{port}"
-            wait_http(url + "/healthz", coord, "the coordinator", timeout=60)
-            admin_key = (tmp / "data" / "admin.key").read_text().strip()
-            api_key, _ = setup_pool(url, admin_key, {"slow": burl})
-            from bench.run import Workload
-
-            w = Workload("chat", PATH, BODY, "chat")
-            check_answer(url, api_key, w, "slow-chat")
-            check_answer(burl, None, w, "slow-chat")
-            scripts = {
-                "backend": (burl, lua_script(tmp / "backend.lua", BODY, None)),
-                "gateway": (url, lua_script(tmp / "gateway.lua", BODY, api_key)),
-            }
-            # a short warm-up of both (connections, caches), not recorded
-            warm = 0
+            gateways: dict[str, Path | None] = {"gateway": None}
+            if args.baseline_src:
+                gateways["baseline"] = args.baseline_src.resolve()
+            scripts = {"backend": (burl, lua_script(tmp / "backend.lua", BODY, None))}
+            admins = {}
+            for target, src in gateways.items():
+                url, admin_key, api_key = start_gateway(
+                    tmp / target, catalog, burl, src, args.sample if target == "gateway" else None,
+                    procs, coord_cpus,
+                )  # fmt: skip
+                admins[target] = (url, admin_key)
+                scripts[target] = (url, lua_script(tmp / f"{target}.lua", BODY, api_key))
+            # a short warm-up of each (connections, caches), not recorded
+            warm: dict[str, int] = {}
             for target, (base, script) in scripts.items():
                 out = wrk(base + PATH, script, args.connections, 2, other_cpus)
-                warm += parse(out).get("requests", 0) if target == "gateway" else 0
+                warm[target] = parse(out).get("requests", 0)
             for i in range(args.rounds):
                 for target, (base, script) in scripts.items():
                     load = os.getloadavg()
@@ -166,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                     run["load_1m"] = round(load[0], 2)
                     runs.append(run)
                     console.print(run)
-            written = _usage_rows(url, admin_key)
+            written = {t: _usage_rows(*admins[t]) for t in gateways}
         finally:
             for p in reversed(procs):
                 if p.poll() is None:
-                    p.terminate()
+                    # SIGINT under cProfile: it writes its file only on a normal exit
+                    is_prof = args.sample is not None and args.sample.suffix == ".prof"
+                    p.send_signal(signal.SIGINT if is_prof else signal.SIGTERM)
                     try:
                         p.wait(15)
                     except subprocess.TimeoutExpired:
@@ -196,31 +233,30 @@ def _summary(
     args: argparse.Namespace,
     runs: list[dict[str, Any]],
     coord_cpus: set[int],
-    written: int,
-    warm: int,
+    written: dict[str, int],
+    warm: dict[str, int],
 ) -> dict[str, Any]:
-    def p99s(target: str) -> list[float]:
-        return [r["p99_ms"] for r in runs if r["target"] == target and "p99_ms" in r]
-
-    added = []
-    for i in range(1, args.rounds + 1):
-        pair = {r["target"]: r for r in runs if r["round"] == i}
-        if "p99_ms" in pair.get("backend", {}) and "p99_ms" in pair.get("gateway", {}):
-            added.append(round(pair["gateway"]["p99_ms"] - pair["backend"]["p99_ms"], 2))
+    targets = list(dict.fromkeys(r["target"] for r in runs))
     summary: dict[str, Any] = {}
-    for target in ("backend", "gateway"):
-        values = p99s(target)
+    for target in targets:
+        values = [r["p99_ms"] for r in runs if r["target"] == target and "p99_ms" in r]
         if values:
             summary[f"{target}_p99_ms"] = {
                 "min": min(values),
                 "median": statistics.median(values),
                 "max": max(values),
             }
-    summary["added_p99_ms_per_round"] = added
-    # wrk counts the answers it read; a request cut off when a run ends is a 499 row more
-    done = sum(r.get("requests", 0) for r in runs if r["target"] == "gateway")
-    summary["gateway_answers_read_by_wrk"] = done + warm
-    summary["usage_rows_counted"] = written
+    for target in targets[1:]:
+        added = []
+        for i in range(1, args.rounds + 1):
+            pair = {r["target"]: r for r in runs if r["round"] == i}
+            if "p99_ms" in pair.get("backend", {}) and "p99_ms" in pair.get(target, {}):
+                added.append(round(pair[target]["p99_ms"] - pair["backend"]["p99_ms"], 2))
+        summary[f"{target}_added_p99_ms_per_round"] = added
+        # wrk counts the answers it read; a request cut off when a run ends is a 499 row more
+        done = sum(r.get("requests", 0) for r in runs if r["target"] == target)
+        summary[f"{target}_answers_read_by_wrk"] = done + warm.get(target, 0)
+        summary[f"{target}_usage_rows"] = written.get(target)
     return {
         "command": "python -m bench.tail " + " ".join(sys.argv[1:]),
         "label": args.label,
