@@ -5,15 +5,17 @@ a real ``rma coordinator serve`` and one direct worker pointing at the backend (
 ``bench/run.py`` does, without the tunnel worker), then runs ``wrk`` with 32 connections for the
 same chat request, alternating between the two targets so that both see the same moment of a
 shared machine: ``backend, gateway, backend, gateway, ...`` (``--rounds`` pairs, ``--duration``
-seconds each).  Each run's p50/p90/p99, requests/s, errors and the load average are printed and
-written to ``--out`` (JSON), with the spread of the p99 over the rounds and the p99 added by the
-gateway per round (gateway minus the backend run just before it).
+seconds each).  Each run's p50/p90/p99, requests/s, errors, the load average and each CPU's
+use are printed and written to ``--out`` (JSON), with the spread of the p99 over the rounds and
+the p99 added by each gateway per round (its run minus the backend run just before it).
+``--baseline-src DIR`` adds a coordinator from another checkout's ``src/`` as a third target.
 
-``--sample OUT.txt`` runs the coordinator under ``bench/sampler.py`` (a stack sampler thread) and
-leaves its report there: the share of samples per function for the event loop and each thread.
+``--sample OUT.txt`` runs the coordinator under ``bench/sampler.py`` (a stack sampler thread,
+a loop-stall probe and GC pause timing) and leaves its report there; ``--sample OUT.prof`` runs
+it under cProfile instead.
 
-With two or more CPUs the coordinator is pinned to the first one and the backend and ``wrk`` to
-the others.
+With two or more CPUs the coordinators are pinned to the first one and the backend and ``wrk``
+to the others (``--no-pin``: not at all).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.run import (
     BACKEND,
@@ -196,9 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.rounds):
                 for target, (base, script) in scripts.items():
                     load = os.getloadavg()
+                    psutil.cpu_percent(percpu=True)  # from here
                     out = wrk(base + PATH, script, args.connections, args.duration, other_cpus)
+                    busy = psutil.cpu_percent(percpu=True)  # each CPU's use during the run
                     run = {"round": i + 1, "target": target, **parse(out)}
                     run["load_1m"] = round(load[0], 2)
+                    run["cpu_busy_percent"] = busy
                     runs.append(run)
                     console.print(run)
             written = {t: _usage_rows(*admins[t]) for t in gateways}
