@@ -15,6 +15,7 @@ from rma.coordinator.auth import FailureLimiter
 from rma.coordinator.backups import make_store
 from rma.coordinator.clock import Clock
 from rma.coordinator.errors import BodyLimitMiddleware, install_error_handlers
+from rma.coordinator.gcpause import freeze_after_start
 from rma.coordinator.methods import MethodsMiddleware
 from rma.coordinator.metrics import Metrics
 from rma.coordinator.pool import Pool
@@ -48,6 +49,7 @@ def create_app(
         await anyio.to_thread.run_sync(pool.cluster.start)
         tasks = [asyncio.create_task(sweeper.run())] if run_sweeper else []
         tasks += [asyncio.create_task(start()) for start in app.state.background]
+        freeze_after_start(app.state)  # short GC pauses from here on (a serving process only)
         try:
             yield
         finally:

@@ -115,6 +115,7 @@ def server_config(settings: CoordinatorSettings, app: Any, log_level: str) -> uv
         protocol_class,
         raise_nofile_limit,
     )
+    from rma.coordinator.gcpause import FREEZE_FLAG
     from rma.tunnel.frames import MAX_FRAME
 
     nofile = raise_nofile_limit()
@@ -137,6 +138,8 @@ def server_config(settings: CoordinatorSettings, app: Any, log_level: str) -> uv
     else:
         if hasattr(app, "state"):
             app.state.connections = guard  # /readyz says when it is saturated
+    if hasattr(app, "state"):
+        setattr(app.state, FREEZE_FLAG, True)  # a serving process: short GC pauses
     return uvicorn.Config(
         app,
         http=http,

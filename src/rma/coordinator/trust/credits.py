@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import Engine, func, insert, select
@@ -44,6 +44,11 @@ class _Row:
     key_id: str | None
     service: str
     amount: float
+
+
+def _row_dict(r: _Row) -> dict[str, Any]:
+    return {"ts": r.ts, "kind": r.kind, "worker_id": r.worker_id, "key_id": r.key_id,
+            "service": r.service, "amount": r.amount}  # fmt: skip
 
 
 def owner_of(worker: WorkerState) -> str:
@@ -141,9 +146,9 @@ class Ledger:
             return self._write()
 
     def _write(self) -> int:
-        with self._lock:
-            batch = [asdict(r) for r in self._buffer]
-            self._buffer.clear()
+        with self._lock:  # only the swap under the lock the request path takes
+            rows, self._buffer = self._buffer, deque()
+        batch = [_row_dict(r) for r in rows]  # not asdict: it deep-copies every value
         if not batch:
             return 0
         try:
