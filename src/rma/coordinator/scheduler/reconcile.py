@@ -52,6 +52,9 @@ class Plan:
     placements: dict[str, dict[str, Placement]] = field(default_factory=dict)
     #: service name -> how many copies the pool wants now.
     wanted: dict[str, int] = field(default_factory=dict)
+    #: service name -> how many live workers could run it (it fits and their runtime can start
+    #: it): 0 for a data service on a pool whose workers offer none.
+    candidates: dict[str, int] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
 
     def assigned(self, service: str) -> int:
@@ -101,6 +104,7 @@ def plan(
 
     for spec in catalog.values():
         out.wanted[spec.name] = _wanted(spec, live, (demand or {}).get(spec.name, 0))
+        out.candidates[spec.name] = sum(1 for n in live if fits(spec, n))
 
     # 2. keep what still fits and is still wanted (draining workers first keep everything)
     for node in draining:
