@@ -333,6 +333,12 @@ class CoordinatorSettings(_Base):
         ge=1024,
         description="Data tier: largest backup a worker may upload (then 413).",
     )
+    handover_backup_timeout: float = Field(
+        120.0,
+        ge=0,
+        description="Data tier: seconds an operator's drain waits for the holder's fresh backup "
+        "before placing its data services elsewhere from the newest one there is (0: no wait).",
+    )
     connect_max_per_key: int = Field(
         16,
         ge=1,
