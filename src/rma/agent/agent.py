@@ -696,8 +696,9 @@ class Agent:
             dest = folder / f"{unit.name}{method.suffix}"
             try:
                 await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+                inside = self.reconciler.inside(unit)  # the docker runtime: in its container
                 await backup.take(
-                    unit.spec, unit.port, self.reconciler.service_dir(unit.name), dest
+                    unit.spec, unit.port, self.reconciler.service_dir(unit.name), dest, inside
                 )
                 info = await self.client.upload_backup(unit.name, dest)
                 self.backups[unit.name] = {"at": time.time(), "size": info.get("size")}
