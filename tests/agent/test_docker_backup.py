@@ -1,6 +1,7 @@
 """Backups with the docker runtime, on the real Docker engine: ``pg_dumpall`` and ``psql`` run
 inside the service's container (the engine's exec API), so a worker without PostgreSQL of its
-own backs up and restores a containerised database.
+own backs up and restores a containerised database; Redis's ``redis-rdb`` works through the
+mounted folder.
 
 Nothing can be pulled here, so the test builds its own PostgreSQL image from this machine's
 PostgreSQL (its binaries and their libraries on the busybox test image); it skips when the
@@ -73,6 +74,12 @@ def build_context(where: Path) -> Path:
         shutil.copytree(share, root / str(share).lstrip("/"))
     programs = [str(bindir / p) for p in ("initdb", "postgres", "pg_dumpall", "psql")]
     programs += glob.glob(str(version / "lib" / "*.so"))
+    redis = find_program("redis-server")
+    if redis is not None:  # Redis too, where this machine has it (the redis-rdb test)
+        real = os.path.realpath(redis)
+        (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(real, root / "usr/bin/redis-server")
+        programs.append(real)
     for lib in _libraries(programs):
         dest = root / lib.lstrip("/")
         if not dest.exists():
@@ -83,6 +90,7 @@ def build_context(where: Path) -> Path:
         'RUN echo "postgres:x:999:999::/data:/bin/sh" >> /etc/passwd && '
         'echo "postgres:x:999:" >> /etc/group\n'
         f"ENV PATH={bindir}:/bin:/usr/bin:/sbin:/usr/sbin\n"
+        "WORKDIR /data\n"  # as in the redis:7 image: dump.rdb lands in the service's folder
     )
     return where
 
@@ -198,6 +206,80 @@ async def test_pg_dumpall_and_psql_run_inside_the_container(
         assert other.healthy, other.message
         assert other.restored
         assert other.port is not None and psql_rows(other.port) == 250
+    finally:
+        for rec in recs:
+            await rec.stop_all(grace=5)
+            await rec.aclose()
+        for rt in runtimes:
+            await rt.cleanup()
+            await rt.aclose()
+
+
+async def test_redis_rdb_through_the_mounted_folder(
+    engine: Any, pg_image: str, tmp_path: Path
+) -> None:
+    """``SAVE`` over TCP, ``dump.rdb`` from the folder mounted at ``/data``; restored by putting
+    it there before the new holder's container starts."""
+    if find_program("redis-server") is None:
+        pytest.skip("needs redis-server on this machine to build the test image")
+    import redis
+
+    from rma.agent.runtimes.docker import DockerRuntime
+
+    spec = ServiceSpec(
+        name="redis",
+        tier=3,
+        kind="tcp",
+        image=pg_image,
+        args=["redis-server", "--port", "{port}", "--bind", "127.0.0.1"],
+        port=6379,
+        health="redis",
+        backup="redis-rdb",
+        resources=Resources(memory_mb=128),
+    )
+    taken = tmp_path / "taken.rdb"
+
+    async def fetch(_: ServiceSpec, dest: Path, __: str | None) -> bool:
+        shutil.copyfile(taken, dest)
+        return True
+
+    runtimes = []
+    recs: list[Reconciler] = []
+    try:
+        for name in ("a", "b"):
+            folder = tmp_path / name
+            folder.mkdir()
+            rt = DockerRuntime.connect(folder, agent_key=agent_key(folder))
+            runtimes.append(rt)
+            recs.append(
+                Reconciler(rt, folder, health_timeout=60, probe_interval=0.3, fetch_backup=fetch)
+            )
+        a, b = recs
+        a.fetch_backup = None
+        a.set_desired([spec])
+        await a.run_once()
+        unit = a.units["redis"]
+        await until(lambda: unit.healthy)
+        assert unit.port is not None
+        r = redis.Redis(host="127.0.0.1", port=unit.port, socket_timeout=10)
+        try:
+            r.mset({f"k{i}": f"v{i}" for i in range(100)})
+        finally:
+            r.close()
+        await backup.take(spec, unit.port, a.service_dir("redis"), taken, a.inside(unit))
+        assert taken.read_bytes().startswith(b"REDIS")
+
+        b.set_desired([spec])
+        await b.run_once()
+        other = b.units["redis"]
+        await until(lambda: other.healthy or other.state.value in ("crashed", "failed"))
+        assert other.healthy and other.restored, other.message
+        assert other.port is not None
+        r = redis.Redis(host="127.0.0.1", port=other.port, socket_timeout=10)
+        try:
+            assert r.get("k99") == b"v99" and r.dbsize() == 100
+        finally:
+            r.close()
     finally:
         for rec in recs:
             await rec.stop_all(grace=5)
