@@ -112,3 +112,23 @@ async def test_a_data_service_shows_its_holder_and_last_backup(
         await wait_for(pilot, lambda: "postgres" in table_rows(app, "#services-table"), "pool")
         assert "redis" not in table_rows(app, "#services-table")
         assert "redis" in plain(app, "#unplaced")
+
+
+async def test_a_backed_up_data_service_without_a_holder_is_listed_down(
+    coordinator_process: Coordinator,
+) -> None:
+    """Data that nobody holds is an outage: listed (no holder, none healthy), not hidden."""
+    coord = coordinator_process
+    credential = await hold_postgres(coord)
+    async with httpx.AsyncClient(base_url=coord.url, timeout=10) as http:
+        r = await http.post("/api/worker/leave", headers={"authorization": f"Bearer {credential}"})
+        assert r.status_code == 204, r.text
+    row = services(coord)["postgres"]  # no worker could run it now, but its backup is kept
+    assert row["holder"] is None and row["healthy"] == 0 and row["assigned"] == 0
+    assert row["last_backup"]["size"] == len(BACKUP)
+    app = app_for(coord, refresh=0.5)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("6")
+        await wait_for(pilot, lambda: "postgres" in table_rows(app, "#scheduler-table"), "row")
+        cols = [c.label.plain for c in app.query_one("#scheduler-table").ordered_columns]  # type: ignore[attr-defined]
+        assert table_rows(app, "#scheduler-table")["postgres"][cols.index("HOLDER")] == "nobody"
