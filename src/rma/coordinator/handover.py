@@ -59,6 +59,8 @@ class HandOvers:
 
     def asked_of(self, worker_id: str) -> list[str]:
         """The services ``worker_id`` should back up now (its heartbeat answer's ``backup``)."""
+        if not self._pending:  # the heartbeat path: nothing to lock for, nearly always
+            return []
         with self._lock:
             return sorted(s for s, p in self._pending.items() if p.worker_id == worker_id)
 

@@ -257,7 +257,8 @@ class DockerRuntime(Runtime):
             def call() -> tuple[int, str]:
                 result = container.exec_run(argv, environment=env, stdout=True, stderr=True)
                 raw = result.output or b""
-                return int(result.exit_code or 0), raw.decode("utf-8", "replace")
+                code = -1 if result.exit_code is None else int(result.exit_code)
+                return code, raw.decode("utf-8", "replace")
 
             return await asyncio.to_thread(call)
 
