@@ -254,6 +254,12 @@ class CoordinatorSettings(_Base):
         description="Scheduler: seconds a draining worker keeps its services while their "
         "replacements elsewhere become healthy; then it lets go anyway.",
     )
+    handover_backup_timeout: float = Field(
+        120.0,
+        ge=0,
+        description="Data tier: seconds an operator's drain waits for the holder's fresh backup "
+        "before placing its data services elsewhere from the newest one there is (0: no wait).",
+    )
 
     gpu_verify_window: float = Field(
         1800.0,
@@ -332,12 +338,6 @@ class CoordinatorSettings(_Base):
         1024**3,
         ge=1024,
         description="Data tier: largest backup a worker may upload (then 413).",
-    )
-    handover_backup_timeout: float = Field(
-        120.0,
-        ge=0,
-        description="Data tier: seconds an operator's drain waits for the holder's fresh backup "
-        "before placing its data services elsewhere from the newest one there is (0: no wait).",
     )
     connect_max_per_key: int = Field(
         16,
