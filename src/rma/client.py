@@ -532,9 +532,12 @@ class CoordinatorClient:
         data: dict[str, Any] = await self.request("GET", "/api/admin/stats")
         return data
 
-    async def services(self) -> list[dict[str, Any]]:
-        """Per catalog service: wanted, assigned, healthy, in flight, queued (the scheduler)."""
-        data: list[dict[str, Any]] = await self.request("GET", "/api/admin/services")
+    async def services(self, *, show_all: bool = False) -> list[dict[str, Any]]:
+        """Per catalog service: wanted, assigned, healthy, in flight, queued (the scheduler);
+        data services also ``holder``, ``connections``, ``last_backup``.  Data services the pool
+        neither holds nor could place are left out unless ``show_all``."""
+        params = {"all": "true"} if show_all else None
+        data: list[dict[str, Any]] = await self.request("GET", "/api/admin/services", params=params)
         return data
 
     async def reload_catalog(self) -> dict[str, Any]:

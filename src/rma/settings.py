@@ -256,6 +256,12 @@ class CoordinatorSettings(_Base):
         description="Scheduler: seconds a draining worker keeps its services while their "
         "replacements elsewhere become healthy; then it lets go anyway.",
     )
+    handover_backup_timeout: float = Field(
+        120.0,
+        ge=0,
+        description="Data tier: seconds an operator's drain waits for the holder's fresh backup "
+        "before placing its data services elsewhere from the newest one there is (0: no wait).",
+    )
 
     gpu_verify_window: float = Field(
         1800.0,

@@ -215,6 +215,59 @@ def test_a_holder_that_leaves_hands_over_everything(pool_factory, tmp_path) -> N
                 kill_machine(proc)
 
 
+def test_an_operators_drain_hands_over_a_fresh_backup(pool_factory, tmp_path) -> None:
+    """``rma admin drain`` of the holder: it takes a fresh backup first and the next holder
+    restores that one.  The periodic backups are an hour apart, so the rows written after the
+    last one (here: there is none) are on the new holder only through the drain's backup."""
+    need("initdb")
+    import psycopg
+
+    env = {"RMA_HEARTBEAT_INTERVAL": "1", "RMA_OFFLINE_AFTER": "10", "RMA_SWEEP_INTERVAL": "1"}
+    pool = pool_factory(env=env, catalog_text=data_catalog())
+    key = data_key(pool, "postgres")
+    agent_env = {"RMA_BACKUP_INTERVAL": "3600"}
+    agents = {"data-a": start_agent(pool, tmp_path, "data-a", env=agent_env)}
+    logs = [tmp_path / "data-a.log", tmp_path / "data-b.log"]
+    pg: Connect | None = None
+    try:
+        wait_for("postgres on data-a", lambda: holder(pool, "postgres") == "data-a", 120, logs)
+        pg = Connect(pool, "postgres", key, tmp_path)
+        with psycopg.connect(pg.url, connect_timeout=20) as conn:
+            conn.execute("CREATE TABLE notes (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO notes SELECT generate_series(0, 999)")
+        assert newest_backup(pool, "postgres") is None  # no periodic backup to fall back on
+
+        agents["data-b"] = start_agent(pool, tmp_path, "data-b", env=agent_env)
+        wait_for("data-b online", lambda: _online(pool, "data-b"), 60, logs)
+        with pool.coord.admin() as c:
+            a_id = next(
+                w["id"] for w in c.get("/api/admin/workers").json() if w["name"] == "data-a"
+            )
+        drained_at = time.time()
+        res = subprocess.run(
+            [sys.executable, "-m", "rma", "admin", "drain", a_id, "--coordinator", pool.url,
+             "--admin-key", pool.coord.admin_key],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        wait_for("postgres on data-b", lambda: holder(pool, "postgres") == "data-b", 120, logs)
+
+        handed = newest_backup(pool, "postgres")
+        assert handed is not None and handed["worker"] == "data-a"
+        assert datetime.fromisoformat(handed["created_at"]).timestamp() >= drained_at
+        assert _count(pg.url) == 1000  # every row: the drain lost nothing
+        with pool.coord.admin() as c:
+            kinds = [e["kind"] for e in c.get("/api/admin/events", params={"limit": 500}).json()]
+        assert "backup_requested" in kinds
+        assert agents["data-a"].poll() is None  # drained, not gone: it keeps running, idle
+    finally:
+        if pg is not None:
+            pg.stop()
+        for proc in agents.values():
+            if proc.poll() is None:
+                kill_machine(proc)
+
+
 def _count(url: str) -> int | None:
     """Rows in ``notes`` through rma connect; ``None`` while the database is being replaced."""
     import psycopg

@@ -187,6 +187,15 @@ _SCALING = {
     "vllm": "vllm scaled up to 2 replicas: in flight per healthy replica 3.5 above 2 for 60 s",
     "embeddings": "embeddings scaled down to 1 replicas: quiet for 300 s",
 }
+#: A data service's holder (none healthy: pi-cluster-3 is offline), connections and last backup
+#: (redis: not wanted, so not listed).
+_DATA: dict[str, dict[str, Any]] = {
+    "postgres": {
+        "holder": None,
+        "connections": 0,
+        "last_backup": {"at": (NOW - timedelta(minutes=3)).isoformat(), "size": 49_356},
+    }
+}
 #: ``GET /api/admin/services``: the scheduler's view.
 SERVICES: list[dict[str, Any]] = [
     {
@@ -201,8 +210,10 @@ SERVICES: list[dict[str, Any]] = [
         "inflight": _INFLIGHT.get(name, 0),
         "queued": _QUEUED.get(name, 0),
         "last_scaling_event": _SCALING.get(name),
+        **_DATA.get(name, {}),
     }
-    for name, tier, _kind, wanted in _CATALOG
+    for name, tier, kind, wanted in _CATALOG
+    if kind != "tcp" or name in _DATA  # the coordinator lists only the data services it wants
 ]
 
 STATS: dict[str, Any] = {

@@ -166,6 +166,10 @@ class Agent:
         )
         #: The last backup of each data service sent to the coordinator: time, size or error.
         self.backups: dict[str, dict[str, Any]] = {}
+        #: Backups the coordinator asked for (an operator's drain), running now, by service.
+        self._fresh_backups: dict[str, asyncio.Task[None]] = {}
+        #: One backup at a time (periodic, last, asked for): each writes the same file.
+        self._backup_lock = asyncio.Lock()
         self.identity: Identity | None = None
         self.worker_id: str | None = None
         #: The gateway API key for this worker's pool-calling services (None: not needed).
@@ -406,6 +410,8 @@ class Agent:
             log.warning("the operator asked to restore %s from backup %s", service, backup_id)
             self.reconciler.request_restore(service, backup_id)
             self._wake_reconcile.set()
+        for service in resp.backup:  # an operator's drain: the backup the next holder restores
+            self._backup_soon(service)
         self.write_status()
         return resp
 
@@ -579,6 +585,9 @@ class Agent:
                     carrier.cancel()
         except* AgentExit as group:
             raise group.exceptions[0] from None
+        finally:
+            for task in self._fresh_backups.values():
+                task.cancel()
         await self.leave()
         return 0
 
@@ -660,18 +669,36 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.backup_once(), self.settings.drain_timeout)
 
-    async def backup_once(self) -> None:
-        """One backup of each healthy data service with a catalog ``backup``, uploaded."""
+    def _backup_soon(self, service: str) -> None:
+        """Back ``service`` up now, beside the loops (once: asked again while it runs, no-op)."""
+        running = self._fresh_backups.get(service)
+        if running is not None and not running.done():
+            return
+        log.warning("the coordinator asks for a fresh backup of %s (a drain)", service)
+        self._fresh_backups[service] = asyncio.create_task(
+            self.backup_once({service}), name=f"rma:backup:{service}"
+        )
+
+    async def backup_once(self, only: set[str] | None = None) -> None:
+        """One backup of each healthy data service with a catalog ``backup`` (``only``: of
+        these), uploaded."""
+        async with self._backup_lock:
+            await self._backup_units(only)
+
+    async def _backup_units(self, only: set[str] | None) -> None:
         for unit in list(self.reconciler.units.values()):
             method = backup.method_of(unit.spec)
             if method is None or not unit.healthy or unit.port is None:
+                continue
+            if only is not None and unit.name not in only:
                 continue
             folder = self.data_dir / "backups"
             dest = folder / f"{unit.name}{method.suffix}"
             try:
                 await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+                inside = self.reconciler.inside(unit)  # the docker runtime: in its container
                 await backup.take(
-                    unit.spec, unit.port, self.reconciler.service_dir(unit.name), dest
+                    unit.spec, unit.port, self.reconciler.service_dir(unit.name), dest, inside
                 )
                 info = await self.client.upload_backup(unit.name, dest)
                 self.backups[unit.name] = {"at": time.time(), "size": info.get("size")}

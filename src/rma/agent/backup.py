@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rma.agent.programs import find_program
+from rma.agent.runtimes.base import Inside
 from rma.schemas.api import ServiceSpec
 
 #: Left in a service's folder while a restore runs: found at the next start, the folder is wiped.
@@ -142,14 +143,32 @@ def _pg_env(spec: ServiceSpec) -> dict[str, str]:
     return env
 
 
-async def take(spec: ServiceSpec, port: int, data_dir: Path, dest: Path) -> None:
-    """Write a backup of the running service (on 127.0.0.1:``port``) to ``dest``."""
+#: The dump and the file to restore, in the service's folder while a tool inside its container
+#: writes or reads them (removed at once after).
+DUMP_NAME = ".rma-backup.sql"
+LOAD_NAME = ".rma-restore.sql"
+
+
+async def take(
+    spec: ServiceSpec, port: int, data_dir: Path, dest: Path, inside: Inside | None = None
+) -> None:
+    """Write a backup of the running service (on 127.0.0.1:``port``) to ``dest``; with
+    ``inside``, ``pg_dumpall`` runs in the service's container (into its folder, then moved)."""
     method = method_of(spec)
     if method is None:
         raise BackupError(f"service {spec.name} has no backup method")
     tmp = dest.with_name(dest.name + ".part")
     try:
-        if method.name == "pg_dumpall":
+        if method.name == "pg_dumpall" and inside is not None:
+            dumped = data_dir / DUMP_NAME
+            try:
+                argv = ["pg_dumpall", "-h", "127.0.0.1", "-p", str(inside.port), "-U", "postgres"]
+                argv += ["-f", f"{inside.data_dir}/{DUMP_NAME}"]
+                await _run_inside(inside, argv, spec, "pg_dumpall (in its container)")
+                shutil.move(dumped, tmp)
+            finally:
+                dumped.unlink(missing_ok=True)
+        elif method.name == "pg_dumpall":
             argv = [_pg_program("pg_dumpall"), "-h", "127.0.0.1", "-p", str(port)]
             argv += ["-U", "postgres", "-f", str(tmp)]
             await _run(argv, _pg_env(spec), "pg_dumpall")
@@ -159,6 +178,19 @@ async def take(spec: ServiceSpec, port: int, data_dir: Path, dest: Path) -> None
         tmp.replace(dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+async def _run_inside(inside: Inside, argv: list[str], spec: ServiceSpec, what: str) -> None:
+    env = {"PGCONNECT_TIMEOUT": "10"}
+    password = spec.env.get("POSTGRES_PASSWORD")
+    if password:
+        env["PGPASSWORD"] = password
+    try:
+        code, output = await inside.run(argv, env)
+    except Exception as exc:  # the engine refused the exec (container gone, engine down)
+        raise BackupError(f"{what}: {type(exc).__name__}: {exc}") from None
+    if code != 0:
+        raise BackupError(f"{what} failed (exit {code}): {output.strip()[-400:]}")
 
 
 async def _redis_save(port: int) -> None:
@@ -180,8 +212,25 @@ def restore_before_start(spec: ServiceSpec, data_dir: Path, src: Path) -> None:
     shutil.copyfile(src, data_dir / "dump.rdb")
 
 
-async def restore_after_start(spec: ServiceSpec, port: int, src: Path) -> None:
-    """Load the backup into the running, fresh service (``pg_dumpall``)."""
+async def restore_after_start(
+    spec: ServiceSpec,
+    port: int,
+    src: Path,
+    inside: Inside | None = None,
+    data_dir: Path | None = None,
+) -> None:
+    """Load the backup into the running, fresh service (``pg_dumpall``); with ``inside``,
+    ``psql`` runs in the service's container, reading the file from its folder."""
+    if inside is not None and data_dir is not None:
+        staged = data_dir / LOAD_NAME
+        try:
+            shutil.copyfile(src, staged)
+            argv = ["psql", "-h", "127.0.0.1", "-p", str(inside.port), "-U", "postgres"]
+            argv += ["-d", "postgres", "-q", "-X", "-f", f"{inside.data_dir}/{LOAD_NAME}"]
+            await _run_inside(inside, argv, spec, "psql restore (in its container)")
+        finally:
+            staged.unlink(missing_ok=True)
+        return
     argv = [_pg_program("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
     argv += ["-d", "postgres", "-q", "-X", "-f", str(src)]
     # without ON_ERROR_STOP: "role postgres already exists" and the like are expected

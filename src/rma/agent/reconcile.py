@@ -25,7 +25,7 @@ from rma.agent import backup
 from rma.agent.backoff import Backoff, jittered
 from rma.agent.health import probe, probe_client
 from rma.agent.model_pull import PullFailed, pull_ollama
-from rma.agent.runtimes.base import Handle, Runtime, RuntimeFailure, free_port
+from rma.agent.runtimes.base import Handle, Inside, Runtime, RuntimeFailure, free_port
 from rma.schemas.api import ServiceSpec, ServiceStatus
 from rma.schemas.enums import ServiceState
 
@@ -308,6 +308,10 @@ class Reconciler:
         for name in backup.retire_stale(self.data_dir / "services", keep):
             log.warning("%s: no longer held here; its copy moved to services/.retired", name)
 
+    def inside(self, unit: Unit) -> Inside | None:
+        """Where the unit's backup tools run: in its container (docker), else on the host."""
+        return None if unit.handle is None else self.runtime.inside(unit.handle, unit.spec)
+
     def service_dir(self, service: str) -> Path:
         return self.data_dir / "services" / service
 
@@ -348,7 +352,7 @@ class Reconciler:
         if not method.before_start:
             self._set(unit, ServiceState.STARTING, "restoring its latest backup")
             try:
-                await backup.restore_after_start(unit.spec, port, src)
+                await backup.restore_after_start(unit.spec, port, src, self.inside(unit), data_dir)
             except backup.BackupError as exc:
                 raise _Crashed(str(exc)) from None
         backup.end_restore(data_dir, src)

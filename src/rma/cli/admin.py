@@ -435,16 +435,24 @@ def keys_revoke(
 
 @app.command()
 def services(
+    show_all: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Also the data services that no worker holds or could run (and with no backup).",
+        ),
+    ] = False,
     json: JsonOpt = False,
     coordinator: CoordinatorOpt = None,
     admin_key: AdminKeyOpt = None,
     ca_file: CaFileOpt = None,
 ) -> None:
-    """Each service: replicas wanted, assigned and healthy, requests in flight and queued."""
+    """Each service: replicas wanted, assigned and healthy, requests in flight and queued; data
+    services also their holder, open connections and last backup."""
 
     async def go() -> list[dict[str, Any]]:
         async with make_client(coordinator, admin_key, ca_file=ca_file) as c:
-            return await c.services()
+            return await c.services(show_all=show_all)
 
     rows = run_async(go, json_mode=json)
     if json:

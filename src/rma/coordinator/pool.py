@@ -28,6 +28,7 @@ from rma.coordinator.db import make_engine, migrate, session, sqlite_path
 from rma.coordinator.endpoints import endpoint_problem
 from rma.coordinator.errors import APIError
 from rma.coordinator.events import EventBus
+from rma.coordinator.handover import HandOvers
 from rma.coordinator.registry import Registry, WorkerState
 from rma.coordinator.scheduler.loop import Scheduler
 from rma.coordinator.tables import Worker
@@ -118,6 +119,8 @@ class Pool:
         #: ``rma admin restore``: worker id -> {service: backup id}, sent once in its next
         #: heartbeat answer (in memory: a restart of the coordinator forgets a pending one).
         self.restores: dict[str, dict[str, str]] = {}
+        #: ``rma admin drain`` of a data service's holder: its fresh backup before the hand-over.
+        self.handovers = HandOvers(settings.handover_backup_timeout)
         #: The reconciliation loop: the one owner of assignments.
         self.scheduler = Scheduler(self)
         #: Leadership and change notices among coordinators sharing the database.
@@ -452,6 +455,7 @@ class Pool:
             heartbeat_interval=self.settings.heartbeat_interval,
             status=state.status,
             restore=self.restores.pop(state.id, {}),
+            backup=self.handovers.asked_of(state.id),
         )
         if self.credits_of is not None:
             try:
@@ -552,6 +556,7 @@ class Pool:
             )
         self._set_drained(state, True)
         if state.status is WorkerStatus.ONLINE:
+            self._ask_fresh_backups(state)
             self._set_status(
                 state, WorkerStatus.DRAINING, "drained", f"worker {state.name} is draining"
             )
@@ -564,6 +569,7 @@ class Pool:
         if not state.drained and state.status is not WorkerStatus.DRAINING:
             raise APIError(409, f"worker {state.name} is {state.status.value}, not draining")
         self._set_drained(state, False)
+        self.handovers.forget_worker(state.id)
         if state.status is WorkerStatus.DRAINING:
             self._set_status(
                 state, WorkerStatus.ONLINE, "undrained", f"worker {state.name} takes requests again"
@@ -571,6 +577,35 @@ class Pool:
         else:
             self.scheduler.run(f"worker {state.name} undrained")
         return state.to_public()
+
+    def _ask_fresh_backups(self, state: WorkerState) -> None:
+        """Before a drain hands them over: the holder's data services with a catalog ``backup``
+        that it runs healthy wait for one more backup (:mod:`rma.coordinator.handover`)."""
+        now = self.clock.time()
+        for name in state.assignments:
+            spec = self.catalog.get(name)
+            svc = state.services.get(name)
+            if spec is None or spec.backup is None or svc is None or not svc.healthy:
+                continue
+            if self.handovers.request(name, state.id, state.name, now) is None:
+                return
+            self.events.emit(
+                "backup_requested",
+                f"{name} on worker {state.name}: a fresh backup before the drain hands it over",
+                state.id,
+                data={"service": name, "timeout": self.handovers.timeout},
+            )
+
+    def fresh_backup_arrived(self, service: str, worker_id: str) -> None:
+        """A holder uploaded a backup: when a drain waited for it, place the service now."""
+        done = self.handovers.arrived(service, worker_id)
+        if done is not None:
+            self.scheduler.run(f"fresh backup of {service} from worker {done.worker} is in")
+
+    def drains_here(self, worker_id: str) -> bool:
+        """The worker is draining and still heard (a hand-over backup can still come from it)."""
+        state = self.registry.get(worker_id)
+        return state is not None and state.drained and state.status is WorkerStatus.DRAINING
 
     def set_trusted(self, worker_id: str, trusted: bool) -> WorkerPublic:
         """Mark a worker trusted (or not): requests with ``x-rma-trusted: 1`` go only to those."""

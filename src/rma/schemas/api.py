@@ -414,6 +414,11 @@ class HeartbeatResponse(BaseModel):
         description="Data services to restore now (rma admin restore): service -> backup id; "
         "sent once.",
     )
+    backup: list[str] = Field(
+        default_factory=list,
+        description="Data services to back up now (an operator's drain: the fresh backup their "
+        "next holder restores); sent until the backup is in.",
+    )
 
 
 class WorkerPublic(BaseModel):

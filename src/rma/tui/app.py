@@ -541,7 +541,8 @@ class TopApp(App[None]):
             key: width
             for key, _, width in (NARROW_SERVICE_COLUMNS if narrow else WIDE_SERVICE_COLUMNS)
         }
-        shown, unplaced = view.placed_services(view.service_health(self.stats or {}))
+        listed = None if self.services is None else {str(r.get("name")) for r in self.services}
+        shown, unplaced = view.placed_services(view.service_health(self.stats or {}), listed)
         self.main.query_one("#unplaced", Static).update(
             Text(
                 f"not placed on this pool (no worker offers them): {', '.join(unplaced)}",
@@ -576,7 +577,7 @@ class TopApp(App[None]):
 
     def _draw_services(self) -> None:
         pane = self.main.query_one("#scheduler-pane", ServicesPane)
-        pane.show(self.services, narrow=self.narrow)
+        pane.show(self.services, narrow=self.narrow, now=self.clock())
 
     def _draw_credits(self) -> None:
         pane = self.main.query_one("#credits-pane", CreditsPane)

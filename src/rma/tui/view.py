@@ -322,13 +322,26 @@ def service_health(stats: Mapping[str, Any]) -> list[ServiceHealth]:
     return rows
 
 
-def placed_services(rows: Sequence[ServiceHealth]) -> tuple[list[ServiceHealth], list[str]]:
-    """(the services to show, the names of data services that no worker was given).
+def placed_services(
+    rows: Sequence[ServiceHealth], listed: set[str] | None = None
+) -> tuple[list[ServiceHealth], list[str]]:
+    """(the services to show, the names of data services that the pool does not want now).
 
     A data service (kind ``tcp``: postgres, redis, ...) runs only where a worker offers it; on a
     pool whose workers offer none (a local ``rma up``), it is not "down", just not placed.
+    ``listed``: the services ``GET /api/admin/services`` lists (the coordinator's judgement:
+    a data service with a backup but no holder is listed, and down); without it, a data service
+    is shown once it is assigned somewhere.
     """
-    shown = [h for h in rows if not (h.kind == "tcp" and h.assigned == 0 and h.healthy == 0)]
+
+    def wanted(h: ServiceHealth) -> bool:
+        if h.kind != "tcp":
+            return True
+        if listed is not None:
+            return h.name in listed
+        return h.assigned > 0 or h.healthy > 0
+
+    shown = [h for h in rows if wanted(h)]
     unplaced = sorted(h.name for h in rows if h not in shown)
     return shown, unplaced
 

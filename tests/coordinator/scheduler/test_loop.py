@@ -104,7 +104,11 @@ def test_drain_hands_over_before_the_worker_lets_go(api: Api) -> None:
     api.heartbeat(first, services=healthy("postgres"))
     r = api.client.post(f"/api/admin/workers/{first.id}/drain", headers=api.admin)
     assert r.status_code == 200, r.text
-    # the replacement is placed at once; the draining worker keeps its copy meanwhile
+    # a data service: placed elsewhere once the holder's fresh backup is in (test_drain_backup)
+    assert api.heartbeat(first, services=healthy("postgres"))["backup"] == ["postgres"]
+    r = api.client.put("/api/worker/backups/postgres", content=b"--\n", headers=first.headers)
+    assert r.status_code == 201, r.text
+    # the replacement is placed now; the draining worker keeps its copy meanwhile
     assert "postgres" in names(api.heartbeat(second))
     assert "postgres" in names(api.heartbeat(first, services=healthy("postgres")))
     # the replacement is healthy: now the draining worker lets go

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +32,20 @@ class Handle:
     host_port: int
     ref: str  # a pid or a container id
     detail: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Inside:
+    """Where a data service's backup tools run when not on the host: inside its container.
+
+    ``run(argv, env)`` runs a program there and returns its exit code and output; ``port`` is
+    the service's port there; ``data_dir`` is the service's folder as the program sees it (the
+    host's folder, mounted), so files it writes there appear on the host.
+    """
+
+    run: Callable[[list[str], dict[str, str]], Awaitable[tuple[int, str]]]
+    port: int
+    data_dir: str
 
 
 #: ``{gpu_memory_utilization}`` when the coordinator gave no share (vLLM's own default).
@@ -106,6 +120,10 @@ class Runtime(ABC):
     def log_tail(self, handle: Handle, lines: int = 5) -> str:
         """The last lines the service wrote (for crash messages)."""
         return ""
+
+    def inside(self, handle: Handle, spec: ServiceSpec) -> Inside | None:
+        """Where ``spec``'s backup tools run (``pg_dumpall``, ``psql``); ``None``: on the host."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027
         """Release the runtime's own resources (not the services)."""

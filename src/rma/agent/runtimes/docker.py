@@ -28,6 +28,7 @@ from docker.utils import parse_repository_tag
 from rma.agent.policy import Limits
 from rma.agent.runtimes.base import (
     Handle,
+    Inside,
     Progress,
     Runtime,
     RuntimeFailure,
@@ -244,6 +245,25 @@ class DockerRuntime(Runtime):
                 raise RuntimeFailure(f"cannot create the container: {_explain(exc)}") from None
             raise
         return Handle(spec.name, host_port, str(container.id)[:12], container)
+
+    def inside(self, handle: Handle, spec: ServiceSpec) -> Inside | None:
+        """A data service's backup tools run in its container (the engine's exec API): the
+        image has them (``postgres:16`` has ``pg_dumpall`` and ``psql``), the host may not."""
+        container = handle.detail
+        if container is None or "/data" in spec.volumes:  # /data is not the host's folder
+            return None
+
+        async def run(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+            def call() -> tuple[int, str]:
+                result = container.exec_run(argv, environment=env, stdout=True, stderr=True)
+                raw = result.output or b""
+                code = -1 if result.exit_code is None else int(result.exit_code)
+                return code, raw.decode("utf-8", "replace")
+
+            return await asyncio.to_thread(call)
+
+        port = handle.host_port if self.network == "host" or not spec.port else spec.port
+        return Inside(run, port, "/data")
 
     async def exit_status(self, handle: Handle) -> str | None:
         container = handle.detail

@@ -201,18 +201,46 @@ def stats(_: AdminDep, pool: PoolDep, request: Request) -> dict[str, Any]:
 
 
 @router.get("/services")
-async def list_services(_: AdminDep, pool: PoolDep, request: Request) -> list[dict[str, Any]]:
+async def list_services(
+    _: AdminDep,
+    pool: PoolDep,
+    request: Request,
+    show_all: Annotated[
+        bool,
+        Query(
+            alias="all",
+            description="Also the data services that the pool neither holds nor could place.",
+        ),
+    ] = False,
+) -> list[dict[str, Any]]:
     """Per catalog service: wanted, assigned and healthy replicas, in-flight and queued requests,
-    and the last scaling event."""
+    and the last scaling event; data services also their holder, connections and last backup.
+
+    A data service (``kind = "tcp"``) is listed only when the pool wants it somewhere: it is
+    assigned or healthy on a worker, a live worker could run it, or the store keeps a backup of
+    it (data that nobody holds now: an outage, shown as such).  A pool whose workers offer no
+    database (a plain ``rma up``) lists none, rather than showing them as down.
+    """
     gateway = getattr(request.app.state, "gateway", None)
     if gateway is None:
         return pool.services()
     balancer = gateway.balancer
     rows = pool.services(balancer.inflight_by_service(), balancer.queued_by_service())
     backups = request.app.state.backups.summary()
+    candidates = pool.scheduler.last.candidates
+    shown = []
     for row in rows:  # data services: where they live, connections open, the last backup
         spec = pool.catalog.get(row["name"])
         if spec is None or spec.kind != "tcp":
+            shown.append(row)
+            continue
+        wanted = (
+            row["assigned"] > 0
+            or row["healthy"] > 0
+            or candidates.get(spec.name, 0) > 0
+            or spec.name in backups
+        )
+        if not (wanted or show_all):
             continue
         try:
             row["holder"] = gateway.data.holder(spec.name).name
@@ -220,7 +248,8 @@ async def list_services(_: AdminDep, pool: PoolDep, request: Request) -> list[di
             row["holder"] = None
         row["connections"] = gateway.data.by_service.get(spec.name, 0)
         row["last_backup"] = backups.get(spec.name)
-    return rows
+        shown.append(row)
+    return shown
 
 
 @router.post("/catalog/reload")

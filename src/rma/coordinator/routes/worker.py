@@ -68,7 +68,9 @@ async def upload_backup(
     state, _ = who
     _backed_up(pool, state, service)
     store: BackupStore = request.app.state.backups
-    return await store.save(service, state.id, state.name, request.stream())
+    saved = await store.save(service, state.id, state.name, request.stream())
+    pool.fresh_backup_arrived(service, state.id)  # a drain that waited for it hands over now
+    return saved
 
 
 @router.get("/backups/{service}", response_class=FileResponse)

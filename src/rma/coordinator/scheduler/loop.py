@@ -85,6 +85,7 @@ class Scheduler:
                 now=now,
                 drain_timeout=pool.settings.drain_timeout,
                 demand=self.demand,
+                hold=pool.handovers.waiting(now, pool.drains_here),
             )
             for w in workers:
                 self._apply(w, result.placements.get(w.id, {}))

@@ -17,6 +17,7 @@ The rules, in order:
 5. A draining worker lets go of a service once the live replicas placed elsewhere are all
    healthy (the hand-over), or ``drain_timeout`` seconds after it started draining; an agent
    draining itself (it is stopping) at once when no other worker can take the service.
+6. Held: a service in ``hold`` gets no new placement (its draining holder keeps it meanwhile).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class Plan:
     placements: dict[str, dict[str, Placement]] = field(default_factory=dict)
     #: service name -> how many copies the pool wants now.
     wanted: dict[str, int] = field(default_factory=dict)
+    #: service name -> how many live workers could run it (it fits and their runtime can start
+    #: it): 0 for a data service on a pool whose workers offer none.
+    candidates: dict[str, int] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
 
     def assigned(self, service: str) -> int:
@@ -78,8 +82,12 @@ def plan(
     now: float = 0.0,
     drain_timeout: float = 300.0,
     demand: Mapping[str, int] | None = None,
+    hold: frozenset[str] = frozenset(),
 ) -> Plan:
-    """The desired placement of every catalog service on ``nodes``, and the changes to get there."""
+    """The desired placement of every catalog service on ``nodes``, and the changes to get there.
+
+    ``hold``: services placed nowhere new in this pass (a data service waiting for its draining
+    holder's fresh backup, :mod:`rma.coordinator.handover`)."""
     out = Plan(placements={n.id: {} for n in nodes})
     rooms = {n.id: Room(n.caps) for n in nodes}
     live = [n for n in nodes if n.live]
@@ -101,6 +109,7 @@ def plan(
 
     for spec in catalog.values():
         out.wanted[spec.name] = _wanted(spec, live, (demand or {}).get(spec.name, 0))
+        out.candidates[spec.name] = sum(1 for n in live if fits(spec, n))
 
     # 2. keep what still fits and is still wanted (draining workers first keep everything)
     for node in draining:
@@ -144,7 +153,7 @@ def plan(
     for spec in sorted(catalog.values(), key=lambda s: service_order(s, short[s.name])):
         want = out.wanted[spec.name]
         have = kept.get(spec.name, 0)
-        if have >= want:
+        if have >= want or spec.name in hold:
             continue
         candidates = [
             n
