@@ -99,7 +99,10 @@ def test_run_serves_health(tmp_path: Path) -> None:
                 proc.stdout.read() if proc.stdout else ""
             )
             time.sleep(0.2)
-        assert r.json() == {"status": "ok", "service": "notes"}
+        body = r.json()
+        assert (body["status"], body["service"]) == ("ok", "notes")
+        # no pool to reach (no coordinator, no service key): notes keeps its store in its folder
+        assert body["store"]["kind"] in ("local", "choosing"), body
     finally:
         proc.terminate()
         proc.wait(10)
