@@ -161,6 +161,7 @@ def test_only_the_leader_sweeps_and_it_counts_heartbeats_heard_elsewhere(apps: A
 
     apps.clock.advance(cfg.offline_after - 5)
     b.heartbeat(busy, load={"cpu": 0.1})  # heard by B alone: no notice, only the row
+    b.pool.flush_heartbeats()  # B's next batch of heartbeats (its lifespan writes one a second)
     apps.clock.advance(10)
 
     assert b.app.state.sweeper.run_once() == {"offline": [], "removed": []}  # a follower
@@ -213,7 +214,8 @@ def test_a_write_on_the_leader_does_not_turn_back_a_heartbeat_heard_elsewhere(
     w = b.register("w1")
     wait_for("A to know w1", lambda: a.pool.registry.get(w.id) is not None)
     apps.clock.advance(cfg.offline_after - 5)
-    b.heartbeat(w, load={"cpu": 0.1})  # the row has it; A's memory does not
+    b.heartbeat(w, load={"cpu": 0.1})
+    b.pool.flush_heartbeats()  # B's next batch: the row has it; A's memory does not
     # A writes the worker's row from its memory (the operator trusts it there) ...
     r = a.client.post(f"/api/admin/workers/{w.id}/trust", headers=a.admin)
     assert r.status_code == 200, r.text

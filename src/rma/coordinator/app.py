@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,10 +23,28 @@ from rma.coordinator.routes import admin, ops, worker
 from rma.coordinator.sweeper import Sweeper
 from rma.settings import CoordinatorSettings
 
+log = logging.getLogger("rma.coordinator")
+
 #: Route prefixes that carry client payloads (bigger bodies allowed).
 GATEWAY_PREFIXES = ("/v1/", "/api/services/", "/api/internal/relay/")
 #: Uploads of data services' backups: their own size limit (``max_backup_bytes``).
 BACKUPS_PREFIX = "/api/worker/backups/"
+
+
+#: Seconds between two batches of heartbeats written to the database (Pool.flush_heartbeats).
+HEARTBEAT_FLUSH_INTERVAL = 1.0
+
+
+async def heartbeat_writer(pool: Pool) -> None:
+    """Write the heartbeats left for later, about once a second (a lifespan task)."""
+    import anyio
+
+    while True:
+        await asyncio.sleep(HEARTBEAT_FLUSH_INTERVAL)
+        try:
+            await anyio.to_thread.run_sync(pool.flush_heartbeats)
+        except Exception:
+            log.exception("writing heartbeats failed (tried again with the next batch)")
 
 
 def create_app(
@@ -46,7 +65,8 @@ def create_app(
 
         await anyio.to_thread.run_sync(pool.bootstrap)
         await anyio.to_thread.run_sync(pool.cluster.start)
-        tasks = [asyncio.create_task(sweeper.run())] if run_sweeper else []
+        tasks = [asyncio.create_task(heartbeat_writer(pool))]
+        tasks += [asyncio.create_task(sweeper.run())] if run_sweeper else []
         tasks += [asyncio.create_task(start()) for start in app.state.background]
         try:
             yield
@@ -58,6 +78,7 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await anyio.to_thread.run_sync(pool.flush_heartbeats)
             await anyio.to_thread.run_sync(pool.cluster.stop)
             for closer in app.state.on_shutdown:
                 await closer()

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, bindparam, or_, update
 from sqlmodel import select
 
 from rma import __version__
@@ -118,6 +118,10 @@ class Pool:
         #: ``rma admin restore``: worker id -> {service: backup id}, sent once in its next
         #: heartbeat answer (in memory: a restart of the coordinator forgets a pending one).
         self.restores: dict[str, dict[str, str]] = {}
+        #: Workers whose last heartbeat changed nothing but its time, load and in-flight counts:
+        #: written to the database in one batch by :meth:`flush_heartbeats` (about once a
+        #: second, the app's lifespan task), never by the heartbeat itself.
+        self._beats: set[str] = set()
         #: The reconciliation loop: the one owner of assignments.
         self.scheduler = Scheduler(self)
         #: Leadership and change notices among coordinators sharing the database.
@@ -434,10 +438,12 @@ class Pool:
                 state.gpu_deadline = None  # the GPU did real work: the claim holds
             state.load = req.load
             state.last_heartbeat_at = now
-            # the other coordinators hear of changes, not of every heartbeat (changes.py)
-            self._save(
-                state, announce=bool(transitions) or _shown(old_services) != _shown(state.services)
-            )
+            if transitions or _shown(old_services) != _shown(state.services):
+                # a change: written now and told to the other coordinators (changes.py)
+                self._save(state)
+                self._beats.discard(state.id)
+            else:  # time, load and in-flight counts only: the next batch writes them
+                self._beats.add(state.id)
         for kind, message, data in transitions:
             self.events.emit(kind, message, state.id, data)
         if transitions:
@@ -757,6 +763,54 @@ class Pool:
             s.add(row)
             if announce and self.cluster.shared:
                 self.cluster.announce(s, WORKER, state.id)
+
+    def flush_heartbeats(self) -> int:
+        """Write the heartbeats :meth:`heartbeat` left for later, in one transaction; returns
+        how many rows it wrote.
+
+        A heartbeat that changed nothing but its time, load and in-flight counts is not
+        written by the request (which would hold the registry's lock across a database commit,
+        once per heartbeat: at 10,000 workers every heartbeat queued behind the others'
+        commits).  Only those columns are written here, and only over an older heartbeat
+        (``last_heartbeat_at`` moves forward only), so a full save made since wins.
+        """
+        with self.registry.lock:
+            ids, self._beats = self._beats, set()
+            rows: list[dict[str, Any]] = []
+            for worker_id in ids:
+                state = self.registry.get(worker_id)
+                if state is None or state.last_heartbeat_at is None:
+                    continue
+                rows.append(
+                    {
+                        "b_id": worker_id,
+                        "b_ts": state.last_heartbeat_at,
+                        "b_load": state.load.model_dump(mode="json"),
+                        "b_services": [v.model_dump(mode="json") for v in state.services.values()],
+                    }
+                )
+        if not rows:
+            return 0
+        table = Worker.__table__  # type: ignore[attr-defined]
+        t = table.c
+        stmt = (
+            update(table)
+            .where(t.id == bindparam("b_id"))
+            .where(or_(t.last_heartbeat_at.is_(None), t.last_heartbeat_at < bindparam("b_ts")))
+            .values(
+                last_heartbeat_at=bindparam("b_ts"),
+                load=bindparam("b_load"),
+                services=bindparam("b_services"),
+            )
+        )
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(stmt, rows)
+        except Exception:
+            with self.registry.lock:  # tried again with the next batch
+                self._beats.update(r["b_id"] for r in rows)
+            raise
+        return len(rows)
 
     def _notify(self, state: WorkerState) -> None:
         for hook in list(self.on_status_change):
