@@ -96,3 +96,69 @@ def test_the_app_writes_the_batches_by_itself(api: Api, clock: FakeClock) -> Non
         assert time.monotonic() < deadline, "the heartbeat never reached the database"
         time.sleep(0.05)
     assert _row(api, w.id).load["cpu_percent"] == 33.0
+
+
+def _counting_plans(monkeypatch: Any) -> list[int]:
+    """How many nodes each scheduler pass plans, from now on."""
+    from rma.coordinator.scheduler import loop
+
+    sizes: list[int] = []
+    real = loop.plan
+
+    def counting(catalog: Any, nodes: list[Any], **kw: Any) -> Any:
+        sizes.append(len(nodes))
+        return real(catalog, nodes, **kw)
+
+    monkeypatch.setattr(loop, "plan", counting)
+    return sizes
+
+
+def test_a_join_that_can_change_no_placement_plans_nothing(api: Api, monkeypatch: Any) -> None:
+    token = api.token(uses=None)
+    holder = api.register("holder", token=token, runnable=["ner"])
+    for i in range(20):  # they can run nothing: no service fits them
+        api.register(f"idle-{i}", token=token, runnable=[])
+    sizes = _counting_plans(monkeypatch)
+    idle = api.register("idle-late", token=token, runnable=[])
+    assert sizes == []  # no pass at all for a worker no service fits
+    assert idle.body["assignments"] == []
+    api.register("capable", token=token, runnable=["ocr"])
+    # a pass, over the workers that matter only: the holder and the new one, not the 21 idle
+    assert sizes == [2]
+    assert [s["name"] for s in api.heartbeat(holder)["assignments"]] == ["ner"]
+
+
+def test_the_periodic_pass_skips_workers_no_service_fits(api: Api, monkeypatch: Any) -> None:
+    token = api.token(uses=None)
+    api.register("holder", token=token, runnable=["ner"])
+    for i in range(10):
+        api.register(f"idle-{i}", token=token, runnable=[])
+    sizes = _counting_plans(monkeypatch)
+    api.pool.scheduler.run("periodic")
+    assert sizes == [1]
+
+
+def test_a_join_reads_only_its_own_service_key(api: Api, monkeypatch: Any) -> None:
+    from rma.coordinator.credentials import Credentials
+
+    token = api.token(uses=None)
+    w = api.register("alpha", token=token)
+    first = w.body["service_key"]
+    for i in range(5):
+        api.register(f"other-{i}", token=token)
+
+    def every_key(self: Credentials) -> Any:
+        raise AssertionError("a registration read every API key in the pool")
+
+    monkeypatch.setattr(Credentials, "list_keys", every_key)
+    again = api.register(
+        "alpha", token=token, worker_id=w.id, worker_secret=w.secret
+    )  # a re-join: the old key is revoked, a new one made
+    assert again.body["service_key"] not in (None, first)
+    monkeypatch.undo()
+    mine = [
+        k
+        for k in api.client.get("/api/admin/keys", headers=api.admin).json()
+        if k["name"] == f"worker services {w.id}"
+    ]
+    assert sorted(k["revoked"] for k in mine) == [False, True]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, or_, update
-from sqlmodel import select
+from sqlmodel import col, select
 
 from rma import __version__
 from rma.catalog import Catalog, TierPolicy, TierRefused, load_catalog
@@ -30,7 +30,7 @@ from rma.coordinator.errors import APIError
 from rma.coordinator.events import EventBus
 from rma.coordinator.registry import Registry, WorkerState
 from rma.coordinator.scheduler.loop import Scheduler
-from rma.coordinator.tables import Worker
+from rma.coordinator.tables import ApiKey, Worker
 from rma.schemas.api import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -270,7 +270,7 @@ class Pool:
                 self.cluster.announce(s, WORKER, worker_id)
             state = WorkerState.from_row(row)
             self.registry.put(state)
-            changes = self.scheduler.run(f"worker {req.name} joined", emit=False)
+            changes = self.scheduler.run_for(state, f"worker {req.name} joined", emit=False)
             names = list(state.assignments)
             self._watch_gpu(state, now)  # once the scheduler gave it its (GPU) services
         kind = "rejoined" if old else "joined"
@@ -306,9 +306,11 @@ class Pool:
         if self.settings.anonymous_clients:
             return None
         name = f"{SERVICE_KEY_PREFIX}{worker_id}"
-        for key in self.credentials.list_keys():
-            if key.name == name and not key.revoked:
-                self.credentials.revoke_key(key.id)
+        with session(self.engine) as s:  # its own keys only (not every key in the pool)
+            live = col(ApiKey.revoked).is_(False)
+            stale = s.exec(select(ApiKey.id).where(ApiKey.name == name, live)).all()
+        for key_id in stale:
+            self.credentials.revoke_key(key_id)
         return self.credentials.create_key(name, rpm=None).key
 
     # --- worker credentials -----------------------------------------------------------------------
@@ -447,7 +449,7 @@ class Pool:
         for kind, message, data in transitions:
             self.events.emit(kind, message, state.id, data)
         if transitions:
-            self.scheduler.run(transitions[-1][1])
+            self.scheduler.run_for(state, transitions[-1][1])
             self._notify(state)
         resp = HeartbeatResponse(
             assignments=self.assignments_of(state),
@@ -735,7 +737,7 @@ class Pool:
                 }
             self._save(state)
         self.events.emit(kind, message, state.id, {"from": before.value, **(data or {})})
-        self.scheduler.run(message)
+        self.scheduler.run_for(state, message)
         self._notify(state)
 
     def _save(self, state: WorkerState, *, announce: bool = True) -> None:
