@@ -23,6 +23,8 @@ interval after one interval of warm-up), each coordinator's CPU over that interv
 ``/proc``, per process) and RSS, the registration rate and the coordinators' CPU time per
 registration, then the gateway's p50 at c=1 over ``--gateway-seconds`` (the pool still
 heartbeating), and the machine's load average.  Results go to ``--out`` (JSON) and a table.
+``--profile DIR`` runs the coordinators under ``bench/sampler.py``: their busy stacks, per thread
+kind, over the last size's measurement window.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKEND = ROOT / "bench" / "fake_backend.py"
+SAMPLER = ROOT / "bench" / "sampler.py"
 console = Console(stderr=True)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -304,7 +307,9 @@ class Stack:
 
 
 @contextmanager
-def stack(setup: str, tmp: Path, interval: float, db_url: str | None) -> Iterator[Stack]:
+def stack(
+    setup: str, tmp: Path, interval: float, db_url: str | None, profile: Path | None = None
+) -> Iterator[Stack]:
     procs: list[subprocess.Popen[bytes]] = []
     catalog = tmp / "catalog.toml"
     catalog.write_text(CATALOG)
@@ -324,6 +329,9 @@ def stack(setup: str, tmp: Path, interval: float, db_url: str | None) -> Iterato
             port = free_port()
             data = tmp / f"{setup}-{i}"
             cmd = [sys.executable, "-m", "rma", "coordinator", "serve", "--port", str(port)]
+            if profile is not None:
+                profile.mkdir(parents=True, exist_ok=True)
+                cmd[1:1] = [str(SAMPLER), str(profile / f"{setup}-{i}.txt")]
             cmd += ["--data-dir", str(data), "--catalog", str(catalog), "--log-level", "warning"]
             if setup != "sqlite":
                 cmd += ["--database-url", str(db_url)]
@@ -487,6 +495,9 @@ async def run_setup(setup: str, st: Stack, backend_url: str, args: argparse.Name
                 for _ in range(int(args.interval)):
                     await asyncio.sleep(1)
                     bar.advance(task, 1)
+                if args.profile is not None and size == args.sizes[-1]:
+                    for p in st.coordinators:
+                        p.send_signal(signal.SIGUSR1)
                 w0 = time.monotonic()
                 cpu0 = [cpu_seconds(p.pid) for p in st.coordinators]
                 lb0 = cpu_seconds(st.balancer.pid) if st.balancer else 0.0
@@ -495,11 +506,17 @@ async def run_setup(setup: str, st: Stack, backend_url: str, args: argparse.Name
                     await asyncio.sleep(1)
                     bar.advance(task, 1)
                 w1 = time.monotonic()
+                if args.profile is not None and size == args.sizes[-1]:
+                    for p in st.coordinators:
+                        p.send_signal(signal.SIGUSR2)
                 cpu1 = [cpu_seconds(p.pid) for p in st.coordinators]
                 lb1 = cpu_seconds(st.balancer.pid) if st.balancer else 0.0
                 bar.update(task, description="gateway at c=1")
                 gateway = await gateway_c1(client, key, time.monotonic() + args.gateway_seconds)
             window = [took for when, took in beats.samples if w0 <= when <= w1]
+            if args.profile is not None:  # when the slow ones were answered (a stall or noise)
+                slow = [(round(when - w0, 3), round(took * 1e3, 1)) for when, took in beats.samples]
+                (args.profile / f"{setup}-{size}-beats.json").write_text(json.dumps(slow))
             beats.samples = [s for s in beats.samples if s[0] > w1]
             row = Row(
                 setup=setup,
@@ -569,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--gateway-seconds", type=float, default=5.0, help="c=1 gateway run per size (s)"
     )
+    ap.add_argument(
+        "--profile", type=Path, help="sample the coordinators' stacks (bench/sampler.py) into DIR"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "capacity-results.json")
     args = ap.parse_args(argv)
     args.sizes = [int(x) for x in args.sizes.split(",")]
@@ -585,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         for setup in setups:
             tmp = Path(d) / setup
             tmp.mkdir()
-            with stack(setup, tmp, args.interval, args.database_url) as st:
+            with stack(setup, tmp, args.interval, args.database_url, args.profile) as st:
                 rows += asyncio.run(run_setup(setup, st, backend_url, args))
     Console(width=200).print(table(rows))
     result = {
