@@ -278,7 +278,7 @@ def reset_database(url: str) -> None:
 
 
 HAPROXY = """global
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     timeout connect 5s
@@ -579,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10,1000,5000,10000", help="pool sizes, in order")
     ap.add_argument("--interval", type=float, default=30.0, help="heartbeat interval (s)")
-    ap.add_argument("--setups", default="sqlite,pg,ha", help="sqlite, pg, ha")
+    ap.add_argument(
+        "--setups", help="of sqlite, pg, ha (default: all three with a database URL, else sqlite)"
+    )
     ap.add_argument("--database-url", default=os.environ.get("RMA_BENCH_DATABASE_URL"))
     ap.add_argument("--connections", type=int, default=32, help="shared worker connections")
     ap.add_argument("--register-concurrency", type=int, default=4)
@@ -592,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "capacity-results.json")
     args = ap.parse_args(argv)
     args.sizes = [int(x) for x in args.sizes.split(",")]
+    if args.setups is None:
+        args.setups = "sqlite,pg,ha" if args.database_url else "sqlite"
     setups = args.setups.split(",")
     if any(s != "sqlite" for s in setups) and not args.database_url:
         console.print("error: pg and ha need --database-url (or RMA_BENCH_DATABASE_URL)")

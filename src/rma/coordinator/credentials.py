@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from rma.coordinator import security
@@ -432,11 +433,20 @@ class Credentials:
 
         Keys revoked on another coordinator drop out of the cache, new ones come in.
         """
+        t = ApiKey.__table__.c  # type: ignore[attr-defined]
+        # plain rows, not ORM objects: every worker has a key, so this reads N rows (~10x less)
+        stmt = sa_select(t.id, t.secret_hash, t.rpm, t.owner, t.services).where(
+            t.revoked.is_(False)
+        )
         with session(self.engine) as s:
             admin = s.get(Setting, ADMIN_HASH)
             admin_hash = admin.value if admin is not None else ""
-            rows = s.exec(select(ApiKey).where(col(ApiKey.revoked).is_(False))).all()
-            fresh = {r.id: key_info(r) for r in rows}
+            fresh = {}
+            for ident, secret_hash, rpm, owner, services in s.connection().execute(stmt):
+                names = split_services(services)
+                fresh[ident] = KeyInfo(
+                    ident, secret_hash, rpm, owner, frozenset(names) if names else None
+                )
         with self._lock:
             for ident in self._revoked:
                 fresh.pop(ident, None)
