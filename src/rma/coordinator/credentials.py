@@ -181,7 +181,9 @@ class Credentials:
         self._revoked: set[str] = set()  # ids known revoked: never cached again
         #: Several coordinators: called in the transaction that changes a key or the admin key,
         #: so the others reload theirs when it commits (``cluster``).
-        self.announce: Callable[[Session], None] | None = None
+        #: Tells the other coordinators (when the session commits) which key changed; "": the
+        #: admin key, or anything else that needs a full reload.
+        self.announce: Callable[[Session, str], None] | None = None
         self._lock = threading.Lock()
         #: Called with a key's id after this coordinator revoked it (Redis tells the others).
         self.on_revoke: list[Callable[[str], None]] = []
@@ -235,7 +237,7 @@ class Credentials:
             row.value = security.hash_secret(new)
             s.add(row)
             if self.announce is not None:
-                self.announce(s)
+                self.announce(s, "")
         self._admin_hash = security.hash_secret(new)
         if admin_key_file is not None:
             write_secret_file(admin_key_file, new)
@@ -324,7 +326,7 @@ class Credentials:
         with session(self.engine) as s:
             s.add(row)
             if self.announce is not None:
-                self.announce(s)
+                self.announce(s, ident)
         with self._lock:
             self._keys[ident] = key_info(row)
         return ApiKeyCreated(**key_public(row).model_dump(), key=secret)
@@ -342,7 +344,7 @@ class Credentials:
             s.add(row)
             public = key_public(row)
             if self.announce is not None:
-                self.announce(s)
+                self.announce(s, key_id)
         self.forget_key(key_id)
         for hook in self.on_revoke:
             hook(key_id)
@@ -427,6 +429,17 @@ class Credentials:
             if len(self._misses) >= MAX_MISSES:
                 self._misses.clear()
         self._misses[digest] = now + self.miss_ttl
+
+    def refresh_key(self, key_id: str) -> None:
+        """Reload one API key from the database (another coordinator made or revoked it)."""
+        with session(self.engine) as s:
+            row = s.get(ApiKey, key_id)
+        if row is None or row.revoked:
+            self.forget_key(key_id)
+            return
+        with self._lock:
+            if key_id not in self._revoked:
+                self._keys[key_id] = key_info(row)
 
     def refresh(self) -> None:
         """Reload the admin key's hash and every active API key from the database (blocking).

@@ -127,7 +127,7 @@ class Pool:
         #: Leadership and change notices among coordinators sharing the database.
         self.cluster = make_cluster(self)
         if self.cluster.shared:
-            self.credentials.announce = lambda s: self.cluster.announce(s, KEYS)
+            self.credentials.announce = lambda s, ident: self.cluster.announce(s, KEYS, ident)
             self.events.announce = lambda s, ident: self.cluster.announce(s, EVENT, str(ident))
         self._ready = False
 
