@@ -42,7 +42,10 @@ async def heartbeat_writer(pool: Pool) -> None:
     while True:
         await asyncio.sleep(HEARTBEAT_FLUSH_INTERVAL)
         try:
-            await anyio.to_thread.run_sync(pool.flush_heartbeats)
+            try:  # the last batch of heartbeats
+                await anyio.to_thread.run_sync(pool.flush_heartbeats)
+            except Exception:
+                log.exception("writing the last heartbeats failed")
         except Exception:
             log.exception("writing heartbeats failed (tried again with the next batch)")
 
@@ -78,7 +81,10 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await anyio.to_thread.run_sync(pool.flush_heartbeats)
+            try:  # the last batch of heartbeats
+                await anyio.to_thread.run_sync(pool.flush_heartbeats)
+            except Exception:
+                log.exception("writing the last heartbeats failed")
             await anyio.to_thread.run_sync(pool.cluster.stop)
             for closer in app.state.on_shutdown:
                 await closer()
