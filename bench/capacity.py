@@ -542,6 +542,8 @@ async def run_setup(setup: str, st: Stack, backend_url: str, args: argparse.Name
             beats.errors.clear()
             rows.append(row)
             console.print(json.dumps(asdict(row)))
+            partial = args.out.with_suffix(".partial.json")  # kept if the run is cut short
+            partial.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     finally:
         for t in tasks:
             t.cancel()
@@ -625,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["args"].pop("database_url", None)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     return 0
 
 
