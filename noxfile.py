@@ -53,6 +53,15 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PY)
+def capacity(session: nox.Session) -> None:
+    """Capacity benchmark (docs/benchmarks.md): simulated workers heartbeating against one
+    coordinator or two; ``nox -s capacity -- --sizes 10,1000 --interval 5`` for a short run.
+    Set ``RMA_BENCH_DATABASE_URL`` for the PostgreSQL setups."""
+    _install(session, "postgres,dev")
+    session.run("python", "-m", "bench.capacity", *session.posargs)
+
+
+@nox.session(python=PY)
 def lock(session: nox.Session) -> None:
     """Refresh requirements/lock.txt: every dependency of ``.[all,dev]``, direct and transitive.
 

@@ -161,6 +161,7 @@ def test_only_the_leader_sweeps_and_it_counts_heartbeats_heard_elsewhere(apps: A
 
     apps.clock.advance(cfg.offline_after - 5)
     b.heartbeat(busy, load={"cpu": 0.1})  # heard by B alone: no notice, only the row
+    b.pool.flush_heartbeats()  # B's next batch of heartbeats (its lifespan writes one a second)
     apps.clock.advance(10)
 
     assert b.app.state.sweeper.run_once() == {"offline": [], "removed": []}  # a follower
@@ -213,7 +214,8 @@ def test_a_write_on_the_leader_does_not_turn_back_a_heartbeat_heard_elsewhere(
     w = b.register("w1")
     wait_for("A to know w1", lambda: a.pool.registry.get(w.id) is not None)
     apps.clock.advance(cfg.offline_after - 5)
-    b.heartbeat(w, load={"cpu": 0.1})  # the row has it; A's memory does not
+    b.heartbeat(w, load={"cpu": 0.1})
+    b.pool.flush_heartbeats()  # B's next batch: the row has it; A's memory does not
     # A writes the worker's row from its memory (the operator trusts it there) ...
     r = a.client.post(f"/api/admin/workers/{w.id}/trust", headers=a.admin)
     assert r.status_code == 200, r.text
@@ -242,3 +244,30 @@ def test_the_live_event_stream_shows_the_other_coordinators_events(apps: Apps) -
             b.pool.events.unsubscribe(queue)
 
     assert "joined" in asyncio.run(follow_b_while_a_registers())
+
+
+def test_a_key_made_or_revoked_on_one_is_reloaded_alone_on_the_other(
+    apps: Apps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker has a service key: a follower reloading all N keys for each of them made
+    every registration O(N) on every other coordinator."""
+    from rma.coordinator.credentials import Credentials
+
+    a = apps.start("coord-a")
+    b = apps.start("coord-b")
+    full: list[int] = []
+    real = Credentials.refresh
+
+    def counting(self: Credentials) -> None:
+        full.append(1)
+        real(self)
+
+    monkeypatch.setattr(Credentials, "refresh", counting)
+    r = a.client.post("/api/admin/keys", json={"name": "k", "rpm": 0}, headers=a.admin)
+    assert r.status_code == 201, r.text
+    key = r.json()
+    wait_for("B to know the key", lambda: b.pool.credentials.check_key(key["key"]) is not None)
+    r = a.client.delete(f"/api/admin/keys/{key['id']}", headers=a.admin)
+    assert r.status_code in (200, 204), r.text
+    wait_for("B to refuse it", lambda: b.pool.credentials.check_key(key["key"]) is None)
+    assert full == []  # one row read each time, not every key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,10 +24,31 @@ from rma.coordinator.routes import admin, ops, worker
 from rma.coordinator.sweeper import Sweeper
 from rma.settings import CoordinatorSettings
 
+log = logging.getLogger("rma.coordinator")
+
 #: Route prefixes that carry client payloads (bigger bodies allowed).
 GATEWAY_PREFIXES = ("/v1/", "/api/services/", "/api/internal/relay/")
 #: Uploads of data services' backups: their own size limit (``max_backup_bytes``).
 BACKUPS_PREFIX = "/api/worker/backups/"
+
+
+#: Seconds between two batches of heartbeats written to the database (Pool.flush_heartbeats).
+HEARTBEAT_FLUSH_INTERVAL = 1.0
+
+
+async def heartbeat_writer(pool: Pool) -> None:
+    """Write the heartbeats left for later, about once a second (a lifespan task)."""
+    import anyio
+
+    while True:
+        await asyncio.sleep(HEARTBEAT_FLUSH_INTERVAL)
+        try:
+            try:  # the last batch of heartbeats
+                await anyio.to_thread.run_sync(pool.flush_heartbeats)
+            except Exception:
+                log.exception("writing the last heartbeats failed")
+        except Exception:
+            log.exception("writing heartbeats failed (tried again with the next batch)")
 
 
 def create_app(
@@ -47,7 +69,8 @@ def create_app(
 
         await anyio.to_thread.run_sync(pool.bootstrap)
         await anyio.to_thread.run_sync(pool.cluster.start)
-        tasks = [asyncio.create_task(sweeper.run())] if run_sweeper else []
+        tasks = [asyncio.create_task(heartbeat_writer(pool))]
+        tasks += [asyncio.create_task(sweeper.run())] if run_sweeper else []
         tasks += [asyncio.create_task(start()) for start in app.state.background]
         freeze_after_start(app.state)  # short GC pauses from here on (a serving process only)
         try:
@@ -60,6 +83,10 @@ def create_app(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            try:  # the last batch of heartbeats
+                await anyio.to_thread.run_sync(pool.flush_heartbeats)
+            except Exception:
+                log.exception("writing the last heartbeats failed")
             await anyio.to_thread.run_sync(pool.cluster.stop)
             for closer in app.state.on_shutdown:
                 await closer()

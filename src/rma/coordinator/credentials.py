@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine, update
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from rma.coordinator import security
@@ -186,7 +187,9 @@ class Credentials:
         self._revoked: set[str] = set()  # ids known revoked: never cached again
         #: Several coordinators: called in the transaction that changes a key or the admin key,
         #: so the others reload theirs when it commits (``cluster``).
-        self.announce: Callable[[Session], None] | None = None
+        #: Tells the other coordinators (when the session commits) which key changed; "": the
+        #: admin key, or anything else that needs a full reload.
+        self.announce: Callable[[Session, str], None] | None = None
         self._lock = threading.Lock()
         #: Called with a key's id after this coordinator revoked it (Redis tells the others).
         self.on_revoke: list[Callable[[str], None]] = []
@@ -240,7 +243,7 @@ class Credentials:
             row.value = security.hash_secret(new)
             s.add(row)
             if self.announce is not None:
-                self.announce(s)
+                self.announce(s, "")
         self._admin_hash = security.hash_secret(new)
         if admin_key_file is not None:
             write_secret_file(admin_key_file, new)
@@ -329,7 +332,7 @@ class Credentials:
         with session(self.engine) as s:
             s.add(row)
             if self.announce is not None:
-                self.announce(s)
+                self.announce(s, ident)
         with self._lock:
             self._keys[ident] = key_info(row)
         return ApiKeyCreated(**key_public(row).model_dump(), key=secret)
@@ -347,7 +350,7 @@ class Credentials:
             s.add(row)
             public = key_public(row)
             if self.announce is not None:
-                self.announce(s)
+                self.announce(s, key_id)
         self.forget_key(key_id)
         for hook in self.on_revoke:
             hook(key_id)
@@ -433,16 +436,36 @@ class Credentials:
                 self._misses.clear()
         self._misses[digest] = now + self.miss_ttl
 
+    def refresh_key(self, key_id: str) -> None:
+        """Reload one API key from the database (another coordinator made or revoked it)."""
+        with session(self.engine) as s:
+            row = s.get(ApiKey, key_id)
+        if row is None or row.revoked:
+            self.forget_key(key_id)
+            return
+        with self._lock:
+            if key_id not in self._revoked:
+                self._keys[key_id] = key_info(row)
+
     def refresh(self) -> None:
         """Reload the admin key's hash and every active API key from the database (blocking).
 
         Keys revoked on another coordinator drop out of the cache, new ones come in.
         """
+        t = ApiKey.__table__.c  # type: ignore[attr-defined]
+        # plain rows, not ORM objects: every worker has a key, so this reads N rows (~10x less)
+        stmt = sa_select(t.id, t.secret_hash, t.rpm, t.owner, t.services).where(
+            t.revoked.is_(False)
+        )
         with session(self.engine) as s:
             admin = s.get(Setting, ADMIN_HASH)
             admin_hash = admin.value if admin is not None else ""
-            rows = s.exec(select(ApiKey).where(col(ApiKey.revoked).is_(False))).all()
-            fresh = {r.id: key_info(r) for r in rows}
+            fresh = {}
+            for ident, secret_hash, rpm, owner, services in s.connection().execute(stmt):
+                names = split_services(services)
+                fresh[ident] = KeyInfo(
+                    ident, secret_hash, rpm, owner, frozenset(names) if names else None
+                )
         with self._lock:
             for ident in self._revoked:
                 fresh.pop(ident, None)

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlmodel import select
+from sqlalchemy import Engine, bindparam, or_, update
+from sqlmodel import col, select
 
 from rma import __version__
 from rma.catalog import Catalog, TierPolicy, TierRefused, load_catalog
@@ -31,7 +31,7 @@ from rma.coordinator.events import EventBus
 from rma.coordinator.handover import HandOvers
 from rma.coordinator.registry import Registry, WorkerState
 from rma.coordinator.scheduler.loop import Scheduler
-from rma.coordinator.tables import Worker
+from rma.coordinator.tables import ApiKey, Worker
 from rma.schemas.api import (
     HeartbeatRequest,
     HeartbeatResponse,
@@ -121,12 +121,16 @@ class Pool:
         self.restores: dict[str, dict[str, str]] = {}
         #: ``rma admin drain`` of a data service's holder: its fresh backup before the hand-over.
         self.handovers = HandOvers(settings.handover_backup_timeout)
+        #: Workers whose last heartbeat changed nothing but its time, load and in-flight counts:
+        #: written to the database in one batch by :meth:`flush_heartbeats` (about once a
+        #: second, the app's lifespan task), never by the heartbeat itself.
+        self._beats: set[str] = set()
         #: The reconciliation loop: the one owner of assignments.
         self.scheduler = Scheduler(self)
         #: Leadership and change notices among coordinators sharing the database.
         self.cluster = make_cluster(self)
         if self.cluster.shared:
-            self.credentials.announce = lambda s: self.cluster.announce(s, KEYS)
+            self.credentials.announce = lambda s, ident: self.cluster.announce(s, KEYS, ident)
             self.events.announce = lambda s, ident: self.cluster.announce(s, EVENT, str(ident))
         self._ready = False
 
@@ -269,7 +273,7 @@ class Pool:
                 self.cluster.announce(s, WORKER, worker_id)
             state = WorkerState.from_row(row)
             self.registry.put(state)
-            changes = self.scheduler.run(f"worker {req.name} joined", emit=False)
+            changes = self.scheduler.run_for(state, f"worker {req.name} joined", emit=False)
             names = list(state.assignments)
             self._watch_gpu(state, now)  # once the scheduler gave it its (GPU) services
         kind = "rejoined" if old else "joined"
@@ -307,9 +311,11 @@ class Pool:
         if self.settings.anonymous_clients:
             return None
         name = f"{SERVICE_KEY_PREFIX}{worker_id}"
-        for key in self.credentials.list_keys():
-            if key.name == name and not key.revoked:
-                self.credentials.revoke_key(key.id)
+        with session(self.engine) as s:  # its own keys only (not every key in the pool)
+            live = col(ApiKey.revoked).is_(False)
+            stale = s.exec(select(ApiKey.id).where(ApiKey.name == name, live)).all()
+        for key_id in stale:
+            self.credentials.revoke_key(key_id)
         data = self.settings.service_key_data
         services = [ALL_HTTP, *data] if data else None
         return self.credentials.create_key(name, rpm=None, services=services).key
@@ -441,14 +447,16 @@ class Pool:
                 state.gpu_deadline = None  # the GPU did real work: the claim holds
             state.load = req.load
             state.last_heartbeat_at = now
-            # the other coordinators hear of changes, not of every heartbeat (changes.py)
-            self._save(
-                state, announce=bool(transitions) or _shown(old_services) != _shown(state.services)
-            )
+            if transitions or _shown(old_services) != _shown(state.services):
+                # a change: written now and told to the other coordinators (changes.py)
+                self._save(state)
+                self._beats.discard(state.id)
+            else:  # time, load and in-flight counts only: the next batch writes them
+                self._beats.add(state.id)
         for kind, message, data in transitions:
             self.events.emit(kind, message, state.id, data)
         if transitions:
-            self.scheduler.run(transitions[-1][1])
+            self.scheduler.run_for(state, transitions[-1][1])
             self._notify(state)
         resp = HeartbeatResponse(
             assignments=self.assignments_of(state),
@@ -768,7 +776,7 @@ class Pool:
                 }
             self._save(state)
         self.events.emit(kind, message, state.id, {"from": before.value, **(data or {})})
-        self.scheduler.run(message)
+        self.scheduler.run_for(state, message)
         self._notify(state)
 
     def _save(self, state: WorkerState, *, announce: bool = True) -> None:
@@ -796,6 +804,54 @@ class Pool:
             s.add(row)
             if announce and self.cluster.shared:
                 self.cluster.announce(s, WORKER, state.id)
+
+    def flush_heartbeats(self) -> int:
+        """Write the heartbeats :meth:`heartbeat` left for later, in one transaction; returns
+        how many rows it wrote.
+
+        A heartbeat that changed nothing but its time, load and in-flight counts is not
+        written by the request (which would hold the registry's lock across a database commit,
+        once per heartbeat: at 10,000 workers every heartbeat queued behind the others'
+        commits).  Only those columns are written here, and only over an older heartbeat
+        (``last_heartbeat_at`` moves forward only), so a full save made since wins.
+        """
+        with self.registry.lock:
+            ids, self._beats = self._beats, set()
+            rows: list[dict[str, Any]] = []
+            for worker_id in ids:
+                state = self.registry.get(worker_id)
+                if state is None or state.last_heartbeat_at is None:
+                    continue
+                rows.append(
+                    {
+                        "b_id": worker_id,
+                        "b_ts": state.last_heartbeat_at,
+                        "b_load": state.load.model_dump(mode="json"),
+                        "b_services": [v.model_dump(mode="json") for v in state.services.values()],
+                    }
+                )
+        if not rows:
+            return 0
+        table = Worker.__table__  # type: ignore[attr-defined]
+        t = table.c
+        stmt = (
+            update(table)
+            .where(t.id == bindparam("b_id"))
+            .where(or_(t.last_heartbeat_at.is_(None), t.last_heartbeat_at < bindparam("b_ts")))
+            .values(
+                last_heartbeat_at=bindparam("b_ts"),
+                load=bindparam("b_load"),
+                services=bindparam("b_services"),
+            )
+        )
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(stmt, rows)
+        except Exception:
+            with self.registry.lock:  # tried again with the next batch
+                self._beats.update(r["b_id"] for r in rows)
+            raise
+        return len(rows)
 
     def _notify(self, state: WorkerState) -> None:
         for hook in list(self.on_status_change):

@@ -238,6 +238,8 @@ class Node(Solo):
         try:
             if notice.kind == changes.WORKER and notice.ident:
                 changes.reload_worker(self.pool, notice.ident)
+            elif notice.kind == changes.KEYS and notice.ident:
+                self.pool.credentials.refresh_key(notice.ident)  # one key: not all N of them
             elif notice.kind == changes.KEYS:
                 self.pool.credentials.refresh()
             elif notice.kind == changes.EVENT and notice.ident.isdigit():

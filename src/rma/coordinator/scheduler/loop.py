@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from rma.coordinator.scheduler.feasible import Node
+from rma.coordinator.scheduler.feasible import Node, fits
 from rma.coordinator.scheduler.reconcile import Change, Placement, Plan, plan
 from rma.coordinator.scheduler.scale import Demand, Scaler, ScaleSettings, Step
 
@@ -58,6 +58,8 @@ class Scheduler:
         self.on_change: list[Callable[[list[Change]], None]] = []
         #: service -> the last ``scaled_up`` / ``scaled_down`` event's message.
         self.last_scaling: dict[str, str] = {}
+        #: worker id -> (what the answer depends on, whether any catalog service fits it)
+        self._hostable: dict[str, tuple[tuple[int, ...], bool]] = {}
         cfg = pool.settings
         self.scaler = Scaler(
             ScaleSettings(
@@ -73,12 +75,42 @@ class Scheduler:
     def due(self, now: float) -> bool:
         return now - self.last_run >= self.pool.settings.reconcile_interval
 
+    def could_host(self, w: WorkerState) -> bool:
+        """Whether any catalog service fits this worker at all (remembered per worker until its
+        capabilities, labels, tier or the catalog change)."""
+        catalog = self.pool.catalog
+        key = (id(w), id(w.capabilities), id(w.labels), id(w.runnable), w.tier, id(catalog))
+        hit = self._hostable.get(w.id)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        node = node_of(w)
+        ok = any(fits(spec, node) for spec in catalog.values())
+        self._hostable[w.id] = (key, ok)
+        return ok
+
+    def concerns(self, w: WorkerState) -> bool:
+        """Whether a pass could change anything for or because of this worker.
+
+        A worker that holds nothing and that no catalog service fits plays no part in
+        :func:`~.reconcile.plan` (it is never a candidate nor counted in a wanted number), so a
+        pass leaves the plan as it was: its joins and status changes need none, and passes skip
+        it (registration and the periodic pass cost what the workers that matter cost).
+        """
+        return bool(w.assignments) or bool(w.placements) or self.could_host(w)
+
+    def run_for(self, w: WorkerState, trigger: str, *, emit: bool = True) -> list[Change]:
+        """A pass for a change to ``w`` (a join, a status change), when it could matter."""
+        with self.pool.registry.lock:
+            if not self.concerns(w):
+                return []
+            return self.run(trigger, emit=emit)
+
     def run(self, trigger: str, *, emit: bool = True) -> list[Change]:
         """One pass; returns the changes (and emits their events unless ``emit`` is false)."""
         pool = self.pool
         with pool.registry.lock:
             now = pool.clock.time()
-            workers = pool.registry.all()
+            workers = [w for w in pool.registry.all() if self.concerns(w)]
             result = plan(
                 pool.catalog,
                 [node_of(w) for w in workers],
