@@ -125,6 +125,10 @@ class Balancer:
         #: Workers that refused a connection: worker id -> its last heartbeat time then.  Out of
         #: routing until a newer heartbeat (not for the whole offline window).
         self.unreachable: dict[str, float | None] = {}
+        #: Told of every cool-down this coordinator gives (worker id, service, seconds) and of
+        #: every one it lifts on a success (seconds 0): how the others learn of them
+        #: (:mod:`rma.coordinator.cluster.cooldowns`).  Called on the event loop; must not block.
+        self.on_cool: list[Callable[[str, str, float], None]] = []
 
     # --- choosing ---------------------------------------------------------------------------------
 
@@ -165,6 +169,39 @@ class Balancer:
     def mark_unreachable(self, worker: WorkerState) -> None:
         """Take ``worker`` out of routing at once, until its next heartbeat."""
         self.unreachable[worker.id] = worker.last_heartbeat_at
+
+    def forget(self, worker_id: str) -> int:
+        """Lift every cool-down and the unreachable mark of ``worker_id``: its transport is new
+        (its tunnel attached here or to another coordinator), so what the old one did is past.
+
+        Returns how many marks were lifted.
+        """
+        gone = [key for key in self.cool_until if key[0] == worker_id]
+        for key in gone:
+            del self.cool_until[key]
+        for key in [key for key in self.failures if key[0] == worker_id]:
+            del self.failures[key]
+        if worker_id in self.unreachable:
+            del self.unreachable[worker_id]
+            return len(gone) + 1
+        return len(gone)
+
+    def cool(self, worker_id: str, service: str, seconds: float) -> None:
+        """Another coordinator cooled this worker's service down for ``seconds`` (0: it served
+        there again, so the cool-down is lifted here too).  Never told on to the others."""
+        key = (worker_id, service)
+        if seconds <= 0:
+            self.cool_until.pop(key, None)
+            self.failures.pop(key, None)
+            return
+        until = self.clock() + min(seconds, self.cooldown_max)
+        if self.cool_until.get(key, 0.0) < until:
+            self.cool_until[key] = until
+
+    def cooling_now(self) -> dict[Key, float]:
+        """Every cool-down still running: key -> seconds left (for the metrics)."""
+        now = self.clock()
+        return {key: until - now for key, until in self.cool_until.items() if until > now}
 
     def capacity_of(self, worker: WorkerState, service: str = "") -> int:
         """Requests one copy of ``service`` takes at once: the catalog's ``capacity``, else the
@@ -446,13 +483,17 @@ class Balancer:
         self.failures[key] = n
         seconds = min(self.cooldown_base * 2.0 ** (n - 1), self.cooldown_max)
         self.cool_until[key] = self.clock() + seconds
+        for hook in self.on_cool:
+            hook(worker.id, service, seconds)
         return seconds
 
     def succeeded(self, worker: WorkerState, service: str) -> None:
         key = (worker.id, service)
-        if key in self.failures:
-            del self.failures[key]
+        if key in self.failures or key in self.cool_until:
+            self.failures.pop(key, None)
             self.cool_until.pop(key, None)
+            for hook in self.on_cool:
+                hook(worker.id, service, 0.0)
 
     # --- metrics ----------------------------------------------------------------------------------
 
