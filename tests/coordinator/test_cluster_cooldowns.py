@@ -189,8 +189,9 @@ class Pool:
             )
         self.procs.append(proc)
 
-    def direct(self, coord: Coordinator, name: str, backend: Backend) -> None:
-        """Register a direct worker that reports ``echo`` healthy at ``backend``."""
+    def direct(self, coord: Coordinator, name: str, backend: Backend, cpu: float = 0.0) -> None:
+        """Register a direct worker that reports ``echo`` healthy at ``backend`` (and its
+        host ``cpu`` percent busy: the balancer prefers idle hosts among equals)."""
         body = {
             "token": coord.token(),
             "name": name,
@@ -201,13 +202,13 @@ class Pool:
         r = httpx.post(coord.url + "/api/worker/register", json=body, timeout=10)
         assert r.status_code == 201, r.text
         self.workers[name] = r.json()["credential"]
-        self.heartbeat(coord, name, backend)
+        self.heartbeat(coord, name, backend, cpu)
 
-    def heartbeat(self, coord: Coordinator, name: str, backend: Backend) -> None:
+    def heartbeat(self, coord: Coordinator, name: str, backend: Backend, cpu: float = 0.0) -> None:
         services = [{"name": "echo", "state": "running", "healthy": True, "endpoint": backend.url}]
         r = httpx.post(
             coord.url + "/api/worker/heartbeat",
-            json={"services": services},
+            json={"services": services, "load": {"cpu_percent": cpu}},
             headers={"authorization": f"Bearer {self.workers[name]}"},
             timeout=10,
         )
@@ -274,7 +275,8 @@ def test_a_reattached_tunnel_lifts_the_cool_down_its_dead_holder_caused(pool: Po
     pool.agent(f"{a.url},http://127.0.0.1:{c_port}", a.token(), "tunnelled")
     wait_for("echo healthy on the tunnelled worker, seen from B", lambda: pool.routes_to(
         b, "tunnelled"), 120)  # fmt: skip
-    pool.direct(a, "direct", pool.backend("direct"))
+    # A busy host: B prefers the tunnelled worker while both are idle.
+    pool.direct(a, "direct", pool.backend("direct"), cpu=100.0)
     wait_for("B to see the direct worker", lambda: pool.routes_to(b, "direct"), 15)
     assert tunnels(a) == 1
     wait_for("B to relay to the tunnelled worker through A", lambda: pool.served_by(
