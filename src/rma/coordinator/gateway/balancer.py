@@ -129,6 +129,9 @@ class Balancer:
         #: every one it lifts on a success (seconds 0): how the others learn of them
         #: (:mod:`rma.coordinator.cluster.cooldowns`).  Called on the event loop; must not block.
         self.on_cool: list[Callable[[str, str, float], None]] = []
+        #: Coordinators that share each worker's capacity (``split_capacity``): this one's
+        #: share is ``capacity // split``, at least 1.  Set from the cluster's thread.
+        self.split = 1
 
     # --- choosing ---------------------------------------------------------------------------------
 
@@ -204,10 +207,14 @@ class Balancer:
         return {key: until - now for key, until in self.cool_until.items() if until > now}
 
     def capacity_of(self, worker: WorkerState, service: str = "") -> int:
-        """Requests one copy of ``service`` takes at once: the catalog's ``capacity``, else the
-        gateway's default (``worker_capacity``)."""
+        """Requests one copy of ``service`` takes at once from this coordinator: the catalog's
+        ``capacity``, else the gateway's default (``worker_capacity``); with ``split_capacity``,
+        this coordinator's share of it (divided by the live coordinators, at least 1)."""
         cap = self.service_capacity(service) if service else None
-        return cap if cap is not None else self.capacity
+        if cap is None:
+            cap = self.capacity
+        split = self.split
+        return cap if split <= 1 else max(1, cap // split)
 
     def least_loaded(self, services: list[str]) -> str:
         """Of several services answering to one model, the one with the most room now.

@@ -92,7 +92,8 @@ def mount(app: FastAPI) -> Gateway:
 def _share_cooldowns(
     app: FastAPI, gateway: Gateway, hub: TunnelHub, relay: RelayUpstream | None
 ) -> None:
-    """Cool-downs to and from the other coordinators; a new tunnel lifts the old marks."""
+    """Cool-downs to and from the other coordinators; a new tunnel lifts the old marks; with
+    ``split_capacity``, this coordinator's share of each worker's capacity."""
     from rma.coordinator.cluster.cooldowns import CoolShare
     from rma.coordinator.cluster.node import Node
 
@@ -107,6 +108,13 @@ def _share_cooldowns(
         relay.own_url if relay is not None else "",
     )
     share.install()
+    if isinstance(node, Node) and state.pool.settings.split_capacity:
+        balancer = gateway.balancer
+
+        def split(count: int) -> None:
+            balancer.split = count
+
+        node.on_coordinators.append(split)
     hub.on_attach.append(share.attached)
     state.background.append(share.start)
     state.cooldowns = share
