@@ -182,3 +182,15 @@ def test_split_capacity_takes_this_coordinators_share() -> None:
     assert bal.capacity_of(a, "svc") == 2
     bal.split = 8
     assert bal.capacity_of(a, "svc") == 1  # never 0
+
+
+def test_a_cool_down_that_crossed_the_news_of_a_new_tunnel_is_ignored() -> None:
+    now = [100.0]
+    bal = balancer(worker("a"), worker("b"))
+    bal.clock = lambda: now[0]
+    bal.forget("a")  # its tunnel attached
+    bal.cool("a", "svc", 2.0)  # another coordinator's relay to the old holder failed meanwhile
+    assert bal.cooling_now() == {}
+    now[0] += 2.5  # past the grace: a cool-down heard now is about the new tunnel
+    bal.cool("a", "svc", 2.0)
+    assert bal.cooling_now() == {("a", "svc"): 2.0}

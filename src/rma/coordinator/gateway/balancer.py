@@ -21,6 +21,9 @@ from rma.coordinator.registry import Registry, WorkerState
 from rma.schemas.enums import WorkerStatus
 
 Key = tuple[str, str]  # (worker id, service)
+#: Seconds after a worker's new tunnel during which cool-downs heard from other coordinators are
+#: ignored: they crossed the news of the tunnel (a relay to the dead holder failed meanwhile).
+RENEWED_GRACE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,9 @@ class Balancer:
         #: Coordinators that share each worker's capacity (``split_capacity``): this one's
         #: share is ``capacity // split``, at least 1.  Set from the cluster's thread.
         self.split = 1
+        #: Worker id -> when its transport was renewed (:meth:`forget`): cool-downs heard from
+        #: other coordinators within ``RENEWED_GRACE`` of it are about the old one.
+        self.renewed: dict[str, float] = {}
 
     # --- choosing ---------------------------------------------------------------------------------
 
@@ -179,6 +185,10 @@ class Balancer:
 
         Returns how many marks were lifted.
         """
+        now = self.clock()
+        self.renewed[worker_id] = now
+        if len(self.renewed) > 1000:  # forget renewals long past
+            self.renewed = {k: t for k, t in self.renewed.items() if now - t < RENEWED_GRACE}
         gone = [key for key in self.cool_until if key[0] == worker_id]
         for key in gone:
             del self.cool_until[key]
@@ -191,13 +201,17 @@ class Balancer:
 
     def cool(self, worker_id: str, service: str, seconds: float) -> None:
         """Another coordinator cooled this worker's service down for ``seconds`` (0: it served
-        there again, so the cool-down is lifted here too).  Never told on to the others."""
+        there again, so the cool-down is lifted here too).  Never told on to the others; ignored
+        within ``RENEWED_GRACE`` of the worker's new tunnel."""
         key = (worker_id, service)
         if seconds <= 0:
             self.cool_until.pop(key, None)
             self.failures.pop(key, None)
             return
-        until = self.clock() + min(seconds, self.cooldown_max)
+        now = self.clock()
+        if now - self.renewed.get(worker_id, -math.inf) < RENEWED_GRACE:
+            return  # sent before the sender heard of the new tunnel: its old transport failed
+        until = now + min(seconds, self.cooldown_max)
         if self.cool_until.get(key, 0.0) < until:
             self.cool_until[key] = until
 
