@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import math
 import random
 import time
@@ -186,18 +187,27 @@ class Balancer:
         Returns how many marks were lifted.
         """
         now = self.clock()
-        self.renewed[worker_id] = now
-        if len(self.renewed) > 1000:  # forget renewals long past
-            self.renewed = {k: t for k, t in self.renewed.items() if now - t < RENEWED_GRACE}
-        gone = [key for key in self.cool_until if key[0] == worker_id]
-        for key in gone:
-            del self.cool_until[key]
-        for key in [key for key in self.failures if key[0] == worker_id]:
-            del self.failures[key]
+        renewed = self.renewed
+        renewed.pop(worker_id, None)
+        renewed[worker_id] = now  # in time order: the oldest first
+        for ident, when in list(itertools.islice(renewed.items(), 8)):
+            if now - when < RENEWED_GRACE:
+                break
+            del renewed[ident]
+        # The worker's own services (not a scan of every cool-down: a restarted coordinator
+        # hears of thousands of tunnels at once).
+        state = self.registry.get(worker_id)
+        services = {*state.services, *state.assignments} if state is not None else set()
+        lifted = 0
+        for service in services:
+            key = (worker_id, service)
+            self.failures.pop(key, None)
+            if self.cool_until.pop(key, None) is not None:
+                lifted += 1
         if worker_id in self.unreachable:
             del self.unreachable[worker_id]
-            return len(gone) + 1
-        return len(gone)
+            lifted += 1
+        return lifted
 
     def cool(self, worker_id: str, service: str, seconds: float) -> None:
         """Another coordinator cooled this worker's service down for ``seconds`` (0: it served
