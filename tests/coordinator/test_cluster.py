@@ -242,26 +242,3 @@ def test_the_live_event_stream_shows_the_other_coordinators_events(apps: Apps) -
             b.pool.events.unsubscribe(queue)
 
     assert "joined" in asyncio.run(follow_b_while_a_registers())
-
-
-def test_with_split_capacity_each_coordinator_takes_its_share(apps: Apps) -> None:
-    a = apps.start("A", split_capacity=True, worker_capacity=8)
-    b = apps.start("B", split_capacity=True, worker_capacity=8)
-    worker = a.register("w1")
-    state = wait_for("B to know the worker", lambda: b.pool.registry.get(worker.id))
-    on_a, on_b = a.app.state.gateway.balancer, b.app.state.gateway.balancer
-    wait_for("both to count two coordinators", lambda: on_a.split == 2 and on_b.split == 2)
-    assert on_b.capacity_of(state) == 4  # 8 over two coordinators: they stay within 8
-    assert on_a.capacity_of(a.pool.registry.get(worker.id)) == 4
-    lines = b.client.get("/metrics").text.splitlines()
-    assert [float(n.split()[1]) for n in lines if n.startswith("rma_coordinators ")] == [2.0]
-
-    c = apps.start("C", worker_capacity=8)  # counts, but keeps its whole share: not split
-    wait_for("three coordinators counted", lambda: on_a.split == 3 and on_b.split == 3)
-    assert on_a.capacity_of(state) == 2  # 8 // 3
-    assert c.app.state.gateway.balancer.capacity_of(state) == 8
-
-    apps.stop(c)
-    apps.stop(b)
-    wait_for("A to count itself alone again", lambda: on_a.split == 1)
-    assert on_a.capacity_of(state) == 8
