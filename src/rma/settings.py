@@ -431,6 +431,12 @@ class CoordinatorSettings(_Base):
     worker_capacity: int = Field(
         8, ge=1, description="Gateway: in-flight requests per worker service."
     )
+    split_capacity: bool = Field(
+        False,
+        description="Several coordinators (PostgreSQL): each takes only its share of a worker "
+        "service's capacity (worker_capacity or the catalog's, divided by the live coordinators "
+        "counted in the database, at least 1), so together they stay within it.",
+    )
     queue_size: int = Field(64, ge=0, description="Gateway: requests that may wait for capacity.")
     affinity: bool = Field(
         True,

@@ -691,8 +691,8 @@ def test_three_coordinators_behind_haproxy_lose_the_leader_under_load(
             # the load goes on through the survivors
             wait_for("answers after the kill", lambda: load.answered(killed_at + 2) >= 100, 120)
 
-            # The worker whose tunnel was on the leader serves through both survivors again
-            # (after the cool-down a survivor gave it when its relay to the dead leader failed).
+            # The worker whose tunnel was on the leader serves through both survivors again (its
+            # new tunnel lifted the cool-down a survivor gave it when relaying to the dead one).
             def via() -> set[str]:
                 with load.lock:
                     return {

@@ -140,3 +140,57 @@ def test_a_conversation_sticks_to_one_worker_until_it_is_overloaded() -> None:
         isinstance(p, WorkerState) and p.name != first.name
         for p in (bal.pick("svc", set(), wish=wish) for _ in range(10))
     )
+
+
+def test_a_new_transport_lifts_cool_downs_and_the_unreachable_mark() -> None:
+    a, b = worker("a"), worker("b")
+    bal = balancer(a, b)
+    heard: list[tuple[str, str, float]] = []
+    bal.on_cool.append(lambda w, s, t: heard.append((w, s, t)))
+    bal.mark_unreachable(a)
+    assert bal.failed(a, "svc") == 1.0
+    assert heard == [("a", "svc", 1.0)]  # told on, for the other coordinators
+    assert [w.id for w in bal.workers_for("svc")] == ["b"]
+    assert bal.forget("a") == 2  # its cool-down and its unreachable mark
+    assert bal.cooling_now() == {}
+    assert sorted(w.id for w in bal.workers_for("svc")) == ["a", "b"]
+    assert bal.forget("a") == 0
+
+
+def test_a_cool_down_heard_from_another_coordinator_applies_and_a_success_lifts_it() -> None:
+    a, b = worker("a"), worker("b")
+    bal = balancer(a, b)
+    heard: list[tuple[str, str, float]] = []
+    bal.on_cool.append(lambda w, s, t: heard.append((w, s, t)))
+    bal.cool("a", "svc", 60.0)  # capped at cooldown_max (2 s)
+    assert 0 < bal.cooling_now()[("a", "svc")] <= 2.0
+    assert heard == []  # never told on
+    for _ in range(20):
+        assert bal.pick("svc", set()) is b
+    bal.succeeded(a, "svc")  # it served here after all (all cooling): lifted, and told
+    assert bal.cooling_now() == {}
+    assert heard == [("a", "svc", 0.0)]
+    bal.cool("b", "svc", 1.0)
+    bal.cool("b", "svc", 0.0)  # lifted elsewhere
+    assert bal.cooling_now() == {}
+
+
+def test_split_capacity_takes_this_coordinators_share() -> None:
+    a = worker("a")
+    bal = balancer(a, capacity=5)
+    bal.split = 2
+    assert bal.capacity_of(a, "svc") == 2
+    bal.split = 8
+    assert bal.capacity_of(a, "svc") == 1  # never 0
+
+
+def test_a_cool_down_that_crossed_the_news_of_a_new_tunnel_is_ignored() -> None:
+    now = [100.0]
+    bal = balancer(worker("a"), worker("b"))
+    bal.clock = lambda: now[0]
+    bal.forget("a")  # its tunnel attached
+    bal.cool("a", "svc", 2.0)  # another coordinator's relay to the old holder failed meanwhile
+    assert bal.cooling_now() == {}
+    now[0] += 2.5  # past the grace: a cool-down heard now is about the new tunnel
+    bal.cool("a", "svc", 2.0)
+    assert bal.cooling_now() == {("a", "svc"): 2.0}

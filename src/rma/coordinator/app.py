@@ -106,6 +106,11 @@ def create_app(
         "1 while this coordinator is the pool's leader (it sweeps and schedules), else 0.",
         lambda: [((), float(pool.cluster.is_leader))],
     )
+    app.state.metrics.gauge(
+        "rma_coordinators",
+        "Live coordinators of the pool as this one counts them (1 on SQLite).",
+        lambda: [((), float(pool.cluster.coordinators))],
+    )
     app.state.auth_limiter = FailureLimiter(
         settings.auth_fail_limit, settings.auth_fail_window, settings.auth_fail_address_limit
     )

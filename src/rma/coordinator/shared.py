@@ -6,6 +6,8 @@
   once.
 - Failed authentications: published on the same channel (the bucket each counts in: role and
   address, address, join token); every coordinator counts them.
+- Workers' cool-downs, given and lifted (:mod:`rma.coordinator.cluster.cooldowns`), on the same
+  channel: a broken worker is avoided by every coordinator.
 
 When Redis is away, each coordinator keeps serving: rate limits fall back to its local bucket
 (fail open, logged once), authentication keeps working from its key cache and the database (it
@@ -175,6 +177,8 @@ class SharedEvents:
         self.failures = failures
         self.node = secrets.token_hex(8)  # our own messages come back too: skip them
         self.received = 0
+        #: Other message types -> who applies them (on the loop; the cool-downs' ``cooled``).
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[str] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -187,7 +191,11 @@ class SharedEvents:
     def auth_failed(self, bucket: str) -> None:
         self._send({"type": "auth_fail", "bucket": bucket})
 
-    def _send(self, message: dict[str, str]) -> None:
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue any message for the others (its ``type`` names who applies it there)."""
+        self._send(message)
+
+    def _send(self, message: dict[str, Any]) -> None:
         """Queue a message for :meth:`publish_loop` (thread-safe: routes run in threads too)."""
         loop = self._loop
         if loop is None or loop.is_closed():
@@ -289,6 +297,9 @@ class SharedEvents:
         ):
             self.received += 1
             self.failures.record(message["bucket"])
+        elif isinstance(kind, str) and kind in self.handlers:
+            self.received += 1
+            self.handlers[kind](message)
 
 
 class Shared:

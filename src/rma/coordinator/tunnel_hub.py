@@ -13,7 +13,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -150,6 +150,9 @@ class TunnelHub:
         self._aborts: set[asyncio.Task[None]] = set()
         self._emitting: set[asyncio.Future[Any]] = set()
         self.streams_opened = 0
+        #: Called (on the loop) when a worker's tunnel attaches: the gateway lifts the marks
+        #: its old transport earned, here and on the other coordinators.
+        self.on_attach: list[Callable[[WorkerState], None]] = []
         pool.on_status_change.append(self._on_status_change)
 
     # --- Upstream ---------------------------------------------------------------------------------
@@ -393,6 +396,11 @@ class TunnelHub:
             old.dead = True
             old.reason = "replaced by a newer tunnel from the same worker"
             old.stop.set()
+        for hook in self.on_attach:
+            try:
+                hook(state)
+            except Exception:
+                log.exception("a tunnel_up hook failed for worker %s", state.name)
         self._emit("tunnel_up", f"worker {state.name} connected its tunnel", state.id)
         reason = "closed"
         code = 1000

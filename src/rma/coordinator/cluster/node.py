@@ -55,6 +55,11 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = %s
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 LIMIT 1
 """
+#: Live coordinators: one cluster connection each (its ``application_name`` starts "rma ").
+_HOW_MANY = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name LIKE 'rma %'
+"""
 
 
 def default_name(port: int) -> str:
@@ -78,6 +83,11 @@ class Solo:
     @property
     def leader(self) -> str | None:
         return self.name
+
+    @property
+    def coordinators(self) -> int:
+        """Live coordinators of the pool, this one included."""
+        return 1
 
     def announce(self, s: Session, kind: str, ident: str = "") -> None:
         """Tell the other coordinators, when ``s`` commits, that a record changed."""
@@ -118,6 +128,10 @@ class Node(Solo):
         self.resyncs = 0
         #: Other notice kinds -> who applies them (the relay's ``tunnels``); on this thread.
         self.handlers: dict[str, Callable[[changes.Notice], None]] = {}
+        #: Told (on this thread) when the count of live coordinators changes (the gateway's
+        #: share of each worker's capacity, with ``split_capacity``).
+        self.on_coordinators: list[Callable[[int], None]] = []
+        self._coordinators = 1
         self._leading = False
         self._leader_name: str | None = None
         self._stop = threading.Event()
@@ -132,6 +146,10 @@ class Node(Solo):
     @property
     def leader(self) -> str | None:
         return self.name if self._leading else self._leader_name
+
+    @property
+    def coordinators(self) -> int:
+        return self._coordinators
 
     def announce(self, s: Session, kind: str, ident: str = "") -> None:
         changes.send(s, self.origin, kind, ident)
@@ -265,6 +283,15 @@ class Node(Solo):
         row = conn.execute(_WHO_LEADS, (LOCK_KEY,)).fetchone()
         name = str(row[0]) if row is not None and row[0] else None
         self._leader_name = name[len(APP_PREFIX) :] if name else None
+        row = conn.execute(_HOW_MANY).fetchone()
+        count = max(1, int(row[0])) if row is not None and row[0] is not None else 1
+        if count != self._coordinators:
+            self._coordinators = count
+            for hook in self.on_coordinators:
+                try:
+                    hook(count)
+                except Exception:
+                    log.exception("a hook on the count of coordinators failed")
 
     def _win(self) -> None:
         # the heartbeats the others heard, before this one judges anyone

@@ -112,6 +112,9 @@ class TunnelMap:
 
     def __init__(self) -> None:
         self._at: dict[str, tuple[str, float]] = {}
+        #: Told of the workers whose holder changed (or that were not known): their tunnel is
+        #: new, and the cool-downs its old transport earned are lifted (``cooldowns``).
+        self.on_move: list[Callable[[list[str]], None]] = []
 
     def where(self, worker_id: str) -> str | None:
         hit = self._at.get(worker_id)
@@ -121,8 +124,16 @@ class TunnelMap:
 
     def put(self, url: str, ids: list[str]) -> None:
         until = time.monotonic() + TTL
+        moved: list[str] = []
+        at = self._at
         for ident in ids:
-            self._at[ident] = (url, until)
+            old = at.get(ident)
+            if old is None or old[0] != url:
+                moved.append(ident)
+            at[ident] = (url, until)
+        if moved:
+            for hook in self.on_move:
+                hook(moved)
         if len(self._at) > 4 * max(len(ids), 1000):  # forget what expired long ago
             now = time.monotonic()
             self._at = {k: v for k, v in self._at.items() if v[1] >= now}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import math
 import random
 import time
@@ -21,6 +22,9 @@ from rma.coordinator.registry import Registry, WorkerState
 from rma.schemas.enums import WorkerStatus
 
 Key = tuple[str, str]  # (worker id, service)
+#: Seconds after a worker's new tunnel during which cool-downs heard from other coordinators are
+#: ignored: they crossed the news of the tunnel (a relay to the dead holder failed meanwhile).
+RENEWED_GRACE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,16 @@ class Balancer:
         #: Workers that refused a connection: worker id -> its last heartbeat time then.  Out of
         #: routing until a newer heartbeat (not for the whole offline window).
         self.unreachable: dict[str, float | None] = {}
+        #: Told of every cool-down this coordinator gives (worker id, service, seconds) and of
+        #: every one it lifts on a success (seconds 0): how the others learn of them
+        #: (:mod:`rma.coordinator.cluster.cooldowns`).  Called on the event loop; must not block.
+        self.on_cool: list[Callable[[str, str, float], None]] = []
+        #: Coordinators that share each worker's capacity (``split_capacity``): this one's
+        #: share is ``capacity // split``, at least 1.  Set from the cluster's thread.
+        self.split = 1
+        #: Worker id -> when its transport was renewed (:meth:`forget`): cool-downs heard from
+        #: other coordinators within ``RENEWED_GRACE`` of it are about the old one.
+        self.renewed: dict[str, float] = {}
 
     # --- choosing ---------------------------------------------------------------------------------
 
@@ -166,11 +180,65 @@ class Balancer:
         """Take ``worker`` out of routing at once, until its next heartbeat."""
         self.unreachable[worker.id] = worker.last_heartbeat_at
 
+    def forget(self, worker_id: str) -> int:
+        """Lift every cool-down and the unreachable mark of ``worker_id``: its transport is new
+        (its tunnel attached here or to another coordinator), so what the old one did is past.
+
+        Returns how many marks were lifted.
+        """
+        now = self.clock()
+        renewed = self.renewed
+        renewed.pop(worker_id, None)
+        renewed[worker_id] = now  # in time order: the oldest first
+        for ident, when in list(itertools.islice(renewed.items(), 8)):
+            if now - when < RENEWED_GRACE:
+                break
+            del renewed[ident]
+        # The worker's own services (not a scan of every cool-down: a restarted coordinator
+        # hears of thousands of tunnels at once).
+        state = self.registry.get(worker_id)
+        services = {*state.services, *state.assignments} if state is not None else set()
+        lifted = 0
+        for service in services:
+            key = (worker_id, service)
+            self.failures.pop(key, None)
+            if self.cool_until.pop(key, None) is not None:
+                lifted += 1
+        if worker_id in self.unreachable:
+            del self.unreachable[worker_id]
+            lifted += 1
+        return lifted
+
+    def cool(self, worker_id: str, service: str, seconds: float) -> None:
+        """Another coordinator cooled this worker's service down for ``seconds`` (0: it served
+        there again, so the cool-down is lifted here too).  Never told on to the others; ignored
+        within ``RENEWED_GRACE`` of the worker's new tunnel."""
+        key = (worker_id, service)
+        if seconds <= 0:
+            self.cool_until.pop(key, None)
+            self.failures.pop(key, None)
+            return
+        now = self.clock()
+        if now - self.renewed.get(worker_id, -math.inf) < RENEWED_GRACE:
+            return  # sent before the sender heard of the new tunnel: its old transport failed
+        until = now + min(seconds, self.cooldown_max)
+        if self.cool_until.get(key, 0.0) < until:
+            self.cool_until[key] = until
+
+    def cooling_now(self) -> dict[Key, float]:
+        """Every cool-down still running: key -> seconds left (for the metrics)."""
+        now = self.clock()
+        return {key: until - now for key, until in self.cool_until.items() if until > now}
+
     def capacity_of(self, worker: WorkerState, service: str = "") -> int:
-        """Requests one copy of ``service`` takes at once: the catalog's ``capacity``, else the
-        gateway's default (``worker_capacity``)."""
+        """Requests one copy of ``service`` takes at once from this coordinator: the catalog's
+        ``capacity``, else the gateway's default (``worker_capacity``); with ``split_capacity``,
+        this coordinator's share of it (divided by the live coordinators, at least 1)."""
         cap = self.service_capacity(service) if service else None
-        return cap if cap is not None else self.capacity
+        if cap is None:
+            cap = self.capacity
+        split = self.split
+        return cap if split <= 1 else max(1, cap // split)
 
     def least_loaded(self, services: list[str]) -> str:
         """Of several services answering to one model, the one with the most room now.
@@ -446,13 +514,17 @@ class Balancer:
         self.failures[key] = n
         seconds = min(self.cooldown_base * 2.0 ** (n - 1), self.cooldown_max)
         self.cool_until[key] = self.clock() + seconds
+        for hook in self.on_cool:
+            hook(worker.id, service, seconds)
         return seconds
 
     def succeeded(self, worker: WorkerState, service: str) -> None:
         key = (worker.id, service)
-        if key in self.failures:
-            del self.failures[key]
+        if key in self.failures or key in self.cool_until:
+            self.failures.pop(key, None)
             self.cool_until.pop(key, None)
+            for hook in self.on_cool:
+                hook(worker.id, service, 0.0)
 
     # --- metrics ----------------------------------------------------------------------------------
 

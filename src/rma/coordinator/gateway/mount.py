@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.routing import Route, WebSocketRoute
@@ -24,6 +24,10 @@ from rma.coordinator.gateway.proxy import (
 from rma.coordinator.metrics import Labels
 from rma.schemas.enums import WorkerStatus
 
+if TYPE_CHECKING:
+    from rma.coordinator.cluster.relay import RelayUpstream
+    from rma.coordinator.tunnel_hub import TunnelHub
+
 
 def mount(app: FastAPI) -> Gateway:
     state = app.state
@@ -36,10 +40,13 @@ def mount(app: FastAPI) -> Gateway:
 
     hub = mount_tunnel(app)
     gateway.add_upstream(hub)
+    relay = None
     if pool.cluster.shared:  # several coordinators: the others' tunnels, through them
         from rma.coordinator.cluster.relay import mount_relay
 
-        gateway.add_upstream(mount_relay(app, hub))
+        relay = mount_relay(app, hub)
+        gateway.add_upstream(relay)
+    _share_cooldowns(app, gateway, hub, relay)
 
     models = Endpoint(gateway.models)
     openai = Endpoint(gateway.openai)
@@ -80,6 +87,37 @@ def mount(app: FastAPI) -> Gateway:
     pool.credits_of = gateway.ledger.worker_balance  # the donor's own, in the heartbeat answer
     state.on_shutdown.append(gateway.aclose)
     return gateway
+
+
+def _share_cooldowns(
+    app: FastAPI, gateway: Gateway, hub: TunnelHub, relay: RelayUpstream | None
+) -> None:
+    """Cool-downs to and from the other coordinators; a new tunnel lifts the old marks; with
+    ``split_capacity``, this coordinator's share of each worker's capacity."""
+    from rma.coordinator.cluster.cooldowns import CoolShare
+    from rma.coordinator.cluster.node import Node
+
+    state = app.state
+    node = state.pool.cluster
+    shared = getattr(state, "shared", None)
+    share = CoolShare(
+        gateway.balancer,
+        node if isinstance(node, Node) else None,
+        shared.events if shared is not None else None,
+        relay.tunnels if relay is not None else None,
+        relay.own_url if relay is not None else "",
+    )
+    share.install()
+    if isinstance(node, Node) and state.pool.settings.split_capacity:
+        balancer = gateway.balancer
+
+        def split(count: int) -> None:
+            balancer.split = count
+
+        node.on_coordinators.append(split)
+    hub.on_attach.append(share.attached)
+    state.background.append(share.start)
+    state.cooldowns = share
 
 
 def _usage_stats(gateway: Gateway) -> dict[str, Any]:
@@ -131,6 +169,22 @@ def _register_metrics(gateway: Gateway) -> None:
 
     m.gauge(
         "rma_data_connections", "TCP connections open to data services (rma connect).", connections
+    )
+
+    def cooling() -> list[tuple[Labels, float]]:
+        registry = gateway.pool.registry
+        out: list[tuple[Labels, float]] = []
+        for (worker_id, service), left in sorted(gateway.balancer.cooling_now().items()):
+            worker = registry.get(worker_id)
+            name = worker.name if worker is not None else worker_id
+            out.append(((("worker", name), ("service", service)), left))
+        return out
+
+    m.gauge(
+        "rma_worker_cooldown_seconds",
+        "Seconds left of each worker service's cool-down on this coordinator (its own, or "
+        "heard from another coordinator); absent when none.",
+        cooling,
     )
     m.gauge("rma_gateway_inflight", "Requests in flight to workers, by service.", inflight)
     m.gauge("rma_gateway_queue_depth", "Requests waiting for worker capacity.", queued)
