@@ -212,6 +212,7 @@ def test_postgres_and_redis_through_rma_connect(pool_factory, tmp_path, transpor
         # wait until none is counted, or a late release makes the 6th look like the 7th.
         wait_for("earlier connections released", lambda: data_connections(pool) == 0, 30, logs)
         asyncio.run(_limit_per_key(pool.url, key, 6))
+        wait_for("the six released", lambda: data_connections(pool) == 0, 30, logs)
         asyncio.run(_message_rules(pool.url, key))
 
         # HTTP to a TCP service says how to reach it instead
