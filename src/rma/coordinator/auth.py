@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from rma.coordinator import security
 from rma.coordinator.errors import APIError
@@ -213,6 +214,23 @@ def require_worker(request: Request) -> tuple[WorkerState, float]:
         raise
 
 
+async def require_worker_quick(request: Request) -> tuple[WorkerState, float]:
+    """:func:`require_worker` without leaving the event loop when it need not: a valid
+    credential of a worker this coordinator knows is checked in memory (a signature and the
+    registry); anything else (no or another kind of secret, a bad or expired credential, a
+    removed worker, one to look up in the database) takes :func:`require_worker` in a thread,
+    with its errors and failure counts."""
+    secret = bearer(request)
+    if secret is not None and role_of(secret) == "worker":
+        pool = pool_of(request)
+        try:
+            return pool.authenticate_worker(secret)
+        except APIError:
+            pass
+    return await run_in_threadpool(require_worker, request)
+
+
 AdminDep = Annotated[None, Depends(require_admin)]
 WorkerDep = Annotated[tuple[WorkerState, float], Depends(require_worker)]
+QuickWorkerDep = Annotated[tuple[WorkerState, float], Depends(require_worker_quick)]
 PoolDep = Annotated[Pool, Depends(pool_of)]

@@ -116,6 +116,9 @@ class Pool:
         self.on_status_change: list[Callable[[WorkerState], None]] = []
         #: worker id -> (credits, escrow) for the heartbeat answer (the gateway's ledger)
         self.credits_of: Callable[[str], tuple[float, float]] | None = None
+        #: the same from memory only, ``None`` when memory does not know yet (the common
+        #: heartbeat answers from it on the event loop; else the slow path reads the database)
+        self.cached_credits_of: Callable[[str], tuple[float, float] | None] | None = None
         #: ``rma admin restore``: worker id -> {service: backup id}, sent once in its next
         #: heartbeat answer (in memory: a restart of the coordinator forgets a pending one).
         self.restores: dict[str, dict[str, str]] = {}
@@ -470,6 +473,77 @@ class Pool:
                 resp.credits, resp.escrow = self.credits_of(state.id)
             except Exception:  # the ledger is informative here: never fail a heartbeat for it
                 log.exception("could not read the credits of worker %s", state.name)
+        if credential_expires - now < self.settings.credential_ttl / 2:
+            token, exp = security.issue_credential(
+                self.credentials.signing_key, state.id, now, self.settings.credential_ttl
+            )
+            resp.credential = token
+            resp.credential_expires_at = datetime.fromtimestamp(exp, UTC)
+        return resp
+
+    def quick_heartbeat(
+        self,
+        state: WorkerState,
+        req: HeartbeatRequest,
+        credential_expires: float,
+        *,
+        peer: str = "127.0.0.1",
+    ) -> HeartbeatResponse | None:
+        """The common heartbeat, from memory only (the route calls it on the event loop).
+
+        When nothing but the time, load and in-flight counts changed it does what
+        :meth:`heartbeat` would do (the registry updated, the row left to the next batch) and
+        answers; anything else (a status, pause reason or service health that changed, a claim,
+        a GPU deadline, a restore to send, credits memory does not know yet, the registry's lock
+        busy) returns ``None`` without changing anything: the caller runs :meth:`heartbeat` in a
+        thread.  It never waits for the lock nor reads the database.
+        """
+        lock = self.registry.lock
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            current = self.registry.get(state.id)
+            if current is None or current is not state:
+                return None  # a re-registration replaced it, or it is gone: the slow path says
+            if req.paused:
+                status = WorkerStatus.PAUSED
+            elif req.draining or state.drained:
+                status = WorkerStatus.DRAINING
+            else:
+                status = WorkerStatus.ONLINE
+            if (
+                status is not state.status
+                or (req.pause_reason if req.paused else None) != state.pause_reason
+                or state.claims
+                or state.claim_grace
+                or state.gpu_deadline is not None
+                or state.id in self.restores
+            ):
+                return None
+            services = {s.name: self._checked(state, s, peer) for s in req.services}
+            if any(n not in state.assignments for n in services):
+                return None  # a claim: refused in the slow path
+            if _shown(services) != _shown(state.services):
+                return None  # a service's state, health or endpoint changed: written now
+            credits: tuple[float, float] | None = None
+            if self.credits_of is not None:
+                credits = self.cached_credits_of(state.id) if self.cached_credits_of else None
+                if credits is None:
+                    return None
+            state.services = services
+            state.load = req.load
+            state.last_heartbeat_at = now = self.clock.time()
+            self._beats.add(state.id)
+        finally:
+            lock.release()
+        resp = HeartbeatResponse(
+            assignments=self.assignments_of(state),
+            heartbeat_interval=self.settings.heartbeat_interval,
+            status=state.status,
+            backup=self.handovers.asked_of(state.id),
+        )
+        if credits is not None:
+            resp.credits, resp.escrow = credits
         if credential_expires - now < self.settings.credential_ttl / 2:
             token, exp = security.issue_credential(
                 self.credentials.signing_key, state.id, now, self.settings.credential_ttl

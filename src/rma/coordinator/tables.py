@@ -60,7 +60,8 @@ class ApiKey(SQLModel, table=True):
     __tablename__ = "api_key"
     id: str = Field(primary_key=True, max_length=32)
     secret_hash: str = Field(max_length=128)
-    name: str = Field(default="", max_length=200)
+    #: indexed: a worker's service key is found by name (``worker services <id>``)
+    name: str = Field(default="", max_length=200, index=True)
     rpm: int = 0
     created_at: float
     revoked: bool = False

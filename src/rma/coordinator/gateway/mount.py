@@ -85,6 +85,7 @@ def mount(app: FastAPI) -> Gateway:
     state.background.append(gateway.ledger.run)
     pool.on_status_change.append(gateway.ledger.on_worker_change)  # quarantine: forfeit
     pool.credits_of = gateway.ledger.worker_balance  # the donor's own, in the heartbeat answer
+    pool.cached_credits_of = gateway.ledger.cached_balance  # the same from memory (the loop's)
     state.on_shutdown.append(gateway.aclose)
     return gateway
 

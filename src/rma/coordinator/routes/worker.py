@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
 from rma.coordinator import security
-from rma.coordinator.auth import FailureLimiter, PoolDep, WorkerDep, client_addr
+from rma.coordinator.auth import (
+    FailureLimiter,
+    PoolDep,
+    QuickWorkerDep,
+    WorkerDep,
+    client_addr,
+)
 from rma.coordinator.backups import BackupStore
 from rma.coordinator.errors import APIError
 from rma.coordinator.registry import WorkerState
@@ -38,11 +45,17 @@ def register(req: RegisterRequest, request: Request, pool: PoolDep) -> RegisterR
 
 
 @router.post("/heartbeat")
-def heartbeat(
-    req: HeartbeatRequest, who: WorkerDep, pool: PoolDep, request: Request
+async def heartbeat(
+    req: HeartbeatRequest, who: QuickWorkerDep, pool: PoolDep, request: Request
 ) -> HeartbeatResponse:
+    """On the event loop when nothing but time, load and in-flight counts changed (memory
+    only: no thread, no database); anything else runs :meth:`Pool.heartbeat` in a thread."""
     state, expires = who
-    return pool.heartbeat(state, req, expires, peer=client_addr(request))
+    peer = client_addr(request)
+    quick = pool.quick_heartbeat(state, req, expires, peer=peer)
+    if quick is not None:
+        return quick
+    return await run_in_threadpool(pool.heartbeat, state, req, expires, peer=peer)
 
 
 @router.post("/leave", status_code=204)

@@ -9,6 +9,12 @@ it is quarantined its escrow is forfeited.  The ledger is append-only (``credit`
 ``earn``, ``escrow``, ``release``, ``forfeit``; balances are sums.
 
 The request path only appends to a buffer; the usage flush loop's sibling writes it.
+
+Each worker's balance is also kept in memory (:meth:`Ledger.cached_balance`, the heartbeat
+answer's ``credits`` and ``escrow``): read from the database by the first flush, moved by every
+batch this coordinator writes (once it is written, as a database read would see it), and read
+again with the owners' credits every ``OWNERS_EVERY`` seconds, so rows another coordinator wrote
+show within that.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from rma.settings import CoordinatorSettings
 log = logging.getLogger("rma.credits")
 
 By = Literal["worker", "owner", "key"]
+_KINDS = ("earn", "escrow", "release", "forfeit")
 _TABLE = Credit.__table__  # type: ignore[attr-defined]
 _KEYS = ApiKey.__table__  # type: ignore[attr-defined]
 
@@ -49,6 +56,12 @@ class _Row:
 def _row_dict(r: _Row) -> dict[str, Any]:
     return {"ts": r.ts, "kind": r.kind, "worker_id": r.worker_id, "key_id": r.key_id,
             "service": r.service, "amount": r.amount}  # fmt: skip
+
+
+def _balance(sums: list[float]) -> tuple[float, float]:
+    """``(credits, escrow)`` from the sums of earn, escrow, release and forfeit rows."""
+    earn, escrow, release, forfeit = sums
+    return round(earn + release, 6), round(max(escrow - release - forfeit, 0.0), 6)
 
 
 def owner_of(worker: WorkerState) -> str:
@@ -87,6 +100,9 @@ class Ledger:
         #: flush, in a thread: the request path never reads the database) plus what came since
         self._escrow: dict[str, float] = {}
         self._loaded = False
+        #: worker id -> sums of its written rows per kind (earn, escrow, release, forfeit):
+        #: what the heartbeat answers from; ``None`` until the first read of the database
+        self._written: dict[str, list[float]] | None = None
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -138,6 +154,21 @@ class Ledger:
                 if row["id"] is not None and held > 1e-9:
                     self._escrow[row["id"]] = self._escrow.get(row["id"], 0.0) + held
             self._loaded = True
+        self._set_written(rows)
+
+    def _set_written(self, rows: list[dict[str, Any]]) -> None:
+        """The in-memory balances from a read of the sums (under ``_flush_lock``: no batch of
+        ours is written between the read and this)."""
+        self._written = {r["id"]: [r[k] for k in _KINDS] for r in rows if r["id"] is not None}
+
+    def _add_written(self, batch: list[dict[str, Any]]) -> None:
+        written = self._written
+        if written is None:
+            return
+        for r in batch:
+            if r["worker_id"] is not None:
+                sums = written.setdefault(r["worker_id"], [0.0] * len(_KINDS))
+                sums[_KINDS.index(r["kind"])] += r["amount"]
 
     def flush(self) -> int:
         """Write what is buffered (blocking: call from a thread)."""
@@ -157,6 +188,7 @@ class Ledger:
         except Exception:
             log.exception("could not write %d credit rows; they are dropped", len(batch))
             return 0
+        self._add_written(batch)
         return len(batch)
 
     def priority_of(self, owner: str) -> float:
@@ -164,8 +196,12 @@ class Ledger:
         return priority(self.owners.get(owner, 0.0)) if owner else 0.0
 
     def refresh_owners(self) -> None:
-        """Re-read the owners' credits (blocking: call from a thread)."""
-        self.owners = self.owner_credits(self.workers())
+        """Re-read the owners' credits and the workers' balances (blocking: a thread)."""
+        with self._flush_lock:  # no batch of ours lands between the read and the swap
+            rows = self._sums("worker_id")
+            if self._loaded:
+                self._set_written(rows)
+        self.owners = self._owner_sums(self.workers(), rows)
 
     async def run(self, interval: float = 1.0) -> None:
         await asyncio.to_thread(self.flush)
@@ -204,23 +240,39 @@ class Ledger:
                     row["requests"] += int(n)
         return list(out.values())
 
+    def cached_balance(self, worker_id: str) -> tuple[float, float] | None:
+        """``(credits, escrow)`` of one worker from memory (cheap, never the database);
+        ``None`` before the first read of the database."""
+        written = self._written
+        if written is None:
+            return None
+        return _balance(written.get(worker_id, [0.0] * len(_KINDS)))
+
     def worker_balance(self, worker_id: str) -> tuple[float, float]:
-        """``(credits, escrow)`` of one worker, as written (the heartbeat answer; blocking)."""
+        """``(credits, escrow)`` of one worker, as written: from memory once the database was
+        read, else from the database (blocking)."""
+        cached = self.cached_balance(worker_id)
+        return cached if cached is not None else self.written_balance(worker_id)
+
+    def written_balance(self, worker_id: str) -> tuple[float, float]:
+        """``(credits, escrow)`` of one worker read from the database (blocking)."""
         t = _TABLE.c
         stmt = select(t.kind, func.sum(t.amount)).where(t.worker_id == worker_id).group_by(t.kind)
         sums = dict.fromkeys(("earn", "escrow", "release", "forfeit"), 0.0)
         with self.engine.connect() as conn:
             for kind, total in conn.execute(stmt):
                 sums[kind] = float(total or 0.0)
-        credits = round(sums["earn"] + sums["release"], 6)
-        escrow = round(max(sums["escrow"] - sums["release"] - sums["forfeit"], 0.0), 6)
-        return credits, escrow
+        return _balance([sums[k] for k in _KINDS])
 
     def owner_credits(self, workers: list[WorkerState]) -> dict[str, float]:
         """owner -> credits (released, not escrow) of its workers (blocking: a thread)."""
+        return self._owner_sums(workers, self._sums("worker_id"))
+
+    @staticmethod
+    def _owner_sums(workers: list[WorkerState], rows: list[dict[str, Any]]) -> dict[str, float]:
         known = {w.id: owner_of(w) for w in workers}
         out: dict[str, float] = {}
-        for r in self._sums("worker_id"):
+        for r in rows:
             owner = known.get(r["id"], "")
             if owner:
                 out[owner] = out.get(owner, 0.0) + r["earn"] + r["release"]
