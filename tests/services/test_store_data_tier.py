@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -23,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
+from tests.chaos.harness import kill_machine
 
 from rma.agent.programs import find_program
 
@@ -86,20 +85,6 @@ def start_agent(url: str, token: str, catalog: Path, tmp: Path, name: str, servi
             stderr=subprocess.STDOUT,
             env={**os.environ, "RMA_HEARTBEAT_INTERVAL": "1"},
         )
-
-
-def kill_family(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the agent and everything it started."""
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGKILL)
-    for p in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    proc.wait(10)
 
 
 def wait_for(what: str, cond: Callable[[], Any], timeout: float, logs: list[Path]) -> Any:
@@ -299,7 +284,7 @@ def test_rag_and_notes_keep_their_stores_in_the_data_tier(
 
             # the data worker dies: 503s (rag's own store_unavailable, which the gateway passes on
             # as upstream_unavailable), never a traceback, never a split local store
-            kill_family(agents.pop("data-a"))
+            kill_machine(agents.pop("data-a"))
 
             def refused() -> bool:
                 r = gw.get("/api/services/rag/documents")
@@ -320,5 +305,5 @@ def test_rag_and_notes_keep_their_stores_in_the_data_tier(
         if connect is not None:
             connect.stop()
         for proc in agents.values():
-            kill_family(proc)
+            kill_machine(proc)
         coord.stop()
